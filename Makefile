@@ -1,0 +1,42 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# Everything else is installed from this repository's own files, idempotently.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+NODE   ?= node
+
+.PHONY: setup demo test test-cpython test-mpy bench soak vectors clean
+
+setup: $(VENV)/.stamp-install node_modules/.stamp-install
+
+$(VENV)/.stamp-install: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+node_modules/.stamp-install: package.json package-lock.json
+	npm ci --no-audit --no-fund --silent
+	touch $@
+
+demo: setup
+	$(PY) tools/demo.py
+
+test: setup test-cpython test-mpy
+
+test-cpython: setup
+	$(PY) -m pytest
+
+test-mpy: setup
+	$(NODE) tools/mpy_test.mjs
+
+vectors: setup
+	$(PY) protocol/vectors/make_vectors.py
+
+bench: setup
+	$(PY) tests/bench/bench_issue.py
+	$(PY) tests/bench/bench_ed25519.py
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .hypothesis
