@@ -1,0 +1,135 @@
+# Receipt v1 (SPEC.md §4): signed by the meter's own key, hash-chained per meter.
+from . import cbor, cose
+from .errors import Rejected, MALFORMED, UNKNOWN_KEY, BAD_SIGNATURE
+from .sha512 import sha512
+
+TOPUP = 1
+EMERGENCY = 2
+REJECTIONS = 3
+KINDS = (TOPUP, EMERGENCY, REJECTIONS)
+
+HASH_LEN = 32
+GENESIS = bytes(HASH_LEN)  # `prev` of receipt 0
+
+K_DEVICE = 1
+K_INDEX = 2
+K_KIND = 3
+K_TIME = 4
+K_PREV = 5
+K_BEFORE = 6
+K_AFTER = 7
+K_SEQUENCE = 8
+K_VOUCHER = 9
+K_AMOUNT = 10
+K_REJECTIONS = 11
+
+_FIELDS_FOR_KIND = {
+    TOPUP: (K_SEQUENCE, K_VOUCHER, K_AMOUNT),
+    EMERGENCY: (K_AMOUNT,),
+    REJECTIONS: (K_REJECTIONS,),
+}
+_ALWAYS = (K_DEVICE, K_INDEX, K_KIND, K_TIME, K_PREV, K_BEFORE, K_AFTER)
+
+
+class Receipt:
+    """A decoded receipt; `raw` the COSE bytes, `hash` what the next receipt's prev holds."""
+
+    def __init__(self, fields, kid, raw):
+        self.device = fields[K_DEVICE]
+        self.index = fields[K_INDEX]
+        self.kind = fields[K_KIND]
+        self.time = fields[K_TIME]
+        self.prev = fields[K_PREV]
+        self.balance_before = fields[K_BEFORE]
+        self.balance_after = fields[K_AFTER]
+        self.sequence = fields.get(K_SEQUENCE)
+        self.voucher = fields.get(K_VOUCHER)
+        self.amount = fields.get(K_AMOUNT)
+        self.rejections = fields.get(K_REJECTIONS)
+        self.kid = kid
+        self.raw = raw
+        self.hash = chain_hash(raw)
+
+
+def chain_hash(raw):
+    return sha512(bytes(raw))[:HASH_LEN]
+
+
+def _int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _uint(v):
+    return _int(v) and v >= 0
+
+
+def check_fields(fields):
+    """SPEC.md §4 table; raise Rejected(MALFORMED)."""
+    if not isinstance(fields, dict):
+        raise Rejected(MALFORMED, "receipt payload is not a map")
+    kind = fields.get(K_KIND)
+    if kind not in KINDS or not _uint(kind):
+        raise Rejected(MALFORMED, "unknown receipt kind %r" % (kind,))
+    allowed = _ALWAYS + _FIELDS_FOR_KIND[kind]
+    for key in fields:
+        if key not in allowed:
+            raise Rejected(MALFORMED, "field %r not allowed in a kind %d receipt" % (key, kind))
+    for key in allowed:
+        if key not in fields:
+            raise Rejected(MALFORMED, "receipt field %d missing" % key)
+    device = fields[K_DEVICE]
+    if not isinstance(device, bytes) or len(device) != 8:
+        raise Rejected(MALFORMED, "receipt device must be 8 bytes")
+    if not _uint(fields[K_INDEX]) or not _uint(fields[K_TIME]):
+        raise Rejected(MALFORMED, "receipt index and time must be unsigned")
+    prev = fields[K_PREV]
+    if not isinstance(prev, bytes) or len(prev) != HASH_LEN:
+        raise Rejected(MALFORMED, "receipt prev must be %d bytes" % HASH_LEN)
+    if not _int(fields[K_BEFORE]) or not _int(fields[K_AFTER]):
+        raise Rejected(MALFORMED, "receipt balances must be integers")
+    if kind == TOPUP:
+        ref = fields[K_VOUCHER]
+        if not _uint(fields[K_SEQUENCE]) or not isinstance(ref, bytes) or len(ref) != 16:
+            raise Rejected(MALFORMED, "top-up receipt needs sequence and a 16-byte voucher ref")
+    if kind in (TOPUP, EMERGENCY) and (not _uint(fields[K_AMOUNT]) or fields[K_AMOUNT] == 0):
+        raise Rejected(MALFORMED, "receipt amount must be positive")
+    if kind == REJECTIONS:
+        counts = fields[K_REJECTIONS]
+        if not isinstance(counts, dict):
+            raise Rejected(MALFORMED, "rejections must be a map")
+        for reason, count in counts.items():
+            if not _uint(reason) or not _uint(count):
+                raise Rejected(MALFORMED, "rejection counts must be unsigned")
+
+
+def encode_payload(fields):
+    check_fields(fields)
+    return cbor.encode(fields)
+
+
+def encode(kid, sign, fields):
+    """Signed receipt bytes from a payload dict keyed by the K_* constants."""
+    return cose.encode(kid, encode_payload(fields), sign)
+
+
+def parse(data):
+    """Decode without verifying the signature."""
+    msg = cose.decode(data)
+    fields = cbor.decode(msg.payload)
+    check_fields(fields)
+    return Receipt(fields, msg.kid, bytes(data))
+
+
+def verify(data, device_keys, verify_sig=None):
+    """Decode and verify a receipt. device_keys: {kid: meter public key}."""
+    msg = cose.decode(data)
+    public = device_keys.get(msg.kid)
+    if public is None:
+        raise Rejected(UNKNOWN_KEY, "receipt signed by an unknown meter key")
+    if verify_sig is None:
+        from .ed25519 import verify as verify_sig
+    if not msg.verify(public, verify_sig):
+        raise Rejected(BAD_SIGNATURE, "receipt signature does not verify")
+    fields = cbor.decode(msg.payload)
+    check_fields(fields)
+    return Receipt(fields, msg.kid, bytes(data))
