@@ -47,6 +47,7 @@ def sha512_pure(data):
     pad = (111 - n) % 128
     msg = data + b"\x80" + bytes(pad) + (n * 8).to_bytes(16, "big")
     M = 0xFFFFFFFFFFFFFFFF
+    D = 0x10000000000000001  # x * D == x | x << 64 for x < 2**64: a "doubled" word
     K = _K
     h0, h1, h2, h3, h4, h5, h6, h7 = _H0
     w = [0] * 80
@@ -56,35 +57,37 @@ def sha512_pure(data):
             j = off + 8 * i
             w[i] = frm(msg[j:j + 8], "big")
         for i in range(16, 80):
+            # sigma0/sigma1 on doubled words: a right shift of x|x<<64 is a rotation in
+            # its low 64 bits; bits above 64 are left unmasked (they vanish in & M).
             x = w[i - 15]
             y = w[i - 2]
-            xx = x | (x << 64)
-            yy = y | (y << 64)
-            w[i] = (w[i - 16] + w[i - 7]
-                    + ((((xx >> 1) ^ (xx >> 8)) & M) ^ (x >> 7))
-                    + ((((yy >> 19) ^ (yy >> 61)) & M) ^ (y >> 6))) & M
-        a = h0
-        b = h1
-        c = h2
-        d = h3
-        e = h4
-        f = h5
-        g = h6
-        h = h7
+            xx = x * D
+            yy = y * D
+            w[i] = (w[i - 16] + w[i - 7] + ((xx >> 1) ^ (xx >> 8) ^ (x >> 7))
+                    + ((yy >> 19) ^ (yy >> 61) ^ (y >> 6))) & M
+        # Working variables are kept doubled (x|x<<64); only the low 64 bits matter.
+        a = h0 * D
+        b = h1 * D
+        c = h2 * D
+        d = h3 * D
+        e = h4 * D
+        f = h5 * D
+        g = h6 * D
+        h = h7 * D
+        bc = b ^ c
         for i in range(80):
-            ee = e | (e << 64)
-            t1 = (h + (((ee >> 14) ^ (ee >> 18) ^ (ee >> 41)) & M)
-                  + (g ^ (e & (f ^ g))) + K[i] + w[i])
-            aa = a | (a << 64)
-            t2 = (((aa >> 28) ^ (aa >> 34) ^ (aa >> 39)) & M) + ((a & b) | (c & (a | b)))
+            t1 = h + ((e >> 14) ^ (e >> 18) ^ (e >> 41)) + (g ^ (e & (f ^ g))) + K[i] + w[i]
+            ab = a ^ b
+            t2 = ((a >> 28) ^ (a >> 34) ^ (a >> 39)) + (b ^ (ab & bc))
+            bc = ab
             h = g
             g = f
             f = e
-            e = (d + t1) & M
+            e = ((d + t1) & M) * D
             d = c
             c = b
             b = a
-            a = (t1 + t2) & M
+            a = ((t1 + t2) & M) * D
         h0 = (h0 + a) & M
         h1 = (h1 + b) & M
         h2 = (h2 + c) & M
