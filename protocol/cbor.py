@@ -178,11 +178,36 @@ class _Reader:
 
 
 def _utf8(raw):
-    s = raw.decode("utf-8")
-    # Some MicroPython builds decode without validating: check the round trip.
-    if s.encode("utf-8") != raw:
-        raise ValueError("invalid UTF-8")
-    return s
+    # Validate by hand (RFC 3629): MicroPython's decoder lets surrogates and some
+    # overlong forms through, and both VMs must refuse the same inputs.
+    i = 0
+    n = len(raw)
+    while i < n:
+        b = raw[i]
+        if b < 0x80:
+            i += 1
+            continue
+        if 0xC2 <= b <= 0xDF:
+            need, lo, hi = 1, 0x80, 0xBF
+        elif 0xE0 <= b <= 0xEF:
+            need = 2
+            lo = 0xA0 if b == 0xE0 else 0x80   # no overlong 3-byte forms
+            hi = 0x9F if b == 0xED else 0xBF   # no surrogates
+        elif 0xF0 <= b <= 0xF4:
+            need = 3
+            lo = 0x90 if b == 0xF0 else 0x80   # no overlong 4-byte forms
+            hi = 0x8F if b == 0xF4 else 0xBF   # nothing above U+10FFFF
+        else:
+            raise ValueError("invalid UTF-8 lead byte")
+        if i + need >= n:
+            raise ValueError("truncated UTF-8")
+        if not lo <= raw[i + 1] <= hi:
+            raise ValueError("invalid UTF-8 continuation")
+        for j in range(i + 2, i + need + 1):
+            if not 0x80 <= raw[j] <= 0xBF:
+                raise ValueError("invalid UTF-8 continuation")
+        i += need + 1
+    return raw.decode("utf-8")
 
 
 def _finish(reader, value):
