@@ -63,8 +63,8 @@ def crc32(data):
 
 def encode_frame(body):
     """Wrap body bytes for the wire, delimiter included."""
-    if len(body) + 4 > MAX_FRAME:
-        raise ValueError("frame body too large")
+    if not body or len(body) + 4 > MAX_FRAME:
+        raise ValueError("frame body must be 1..%d bytes" % (MAX_FRAME - 4))
     return cobs_encode(body + struct.pack("<I", crc32(body))) + b"\x00"
 
 
