@@ -1,0 +1,2 @@
+# offline-topup host: the supplier side (key store, device registry, issuer, delivery, CLI).
+# CPython only. Imports `protocol`; never `firmware` or `hil`.

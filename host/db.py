@@ -1,0 +1,189 @@
+# The supplier database: one SQLite file in WAL mode, synchronous=FULL, schema versioned
+# with PRAGMA user_version and marked as ours with PRAGMA application_id.
+#
+# `create(path)` is the only way a database comes into being (`topup init`); `open_db`
+# refuses a missing file, a file that is not SQLite, or an SQLite file that is not ours,
+# and never writes to such a file.
+import os
+import sqlite3
+import urllib.parse
+
+from .errors import TopupError
+
+APPLICATION_ID = 0x4F545531  # "OTU1"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 60.0  # a concurrent issuer waits this long for the write lock
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+SCHEMA = """
+CREATE TABLE keys (
+    kid         BLOB PRIMARY KEY CHECK (length(kid) = 8),
+    public_key  BLOB NOT NULL UNIQUE CHECK (length(public_key) = 32),
+    salt        BLOB NOT NULL,
+    sealed_seed BLOB NOT NULL,                -- SecretBox(nonce || ciphertext) of the seed
+    opslimit    INTEGER NOT NULL,
+    memlimit    INTEGER NOT NULL,
+    created     INTEGER NOT NULL,
+    active      INTEGER NOT NULL DEFAULT 0 CHECK (active IN (0, 1)),
+    revoked     INTEGER,                      -- Unix time of revocation; vouchers become void
+    CHECK (NOT (active = 1 AND revoked IS NOT NULL))
+);
+CREATE UNIQUE INDEX keys_one_active ON keys (active) WHERE active = 1;
+
+CREATE TABLE devices (
+    device        BLOB PRIMARY KEY CHECK (length(device) = 8),
+    public_key    BLOB CHECK (public_key IS NULL OR length(public_key) = 32),
+    max_voucher   INTEGER NOT NULL CHECK (max_voucher BETWEEN 1 AND 1000000),
+    max_credit    INTEGER NOT NULL CHECK (max_credit >= max_voucher),
+    next_sequence INTEGER NOT NULL DEFAULT 1 CHECK (next_sequence BETWEEN 1 AND 4294967296),
+    label         TEXT,
+    created       INTEGER NOT NULL
+);
+
+CREATE TABLE vouchers (
+    device   BLOB NOT NULL REFERENCES devices (device),
+    sequence INTEGER NOT NULL CHECK (sequence BETWEEN 1 AND 4294967295),
+    kid      BLOB NOT NULL REFERENCES keys (kid),
+    amount   INTEGER NOT NULL CHECK (amount BETWEEN 1 AND 1000000),
+    issued   INTEGER NOT NULL,
+    expires  INTEGER,
+    ref      BLOB NOT NULL UNIQUE,
+    cose     BLOB NOT NULL,
+    PRIMARY KEY (device, sequence)
+) WITHOUT ROWID;
+"""
+
+
+def _uri(path, mode):
+    return "file:%s?mode=%s" % (urllib.parse.quote(os.path.abspath(path)), mode)
+
+
+def _configure(conn):
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def _connect(path, mode):
+    # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+    return sqlite3.connect(_uri(path, mode), uri=True, timeout=BUSY_TIMEOUT_S,
+                           isolation_level=None)
+
+
+def create(path):
+    """Create a new, empty database at `path`. Refuses to touch an existing file."""
+    if os.path.lexists(path):
+        raise TopupError("%s already exists; refusing to overwrite it" % path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise TopupError("cannot create %s: no directory %s" % (path, parent))
+    try:
+        conn = _connect(path, "rwc")
+    except sqlite3.Error as e:
+        raise TopupError("cannot create %s: %s" % (path, e)) from None
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        _configure(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        for stmt in _statements(SCHEMA):
+            conn.execute(stmt)
+        conn.execute("PRAGMA application_id = %d" % APPLICATION_ID)
+        conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.close()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                os.remove(path + suffix)
+            except OSError:
+                pass
+        raise
+    return conn
+
+
+def _statements(script):
+    stmts, buf = [], []
+    for line in script.splitlines():
+        line = line.split("--", 1)[0].rstrip()
+        if not line:
+            continue
+        buf.append(line)
+        if line.endswith(";") and sqlite3.complete_statement("\n".join(buf)):
+            stmts.append("\n".join(buf))
+            buf = []
+    return stmts
+
+
+def _check_file(path):
+    if not os.path.lexists(path):
+        raise TopupError("no database at %s (run `topup init`)" % path)
+    if os.path.isdir(path):
+        raise TopupError("%s is a directory, not a topup database" % path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+    except OSError as e:
+        raise TopupError("cannot read %s: %s" % (path, e.strerror or e)) from None
+    if head != _SQLITE_MAGIC:
+        raise TopupError("%s is not a topup database (not an SQLite file)" % path)
+
+
+def open_db(path):
+    """Open an existing topup database for reading and writing, or raise TopupError."""
+    _check_file(path)
+    try:
+        conn = _connect(path, "rw")
+    except sqlite3.Error as e:
+        raise TopupError("cannot open %s: %s" % (path, e)) from None
+    try:
+        # Read-only checks first: nothing is written before we know the file is ours.
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise TopupError("%s is not a topup database (%s)" % (path, e)) from None
+    if app_id != APPLICATION_ID:
+        conn.close()
+        raise TopupError("%s is an SQLite database but not a topup database" % path)
+    if version > SCHEMA_VERSION:
+        conn.close()
+        raise TopupError("%s has schema version %d; this topup understands up to %d"
+                         % (path, version, SCHEMA_VERSION))
+    if version < 1:
+        conn.close()
+        raise TopupError("%s is an unfinished topup database (schema version %d)" % (path, version))
+    try:
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode.lower() != "wal":
+            conn.close()
+            raise TopupError("%s is not in WAL mode (journal_mode=%s)" % (path, mode))
+        _configure(conn)
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise TopupError("%s is damaged (%s)" % (path, e)) from None
+    return conn
+
+
+class transaction:
+    """`with transaction(conn):` BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception.
+
+    BEGIN IMMEDIATE takes the write lock up front, so a concurrent writer waits (busy
+    timeout) instead of failing half-way; reads inside see a state no one else can change.
+    """
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def __enter__(self):
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise TopupError("database is busy (%s); another topup holds the lock" % e) from None
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
+        return False

@@ -1,0 +1,15 @@
+# The one exception the host core raises for a user's mistake or a refused operation.
+# The CLI turns it into a one-line message on stderr and exit code 2; no traceback.
+
+
+class TopupError(Exception):
+    """A clear, one-line, user-facing error. Nothing was changed when it is raised."""
+
+    exit_code = 2
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self):
+        return self.message

@@ -1,0 +1,184 @@
+# Issuer Ed25519 keys. Each private seed is sealed at rest with nacl.secret.SecretBox under
+# a key derived from the passphrase by argon2id (its own salt and limits stored per key).
+# Several keys may exist; at most one is active (the one `issue` signs with), and a key
+# may be revoked: vouchers signed by a revoked key are void.
+import time
+
+import nacl.exceptions
+import nacl.pwhash
+import nacl.secret
+import nacl.signing
+import nacl.utils
+
+from protocol.cose import kid_for
+
+from .db import transaction
+from .errors import TopupError
+
+OPSLIMIT = nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE
+MEMLIMIT = nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE
+
+
+class KeyInfo:
+    def __init__(self, kid, public_key, created, active, revoked):
+        self.kid = kid
+        self.public_key = public_key
+        self.created = created
+        self.active = bool(active)
+        self.revoked = revoked
+
+    @property
+    def status(self):
+        if self.revoked is not None:
+            return "revoked"
+        return "active" if self.active else "inactive"
+
+
+class Signer:
+    """An unlocked issuer key: `sign(msg) -> 64-byte signature`, `kid`, `public_key`."""
+
+    def __init__(self, seed):
+        self._key = nacl.signing.SigningKey(seed)
+        self.public_key = bytes(self._key.verify_key)
+        self.kid = kid_for(self.public_key)
+        # libsodium's 64-byte secret key (seed || public), for the issuer's fast path.
+        self.secret64 = self._key._signing_key
+
+    def sign(self, msg):
+        return self._key.sign(msg).signature
+
+
+def _derive(passphrase, salt, opslimit, memlimit):
+    if isinstance(passphrase, str):
+        passphrase = passphrase.encode("utf-8")
+    return nacl.pwhash.argon2id.kdf(nacl.secret.SecretBox.KEY_SIZE, passphrase, salt,
+                                    opslimit=opslimit, memlimit=memlimit)
+
+
+def _seal(seed, passphrase):
+    salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES)
+    box = nacl.secret.SecretBox(_derive(passphrase, salt, OPSLIMIT, MEMLIMIT))
+    return salt, bytes(box.encrypt(seed))
+
+
+def _unseal(row, passphrase):
+    salt, sealed, opslimit, memlimit = row
+    box = nacl.secret.SecretBox(_derive(passphrase, salt, opslimit, memlimit))
+    try:
+        return box.decrypt(sealed)
+    except nacl.exceptions.CryptoError:
+        raise TopupError("wrong passphrase") from None
+
+
+def _row(conn, kid):
+    return conn.execute("SELECT salt, sealed_seed, opslimit, memlimit FROM keys WHERE kid = ?",
+                        (kid,)).fetchone()
+
+
+def list_keys(conn):
+    rows = conn.execute("SELECT kid, public_key, created, active, revoked FROM keys "
+                        "ORDER BY created, kid").fetchall()
+    return [KeyInfo(*r) for r in rows]
+
+
+def trusted(conn, include_revoked=False):
+    """{kid: public key} of the keys a meter should trust (revoked ones left out)."""
+    sql = "SELECT kid, public_key FROM keys"
+    if not include_revoked:
+        sql += " WHERE revoked IS NULL"
+    return {bytes(k): bytes(p) for k, p in conn.execute(sql)}
+
+
+def get_key(conn, kid):
+    r = conn.execute("SELECT kid, public_key, created, active, revoked FROM keys WHERE kid = ?",
+                     (kid,)).fetchone()
+    return KeyInfo(*r) if r else None
+
+
+def find_key(conn, kid_text):
+    """A key by its kid in hex, or a unique prefix of it (at least 4 hex digits)."""
+    t = kid_text.strip().lower()
+    if len(t) < 4 or any(c not in "0123456789abcdef" for c in t):
+        raise TopupError("key id %r: give at least 4 hex digits of a kid" % kid_text)
+    matches = [k for k in list_keys(conn) if k.kid.hex().startswith(t)]
+    if not matches:
+        raise TopupError("no key with kid %s" % t)
+    if len(matches) > 1:
+        raise TopupError("kid prefix %s matches %d keys; give more digits" % (t, len(matches)))
+    return matches[0]
+
+
+def check_passphrase(conn, passphrase):
+    """Raise TopupError('wrong passphrase') unless `passphrase` opens the store's keys.
+
+    New keys must share the store's passphrase, so a typo cannot silently create a key
+    nobody can open. With no keys yet, any passphrase is the store's first.
+    """
+    r = conn.execute("SELECT salt, sealed_seed, opslimit, memlimit FROM keys "
+                     "ORDER BY active DESC, revoked IS NOT NULL, created LIMIT 1").fetchone()
+    if r is not None:
+        _unseal(r, passphrase)
+
+
+def new_key(conn, passphrase, activate=False, now=None, seed=None):
+    """Generate (or import `seed`), seal and store a key. The first key becomes active."""
+    if not passphrase:
+        raise TopupError("the passphrase must not be empty")
+    check_passphrase(conn, passphrase)  # before anything is written
+    seed = nacl.utils.random(32) if seed is None else bytes(seed)
+    signer = Signer(seed)
+    salt, sealed = _seal(seed, passphrase)
+    created = int(time.time()) if now is None else int(now)
+    with transaction(conn):
+        if conn.execute("SELECT 1 FROM keys WHERE kid = ?", (signer.kid,)).fetchone():
+            raise TopupError("a key with kid %s already exists" % signer.kid.hex())
+        has_active = conn.execute("SELECT 1 FROM keys WHERE active = 1").fetchone()
+        make_active = activate or not has_active
+        if make_active:
+            conn.execute("UPDATE keys SET active = 0 WHERE active = 1")
+        conn.execute("INSERT INTO keys (kid, public_key, salt, sealed_seed, opslimit, memlimit,"
+                     " created, active) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (signer.kid, signer.public_key, salt, sealed, OPSLIMIT, MEMLIMIT, created,
+                      1 if make_active else 0))
+    return get_key(conn, signer.kid)
+
+
+def activate(conn, kid):
+    with transaction(conn):
+        k = get_key(conn, kid)
+        if k is None:
+            raise TopupError("no key with kid %s" % kid.hex())
+        if k.revoked is not None:
+            raise TopupError("key %s is revoked and cannot be activated" % kid.hex())
+        conn.execute("UPDATE keys SET active = 0 WHERE active = 1")
+        conn.execute("UPDATE keys SET active = 1 WHERE kid = ?", (kid,))
+    return get_key(conn, kid)
+
+
+def revoke(conn, kid, now=None):
+    """Revoke a key: it stops being active and its vouchers are void from now on."""
+    when = int(time.time()) if now is None else int(now)
+    with transaction(conn):
+        k = get_key(conn, kid)
+        if k is None:
+            raise TopupError("no key with kid %s" % kid.hex())
+        if k.revoked is not None:
+            raise TopupError("key %s is already revoked" % kid.hex())
+        conn.execute("UPDATE keys SET active = 0, revoked = ? WHERE kid = ?", (when, kid))
+    return get_key(conn, kid)
+
+
+def unlock_active(conn, passphrase):
+    """The active key as a Signer, or TopupError (no active key / wrong passphrase)."""
+    r = conn.execute("SELECT kid, salt, sealed_seed, opslimit, memlimit FROM keys "
+                     "WHERE active = 1").fetchone()
+    if r is None:
+        if conn.execute("SELECT 1 FROM keys").fetchone():
+            raise TopupError("no active issuer key (run `topup key activate KID` or "
+                             "`topup key new --activate`)")
+        raise TopupError("no issuer key yet (run `topup key new`)")
+    seed = _unseal(r[1:], passphrase)
+    signer = Signer(seed)
+    if signer.kid != bytes(r[0]):
+        raise TopupError("key store is damaged: key %s does not match its seed" % bytes(r[0]).hex())
+    return signer
