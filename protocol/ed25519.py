@@ -308,6 +308,121 @@ def _straus(var_terms, c):
     return X, Y, Z
 
 
+def _var_table(pt):
+    """cached odd multiples [1, 3, .., 15]pt for the width-5 NAF."""
+    return [_cached(q) for q in _odd_multiples(pt, 1 << (_W_VAR - 2))]
+
+
+def _pad(dig, n):
+    if len(dig) < n:
+        dig.extend([0] * (n - len(dig)))
+    return dig
+
+
+def _check4(d1, t1, d2, t2, d3, d4):
+    """True iff sum of NAF-digit multiples is the identity: d1/t1, d2/t2 are
+    per-signature points (cached extended tables), d3/d4 use the affine tables of B
+    and [2^128]B.  All digit lists have the same length.  T = e*h is computed only
+    when an addition needs it."""
+    p = P
+    tb0 = _TB0
+    tb1 = _TB1
+    X = 0
+    Y = 1
+    Z = 1
+    e = 0
+    h = 0
+    for i in range(len(d1) - 1, -1, -1):
+        # doubling, a = -1 (dbl-2008-hwcd with signs flipped pairwise): 4S + 3M
+        a = X * X % p
+        b = Y * Y % p
+        c = Z * Z * 2 % p
+        h = a + b
+        e = h - (X + Y) * (X + Y) % p
+        g = a - b
+        f = c + g
+        X = e * f % p
+        Y = g * h % p
+        Z = f * g % p
+        k = d1[i]
+        if k:
+            T = e * h % p
+            if k > 0:
+                qp, qm, qz, qt = t1[k >> 1]
+                c = T * qt % p
+            else:
+                qm, qp, qz, qt = t1[(-k) >> 1]
+                c = -(T * qt % p)
+            a = (Y - X) * qm % p
+            b = (Y + X) * qp % p
+            dd = Z * qz % p
+            e = b - a
+            f = dd - c
+            g = dd + c
+            h = b + a
+            X = e * f % p
+            Y = g * h % p
+            Z = f * g % p
+        k = d2[i]
+        if k:
+            T = e * h % p
+            if k > 0:
+                qp, qm, qz, qt = t2[k >> 1]
+                c = T * qt % p
+            else:
+                qm, qp, qz, qt = t2[(-k) >> 1]
+                c = -(T * qt % p)
+            a = (Y - X) * qm % p
+            b = (Y + X) * qp % p
+            dd = Z * qz % p
+            e = b - a
+            f = dd - c
+            g = dd + c
+            h = b + a
+            X = e * f % p
+            Y = g * h % p
+            Z = f * g % p
+        k = d3[i]
+        if k:
+            T = e * h % p
+            if k > 0:
+                qp, qm, qt = tb0[k >> 1]
+                c = T * qt % p
+            else:
+                qm, qp, qt = tb0[(-k) >> 1]
+                c = -(T * qt % p)
+            a = (Y - X) * qm % p
+            b = (Y + X) * qp % p
+            dd = Z + Z
+            e = b - a
+            f = dd - c
+            g = dd + c
+            h = b + a
+            X = e * f % p
+            Y = g * h % p
+            Z = f * g % p
+        k = d4[i]
+        if k:
+            T = e * h % p
+            if k > 0:
+                qp, qm, qt = tb1[k >> 1]
+                c = T * qt % p
+            else:
+                qm, qp, qt = tb1[(-k) >> 1]
+                c = -(T * qt % p)
+            a = (Y - X) * qm % p
+            b = (Y + X) * qp % p
+            dd = Z + Z
+            e = b - a
+            f = dd - c
+            g = dd + c
+            h = b + a
+            X = e * f % p
+            Y = g * h % p
+            Z = f * g % p
+    return X % p == 0 and (Y - Z) % p == 0
+
+
 def _neg(pt):
     p = P
     X, Y, Z, T = pt
@@ -326,7 +441,7 @@ def _halfsize(k):
         r0, r1 = r1, r0 - q * r1
         t0, t1 = t1, t0 - q * t1
     if t1 & 1:
-        return r1, t1
+        return r1, t1          # r1 >= 0
     # consecutive t are coprime: t0 is odd; try the nearby lattice vectors with odd t
     q = r0 // r1 if r1 else 0
     best = None
@@ -334,7 +449,7 @@ def _halfsize(k):
         m = abs(r) if abs(r) > abs(t) else abs(t)
         if best is None or m < best[0]:
             best = (m, r, t)
-    return best[1], best[2]
+    return best[1], best[2]    # every candidate has r >= 0 (r0 > r1 >= r2)
 
 
 # ---------------------------------------------------------------- public API
@@ -407,25 +522,40 @@ def _verify(public, msg, sig):
     av = int.from_bytes(public, "little")
     if (av & _MASK255) in _SMALL_Y:
         return False
-    A = _decode(public)
-    if A is None:
-        return False
+    cache = _KEY_CACHE
+    if cache[0] == public:
+        tab_a = cache[1]
+    else:
+        A = _decode(public)
+        if A is None:
+            return False
+        tab_a = _var_table(_neg(A))        # the Euclid remainder a is >= 0: use -A
+        cache[0] = None
+        cache[1] = tab_a
+        cache[0] = public
     R = _decode(rb)
     if R is None:
         return False
     k = int.from_bytes(sha512(rb + public + bytes(msg)), "little") % L
     a, b = _halfsize(k)
     c = b * s % L
-    # [c]B - [a]A - [b]R == O
-    terms = []
-    if a >= 0:
-        terms.append((a, _neg(A)))
-    else:
-        terms.append((-a, A))
+    # [c0]B + [c1]B' + [a](-A) + [b](-R) == O
     if b >= 0:
-        terms.append((b, _neg(R)))
+        tab_r = _var_table(_neg(R))
     else:
-        terms.append((-b, R))
-    X, Y, Z = _straus(terms, c)
-    p = P
-    return X % p == 0 and (Y - Z) % p == 0
+        tab_r = _var_table(R)
+        b = -b
+    d1 = _naf(a, _W_VAR)
+    d2 = _naf(b, _W_VAR)
+    d3 = _naf(c & _LOW128, _W_FIX)
+    d4 = _naf(c >> 128, _W_FIX)
+    n = len(d1)
+    for d in (d2, d3, d4):
+        if len(d) > n:
+            n = len(d)
+    return _check4(_pad(d1, n), tab_a, _pad(d2, n), tab_r, _pad(d3, n), _pad(d4, n))
+
+
+# one-entry cache of the last public key's decoded table (a meter verifies vouchers of
+# one or two issuer keys): [public bytes, cached odd multiples of -A]
+_KEY_CACHE = [None, None]
