@@ -47,7 +47,7 @@ CREATE TABLE vouchers (
     amount   INTEGER NOT NULL CHECK (amount BETWEEN 1 AND 1000000),
     issued   INTEGER NOT NULL,
     expires  INTEGER,
-    ref      BLOB NOT NULL UNIQUE,
+    ref      BLOB NOT NULL,                   -- unique by construction: a hash over device+sequence
     cose     BLOB NOT NULL,
     PRIMARY KEY (device, sequence)
 ) WITHOUT ROWID;
