@@ -1,0 +1,138 @@
+"""Raspberry Pi Pico (RP2040/RP2350) board: HAN on UART0, the ledger on a raw region of flash.
+
+Importing this module touches nothing (port modules are imported inside `Board.__init__`,
+so off the port `Board()` raises ImportError); `Board(...)` creates every hardware object.
+
+Requires MicroPython >= 1.20: `rp2.Flash(start=..., len=...)` (a block device over part of
+the flash) first shipped in 1.20.0; built and checked against 1.27.
+
+Flash region: `rp2.Flash` addresses the port's *filesystem storage area*, and the stock
+`_boot.py` mounts littlefs over all of it.  The ledger needs a region the filesystem does
+not own: by default the last 64 KiB (16 blocks of 4096 bytes) of the storage area.  The
+firmware image must therefore mount its filesystem on the rest, i.e. freeze a `_boot.py`
+whose first lines are::
+
+    import rp2, vfs
+    bdev = rp2.Flash()
+    bdev = rp2.Flash(start=0, len=bdev.ioctl(4, 0) * 4096 - 64 * 1024)
+    # ... then mount/mkfs VfsLfs2(bdev, progsize=256) as the stock _boot.py does
+
+`Board` refuses to start (OSError EBUSY) if the mounted filesystem at "/" reaches into
+the ledger region, so a board flashed with the stock image cannot have its files
+overwritten by the store.  `flash_start` / `flash_len` (bytes from the start of the
+storage area, multiples of 4096) move or resize the region.
+
+`rp2.Flash.writeblocks(block, buf)` with three arguments erases first; `Flash` always
+passes an offset (the 4-argument form programs only) and erases only via `ioctl(6, n)`.
+
+Pins (keyword arguments of `Board`): HAN UART0 on GP0 (TX) / GP1 (RX) at 115200 baud;
+relay GP15 (high = supply on); WAN status GP14 (high = up); button GP13 (active low);
+energy pulses GP12 (rising edge per Wh).  Pulse and button counters are *hard* IRQ
+handlers that only add to an int (no allocation), so no pulse is lost to a busy scheduler.
+"""
+import os
+import time
+
+_BLOCK = 4096
+_LEDGER_LEN = 64 * 1024
+_UNIX_2000 = 946684800
+_DEBOUNCE_MS = 50
+
+
+class Flash:
+    """rp2.Flash as a program-only block device (see the module docstring)."""
+
+    def __init__(self, dev):
+        self._dev = dev
+
+    def readblocks(self, block, buf, offset=0):
+        self._dev.readblocks(block, buf, offset)
+
+    def writeblocks(self, block, buf, offset=0):
+        self._dev.writeblocks(block, buf, offset)
+
+    def ioctl(self, op, arg):
+        return self._dev.ioctl(op, arg)
+
+
+class Board:
+    name = "pico"
+
+    def __init__(self, *, uart_id=0, tx=0, rx=1, baudrate=115200, relay_pin=15, wan_pin=14,
+                 button_pin=13, pulse_pin=12, flash_start=None, flash_len=_LEDGER_LEN):
+        # Port modules are imported here, not at module level: importing this module
+        # anywhere (a host, the wasm VM, a static check) is harmless.
+        import machine
+        import rp2
+
+        self._machine = machine
+        whole = rp2.Flash().ioctl(4, 0) * _BLOCK
+        if flash_start is None:
+            flash_start = whole - flash_len
+        try:
+            st = os.statvfs("/")
+            fs_end = st[1] * st[2]  # f_frsize * f_blocks, from the start of the storage area
+        except OSError:
+            fs_end = 0
+        if fs_end > flash_start:
+            raise OSError(16, "filesystem covers the ledger region: see boards/pico.py")
+        self.flash = Flash(rp2.Flash(start=flash_start, len=flash_len))
+        self.han = machine.UART(uart_id, baudrate=baudrate, tx=machine.Pin(tx),
+                                rx=machine.Pin(rx), timeout=0, timeout_char=0, rxbuf=1024)
+        self._relay = machine.Pin(relay_pin, machine.Pin.OUT, value=0)
+        self._wan = machine.Pin(wan_pin, machine.Pin.IN, machine.Pin.PULL_DOWN)
+        self._presses = 0
+        self._pulses = 0
+        self._last_press = time.ticks_ms()
+        self._button = machine.Pin(button_pin, machine.Pin.IN, machine.Pin.PULL_UP)
+        self._pulse = machine.Pin(pulse_pin, machine.Pin.IN)
+        self._button.irq(handler=self._on_button, trigger=machine.Pin.IRQ_FALLING, hard=True)
+        self._pulse.irq(handler=self._on_pulse, trigger=machine.Pin.IRQ_RISING, hard=True)
+        self._epoch = _UNIX_2000 if time.gmtime(0)[0] == 2000 else 0
+        self._ticks_last = time.ticks_ms()
+        self._ticks_total = 0
+
+    # --- IRQ handlers (hard): integer arithmetic only, no allocation ----------------
+    def _on_pulse(self, _pin):
+        self._pulses += 1
+
+    def _on_button(self, _pin):
+        t = time.ticks_ms()
+        if time.ticks_diff(t, self._last_press) > _DEBOUNCE_MS:
+            self._presses += 1
+        self._last_press = t
+
+    # --- the board interface ---------------------------------------------------------
+    def set_relay(self, on):
+        self._relay.value(1 if on else 0)
+
+    def button_presses(self):
+        state = self._machine.disable_irq()
+        n = self._presses
+        self._presses = 0
+        self._machine.enable_irq(state)
+        return n
+
+    def wan_up(self):
+        return self._wan.value() == 1
+
+    def pulses(self):
+        state = self._machine.disable_irq()
+        n = self._pulses
+        self._pulses = 0
+        self._machine.enable_irq(state)
+        return n
+
+    def time(self):
+        return time.time() + self._epoch
+
+    def ticks_ms(self):
+        # time.ticks_ms() wraps (period 2**30); accumulate into a counter that never
+        # goes backwards (the main loop calls this far more often than every 6 days).
+        now = time.ticks_ms()
+        self._ticks_total += time.ticks_diff(now, self._ticks_last)
+        self._ticks_last = now
+        return self._ticks_total
+
+    def random(self, n):
+        return os.urandom(n)
