@@ -309,15 +309,14 @@ class _Output:
         self.written = []
         if fmt in ("text", "json", "qr"):
             if out is None or out == "-":
-                self.stream = click.get_text_stream("stdout")
+                self.stream = sys.stdout
             else:
                 self.stream = self._open(out, "w")
                 self.file = out
         elif fmt == "cbor" and (out is None or out == "-"):
-            stdout = click.get_binary_stream("stdout")
             if sys.stdout.isatty():
                 raise TopupError("refusing to write binary CBOR to a terminal; use --out PATH")
-            self.stream = stdout
+            self.stream = sys.stdout.buffer
         else:  # cbor / png / svg to files
             if out is None:
                 out = "."

@@ -1,0 +1,80 @@
+# Shared fixtures for the host tests: a scratch database per test, driven through the
+# real CLI (click's CliRunner around host.cli.cli, whose main() maps errors to exit codes).
+import hashlib
+import os
+import sqlite3
+
+import pytest
+from click.testing import CliRunner
+
+from host.cli import cli
+
+PASSPHRASE = "correct horse battery staple"
+DEVICE = "00-11-22-33-44-55-66-77"
+DEVICE_BYTES = bytes.fromhex("0011223344556677")
+OTHER = "AA-BB-CC-DD-EE-FF-00-11"
+
+
+class Run:
+    def __init__(self, db_path):
+        self.db_path = str(db_path)
+        self.env = {"TOPUP_DB": self.db_path, "TOPUP_PASSPHRASE": PASSPHRASE}
+
+    def __call__(self, *args, env=None, input=None):
+        e = dict(self.env)
+        if env:
+            e.update(env)
+        runner = CliRunner()
+        return runner.invoke(cli, [str(a) for a in args], env=e, input=input,
+                             catch_exceptions=False)
+
+    def ok(self, *args, **kw):
+        r = self(*args, **kw)
+        assert r.exit_code == 0, (r.exit_code, r.stdout, r.stderr)
+        return r
+
+
+@pytest.fixture
+def run(tmp_path):
+    return Run(tmp_path / "topup.db")
+
+
+@pytest.fixture
+def store(run):
+    """An initialised database with one active key and one registered device."""
+    run.ok("init")
+    run.ok("key", "new")
+    run.ok("device", "add", DEVICE, "--max-voucher", "100", "--max-credit", "500")
+    return run
+
+
+def snapshot(db_path):
+    """The database as bytes (main file and WAL, if any) and as rows, for 'nothing changed'."""
+    db_path = str(db_path)
+    files = {}
+    for suffix in ("", "-wal"):
+        p = db_path + suffix
+        if os.path.exists(p) and os.path.getsize(p):
+            with open(p, "rb") as f:
+                files[suffix] = hashlib.sha256(f.read()).hexdigest()
+    conn = sqlite3.connect("file:%s?mode=ro" % db_path, uri=True)
+    try:
+        rows = list(conn.iterdump())
+    finally:
+        conn.close()
+    return files, rows
+
+
+def file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def one_line_error(result, code=2):
+    """A user error: the given exit code, one line on stderr, no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("topup: error: "), lines
+    assert "Traceback" not in result.output
+    return lines[0][len("topup: error: "):]

@@ -1,0 +1,114 @@
+import os
+import sqlite3
+
+import pytest
+
+from host import db, keystore
+from host.errors import TopupError
+
+from .conftest import PASSPHRASE
+
+
+def test_create_sets_wal_version_and_application_id(tmp_path):
+    p = str(tmp_path / "t.db")
+    db.create(p).close()
+    conn = db.open_db(p)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
+    assert conn.execute("PRAGMA application_id").fetchone()[0] == db.APPLICATION_ID
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_create_refuses_an_existing_file(tmp_path):
+    p = tmp_path / "t.db"
+    p.write_bytes(b"precious")
+    with pytest.raises(TopupError, match="already exists"):
+        db.create(str(p))
+    assert p.read_bytes() == b"precious"
+
+
+def test_open_never_creates(tmp_path):
+    p = tmp_path / "missing.db"
+    with pytest.raises(TopupError, match=r"no database at .*missing.db \(run `topup init`\)"):
+        db.open_db(str(p))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, world\n", os.urandom(4096),
+                                     b"SQLite format 3\x00" + b"\xff" * 200])
+def test_open_refuses_files_that_are_not_sqlite_and_leaves_them(tmp_path, content):
+    p = tmp_path / "t.db"
+    p.write_bytes(content)
+    with pytest.raises(TopupError, match="not a topup database|damaged"):
+        db.open_db(str(p))
+    assert p.read_bytes() == content
+    assert os.listdir(tmp_path) == ["t.db"]
+
+
+def test_open_refuses_someone_elses_sqlite_database(tmp_path):
+    p = tmp_path / "other.db"
+    c = sqlite3.connect(str(p))
+    c.execute("CREATE TABLE t (x)")
+    c.commit()
+    c.close()
+    before = p.read_bytes()
+    with pytest.raises(TopupError, match="SQLite database but not a topup database"):
+        db.open_db(str(p))
+    assert p.read_bytes() == before
+    assert os.listdir(tmp_path) == ["other.db"]
+
+
+def test_open_refuses_a_newer_schema(tmp_path):
+    p = str(tmp_path / "t.db")
+    c = db.create(p)
+    c.execute("PRAGMA user_version = 99")
+    c.close()
+    with pytest.raises(TopupError, match="schema version 99"):
+        db.open_db(p)
+
+
+def test_seed_is_sealed_and_unlocks_only_with_the_passphrase(tmp_path):
+    p = str(tmp_path / "t.db")
+    conn = db.create(p)
+    seed = bytes(range(32))
+    k = keystore.new_key(conn, PASSPHRASE, seed=seed)
+    assert k.active
+    conn.close()
+    raw = open(p, "rb").read() + (open(p + "-wal", "rb").read() if os.path.exists(p + "-wal") else b"")
+    assert seed not in raw
+    conn = db.open_db(p)
+    assert keystore.unlock_active(conn, PASSPHRASE).kid == k.kid
+    with pytest.raises(TopupError, match="^wrong passphrase$"):
+        keystore.unlock_active(conn, "nope")
+
+
+def test_several_keys_exactly_one_active_and_revocation(tmp_path):
+    conn = db.create(str(tmp_path / "t.db"))
+    a = keystore.new_key(conn, PASSPHRASE)
+    b = keystore.new_key(conn, PASSPHRASE)
+    assert [k.active for k in keystore.list_keys(conn)].count(True) == 1
+    assert keystore.get_key(conn, a.kid).active and not b.active
+    keystore.activate(conn, b.kid)
+    assert not keystore.get_key(conn, a.kid).active and keystore.get_key(conn, b.kid).active
+    c = keystore.new_key(conn, PASSPHRASE, activate=True)
+    assert [k.kid for k in keystore.list_keys(conn) if k.active] == [c.kid]
+    keystore.revoke(conn, c.kid)
+    assert keystore.get_key(conn, c.kid).status == "revoked"
+    assert c.kid not in keystore.trusted(conn)
+    assert c.kid in keystore.trusted(conn, include_revoked=True)
+    with pytest.raises(TopupError, match="no active issuer key"):
+        keystore.unlock_active(conn, PASSPHRASE)
+    with pytest.raises(TopupError, match="revoked"):
+        keystore.activate(conn, c.kid)
+    # The schema itself refuses a second active key.
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("UPDATE keys SET active = 1")
+
+
+def test_new_key_with_a_different_passphrase_is_refused(tmp_path):
+    conn = db.create(str(tmp_path / "t.db"))
+    keystore.new_key(conn, PASSPHRASE)
+    with pytest.raises(TopupError, match="^wrong passphrase$"):
+        keystore.new_key(conn, "typo")
+    assert len(keystore.list_keys(conn)) == 1
