@@ -15,6 +15,16 @@ DEVICE_BYTES = bytes.fromhex("0011223344556677")
 OTHER = "AA-BB-CC-DD-EE-FF-00-11"
 
 
+@pytest.fixture(autouse=True)
+def fast_kdf(monkeypatch):
+    """Keys made in tests use argon2id's minimum limits (stored with each key, so
+    subprocesses unlock them just as fast). test_db_keystore checks the real defaults."""
+    import nacl.pwhash
+    from host import keystore
+    monkeypatch.setattr(keystore, "OPSLIMIT", nacl.pwhash.argon2id.OPSLIMIT_MIN)
+    monkeypatch.setattr(keystore, "MEMLIMIT", nacl.pwhash.argon2id.MEMLIMIT_MIN)
+
+
 class Run:
     def __init__(self, db_path):
         self.db_path = str(db_path)

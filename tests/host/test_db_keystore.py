@@ -83,6 +83,22 @@ def test_seed_is_sealed_and_unlocks_only_with_the_passphrase(tmp_path):
         keystore.unlock_active(conn, "nope")
 
 
+def test_keys_are_sealed_with_argon2id_interactive_limits_by_default(tmp_path, monkeypatch):
+    import importlib
+    import nacl.pwhash
+    fresh = importlib.reload(keystore)  # undo the fast_kdf fixture for this test
+    try:
+        assert fresh.OPSLIMIT == nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE
+        assert fresh.MEMLIMIT == nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE
+        conn = db.create(str(tmp_path / "t.db"))
+        fresh.new_key(conn, PASSPHRASE)
+        assert conn.execute("SELECT opslimit, memlimit FROM keys").fetchone() == (
+            nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE, nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE)
+        assert len(conn.execute("SELECT salt FROM keys").fetchone()[0]) == 16
+    finally:
+        importlib.reload(keystore)
+
+
 def test_several_keys_exactly_one_active_and_revocation(tmp_path):
     conn = db.create(str(tmp_path / "t.db"))
     a = keystore.new_key(conn, PASSPHRASE)
