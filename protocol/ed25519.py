@@ -17,14 +17,22 @@
 # encodings iff R is a canonical encoding (y < p) of a curve point and R' == R as points
 # (the small-order check has already removed the only points with x = 0, whose sign bit
 # could be set without changing the point).  The point equation is checked multiplied by
-# an odd integer b with 0 < |b| < L, found by a half-extended Euclid on (8L, k) so that
-# a = b*k mod 8L and |a|, |b| are about 2^128:
+# an odd integer b with 0 < |b| < L, found by a partial extended Euclid on (8L, k) so
+# that a = b*k mod 8L, 0 <= a < ~2^192 and |b| < ~2^64 (an unbalanced split):
 #       b*R' == [b*S mod L]B - [a]A      (B has order L; 8L kills every curve point)
 # and multiplication by b is a bijection on the whole curve group (order 8L, gcd(b,8L)=1),
-# so  [c0]B + [c1]B' - [a]A - [b]R == O  (c = b*S mod L = c0 + 2^128 c1, B' = [2^128]B)
-# holds iff R' == R.  This is not the cofactored equation: torsion components in A or R
-# are not multiplied away.  The four ~128-bit scalars share one run of ~128 doublings
-# (Straus, width-5 NAF for A and R, width-7 NAF on precomputed affine tables for B, B').
+# so  sum_j [c_j]B_j - sum_j [a_j]A_j - [b]R == O  holds iff R' == R, where
+# c = b*S mod L = sum c_j 2^(64j), a = sum a_j 2^(64j), B_j = [2^(64j)]B (fixed tables
+# built at import) and A_j = [2^(64j)]A (tables built once per public key and cached).
+# This is not the cofactored equation: torsion components in A or R are not multiplied
+# away.  All eight ~64-bit scalars share one run of ~64 doublings (Straus; width-6 NAF on
+# the affine B_j tables, width-5 NAF on affine A_j tables and on an extended table of R).
+#
+# Signing and public_key() compute [n]B with the same B_j tables: 4 pieces of 64 bits,
+# ~64 doublings and ~36 mixed additions.  sign() keeps the last seed's expanded key and
+# public key (a meter signs with one key), so a signature costs one [r]B, one inversion
+# and two SHA-512 calls.  Nothing here is constant-time (pure Python big integers never
+# are); the meter signs its own receipts, not attacker-chosen data under secret timing.
 
 try:
     from .sha512 import sha512
@@ -40,16 +48,20 @@ BX = 151122213495354007725011514095885315114540126930418572060461132839498477622
 BY = 46316835694926478169428394003475163141307993866256225615783033603165251855960
 _MASK255 = (1 << 255) - 1
 _N8 = 8 * L
-_HALF = 1 << 128          # stop the Euclid once a remainder is below this
-_LOW128 = (1 << 128) - 1
 
 # y values (sign bit ignored) of points of order 1, 2, 4, 8, and the non-canonical
 # spellings p, p+1 of 0 and 1: libsodium's ge25519_has_small_order blacklist.
 _Y8 = 2707385501144840649318225287225658788936804267575313519463743609750303402022
 _SMALL_Y = (0, 1, _Y8, P - _Y8, P - 1, P, P + 1)
 
-_W_VAR = 5                # NAF width for the per-signature points A and R
-_W_FIX = 7                # NAF width for the fixed tables of B and [2^128]B
+_SPAN = 64                # scalars are cut into 64-bit pieces: ~64 shared doublings
+_MASK_SPAN = (1 << _SPAN) - 1
+_A_STOP = 1 << (3 * _SPAN)  # stop the Euclid once a remainder is below this (a < 2^192)
+_W_B = 6                  # NAF width for the fixed tables of B_j = [2^(64j)]B, j = 0..3
+_W_A = 5                  # NAF width for the cached tables of A_j = [2^(64j)]A, j = 0..2
+_W_R = 5                  # NAF width for the per-signature point R
+_NB = 1 << (_W_B - 2)     # entries per B_j table
+_NA = 1 << (_W_A - 2)     # entries per A_j table
 
 
 # ---------------------------------------------------------------- field helpers
@@ -82,6 +94,12 @@ def _inv(z):
     """z^(p-2) mod p by an addition chain (pow(z, -1, p) is unusable on MicroPython)."""
     z250, z11 = _pow_2_250_1(z)
     return _sqn(z250, 5) * z11 % P         # 2^255 - 21
+
+
+def _compact(v):
+    """v (0 <= v < 2^256) as a freshly sized int.  On MicroPython a remainder keeps the
+    dividend's digit buffer (64 bytes held instead of 48): use this for stored tables."""
+    return int.from_bytes(v.to_bytes(32, "little"), "little")
 
 
 def _decode(s):
@@ -123,10 +141,11 @@ def _encode(X, Y, Z):
 
 # ---------------------------------------------------------------- scalars
 
-def _naf(n, w):
-    """Width-w NAF digits of n >= 0, least significant first, as a list of small
-    ints (odd digits in (-2^(w-1), 2^(w-1)), zeros elsewhere).  Works on bytes so
-    the inner loop uses small ints only."""
+def _naf(n, w, base, stride):
+    """Width-w NAF of n >= 0, least significant digit first, as table offsets: a digit
+    d != 0 is stored as +(base + stride*(d >> 1)) if d > 0, -(base + stride*(-d >> 1))
+    if d < 0 (base > 0, so 0 still means "no addition").  Trailing zeros trimmed.
+    Works on bytes so the inner loop uses small ints only."""
     b = n.to_bytes(36, "little") + b"\x00\x00\x00"
     nbits = 288
     while nbits > 8 and b[(nbits >> 3) - 1] == 0:
@@ -146,18 +165,30 @@ def _naf(n, w):
         win = carry + (buf & mask)
         if win < half:
             carry = 0
-            out[pos] = win
+            out[pos] = base + stride * (win >> 1)
         else:
             carry = 1
-            out[pos] = win - width
+            out[pos] = -(base + stride * ((width - win) >> 1))
         pos += w
     if carry:
-        out[nbits] = 1
-    # trim trailing zeros so the length says where the top digit is
+        out[nbits] = base
     n = len(out)
     while n and out[n - 1] == 0:
         n -= 1
     del out[n:]
+    return out
+
+
+def _pieces(n, count, w, base, size):
+    """NAF offset lists of the 64-bit pieces of n (the last piece takes the rest), for
+    consecutive tables of `size` slots starting at `base`."""
+    out = []
+    m = _MASK_SPAN
+    for j in range(count - 1):
+        out.append(_naf(n & m, w, base, 3))
+        n >>= _SPAN
+        base += size
+    out.append(_naf(n, w, base, 3))
     return out
 
 
@@ -191,13 +222,6 @@ def _add(P1, P2):
     return e * f % p, g * h % p, f * g % p, e * h % p
 
 
-def _cached(pt):
-    """extended -> (Y+X, Y-X, 2Z, 2dT), the form the Straus loop adds."""
-    X, Y, Z, T = pt
-    p = P
-    return ((Y + X) % p, (Y - X) % p, 2 * Z % p, T * D2 % p)
-
-
 def _odd_multiples(pt, count):
     """[pt, 3pt, 5pt, ..., (2count-1)pt] in extended coordinates."""
     X, Y, Z, T = pt
@@ -208,29 +232,6 @@ def _odd_multiples(pt, count):
     return out
 
 
-def _affine_table(pt, count):
-    """odd multiples of pt as affine cached entries (y+x, y-x, 2d*x*y), one inversion."""
-    p = P
-    pts = _odd_multiples(pt, count)
-    # Montgomery batch inversion of the Z coordinates
-    acc = [1] * (count + 1)
-    for i in range(count):
-        acc[i + 1] = acc[i] * pts[i][2] % p
-    inv = _inv(acc[count])
-    out = [None] * count
-    for i in range(count - 1, -1, -1):
-        zi = inv * acc[i] % p
-        inv = inv * pts[i][2] % p
-        X, Y, Z, T = pts[i]
-        x = X * zi % p
-        y = Y * zi % p
-        out[i] = ((y + x) % p, (y - x) % p, x * y % p * D2 % p)
-    return tuple(out)
-
-
-_B = (BX, BY, 1, BX * BY % P)
-
-
 def _mul_pow2(pt, n):
     X, Y, Z, T = pt
     for _ in range(n):
@@ -238,189 +239,46 @@ def _mul_pow2(pt, n):
     return (X, Y, Z, T)
 
 
-_TB0 = _affine_table(_B, 1 << (_W_FIX - 2))
-_TB1 = _affine_table(_mul_pow2(_B, 128), 1 << (_W_FIX - 2))
-
-
-def _straus(var_terms, c):
-    """[c]B + sum of [n]Q for (n, Q) in var_terms (n >= 0, Q extended), with c < 2^256.
-    Returns the result in projective (X, Y, Z)."""
+def _affine_tables(pt, pieces, count, out):
+    """Append to the list out, for j = 0..pieces-1, the odd multiples [1, 3, ..,
+    2count-1][2^(64j)]pt as affine entries y+x, y-x, 2d*x*y (3 slots each); one
+    inversion for all of them."""
     p = P
-    terms = []
-    for n, pt in var_terms:
-        dig = _naf(n, _W_VAR)
-        tab = [_cached(q) for q in _odd_multiples(pt, 1 << (_W_VAR - 2))]
-        terms.append((dig, tab, 0))
-    terms.append((_naf(c & _LOW128, _W_FIX), _TB0, 1))
-    terms.append((_naf(c >> 128, _W_FIX), _TB1, 1))
-    top = 0
-    for dig, _, _ in terms:
-        if len(dig) > top:
-            top = len(dig)
-    X = 0
-    Y = 1
-    Z = 1
-    T = 0
-    for i in range(top - 1, -1, -1):
-        # doubling (a = -1): 4S + 3M, T only when an addition follows
-        a = X * X % p
-        b = Y * Y % p
-        cc = Z * Z * 2 % p
-        h = a + b
-        e = h - (X + Y) * (X + Y) % p
-        g = a - b
-        f = cc + g
-        X = e * f % p
-        Y = g * h % p
-        Z = f * g % p
-        T = e * h % p
-        for dig, tab, aff in terms:
-            if i >= len(dig):
-                continue
-            k = dig[i]
-            if not k:
-                continue
-            if aff:
-                if k > 0:
-                    qp, qm, qt = tab[k >> 1]
-                else:
-                    qm, qp, qt = tab[(-k) >> 1]
-                    qt = -qt
-                dd = Z + Z
-            else:
-                if k > 0:
-                    qp, qm, qz, qt = tab[k >> 1]
-                else:
-                    qm, qp, qz, qt = tab[(-k) >> 1]
-                    qt = -qt
-                dd = Z * qz % p
-            a = (Y - X) * qm % p
-            b = (Y + X) * qp % p
-            cc = T * qt % p
-            e = b - a
-            f = dd - cc
-            g = dd + cc
-            h = b + a
-            X = e * f % p
-            Y = g * h % p
-            Z = f * g % p
-            T = e * h % p
-    return X, Y, Z
+    pts = []
+    for j in range(pieces):
+        if j:
+            pt = _mul_pow2(pt, _SPAN)
+        pts.extend(_odd_multiples(pt, count))
+    n = len(pts)
+    acc = [1] * (n + 1)
+    for i in range(n):
+        acc[i + 1] = acc[i] * pts[i][2] % p
+    inv = _inv(acc[n])
+    flat = [0] * (3 * n)
+    for i in range(n - 1, -1, -1):
+        X, Y, Z, T = pts[i]
+        zi = inv * acc[i] % p
+        inv = inv * Z % p
+        x = X * zi % p
+        y = Y * zi % p
+        flat[3 * i] = _compact((y + x) % p)
+        flat[3 * i + 1] = _compact((y - x) % p)
+        flat[3 * i + 2] = _compact(x * y % p * D2 % p)
+    out.extend(flat)
+    return out
 
 
 def _var_table(pt):
-    """cached odd multiples [1, 3, .., 15]pt for the width-5 NAF."""
-    return [_cached(q) for q in _odd_multiples(pt, 1 << (_W_VAR - 2))]
-
-
-def _pad(dig, n):
-    if len(dig) < n:
-        dig.extend([0] * (n - len(dig)))
-    return dig
-
-
-def _check4(d1, t1, d2, t2, d3, d4):
-    """True iff sum of NAF-digit multiples is the identity: d1/t1, d2/t2 are
-    per-signature points (cached extended tables), d3/d4 use the affine tables of B
-    and [2^128]B.  All digit lists have the same length.  T = e*h is computed only
-    when an addition needs it."""
+    """[0]*4 then the odd multiples [1, 3, .., 15]pt in the cached form Y+X, Y-X, 2Z,
+    2dT (4 slots each) for the width-5 NAF of R."""
     p = P
-    tb0 = _TB0
-    tb1 = _TB1
-    X = 0
-    Y = 1
-    Z = 1
-    e = 0
-    h = 0
-    for i in range(len(d1) - 1, -1, -1):
-        # doubling, a = -1 (dbl-2008-hwcd with signs flipped pairwise): 4S + 3M
-        a = X * X % p
-        b = Y * Y % p
-        c = Z * Z * 2 % p
-        h = a + b
-        e = h - (X + Y) * (X + Y) % p
-        g = a - b
-        f = c + g
-        X = e * f % p
-        Y = g * h % p
-        Z = f * g % p
-        k = d1[i]
-        if k:
-            T = e * h % p
-            if k > 0:
-                qp, qm, qz, qt = t1[k >> 1]
-                c = T * qt % p
-            else:
-                qm, qp, qz, qt = t1[(-k) >> 1]
-                c = -(T * qt % p)
-            a = (Y - X) * qm % p
-            b = (Y + X) * qp % p
-            dd = Z * qz % p
-            e = b - a
-            f = dd - c
-            g = dd + c
-            h = b + a
-            X = e * f % p
-            Y = g * h % p
-            Z = f * g % p
-        k = d2[i]
-        if k:
-            T = e * h % p
-            if k > 0:
-                qp, qm, qz, qt = t2[k >> 1]
-                c = T * qt % p
-            else:
-                qm, qp, qz, qt = t2[(-k) >> 1]
-                c = -(T * qt % p)
-            a = (Y - X) * qm % p
-            b = (Y + X) * qp % p
-            dd = Z * qz % p
-            e = b - a
-            f = dd - c
-            g = dd + c
-            h = b + a
-            X = e * f % p
-            Y = g * h % p
-            Z = f * g % p
-        k = d3[i]
-        if k:
-            T = e * h % p
-            if k > 0:
-                qp, qm, qt = tb0[k >> 1]
-                c = T * qt % p
-            else:
-                qm, qp, qt = tb0[(-k) >> 1]
-                c = -(T * qt % p)
-            a = (Y - X) * qm % p
-            b = (Y + X) * qp % p
-            dd = Z + Z
-            e = b - a
-            f = dd - c
-            g = dd + c
-            h = b + a
-            X = e * f % p
-            Y = g * h % p
-            Z = f * g % p
-        k = d4[i]
-        if k:
-            T = e * h % p
-            if k > 0:
-                qp, qm, qt = tb1[k >> 1]
-                c = T * qt % p
-            else:
-                qm, qp, qt = tb1[(-k) >> 1]
-                c = -(T * qt % p)
-            a = (Y - X) * qm % p
-            b = (Y + X) * qp % p
-            dd = Z + Z
-            e = b - a
-            f = dd - c
-            g = dd + c
-            h = b + a
-            X = e * f % p
-            Y = g * h % p
-            Z = f * g % p
-    return X % p == 0 and (Y - Z) % p == 0
+    out = [0, 0, 0, 0]
+    for X, Y, Z, T in _odd_multiples(pt, 1 << (_W_R - 2)):
+        out.append((Y + X) % p)
+        out.append((Y - X) % p)
+        out.append(2 * Z % p)
+        out.append(T * D2 % p)
+    return out
 
 
 def _neg(pt):
@@ -429,14 +287,106 @@ def _neg(pt):
     return ((p - X) % p, Y, Z, (p - T) % p)
 
 
+# B_j = [2^(64j)]B, j = 0..3, odd multiples as affine entries after 3 zero slots (an
+# offset of 0 means "no addition"); entry d of table j sits at 3 + 3*(_NB*j + (d >> 1)).
+_TB = tuple(_affine_tables((BX, BY, 1, BX * BY % P), 4, _NB, [0, 0, 0]))
+_SIZE_B = 3 * _NB         # slots per B_j table
+_SIZE_A = 3 * _NA         # slots per A_j table
+
+
+def _straus(n, ds, tab, dr, tr):
+    """Run n shared doublings adding, at step i (from n-1 down to 0), the affine entry
+    tab[|k|..] (negated if k < 0) for k = d[i] of every d in ds, and the cached extended
+    entry tr[|k|..] for k = dr[i].  Every list has at least n entries.  Returns the
+    projective (X, Y, Z) of the sum.  T = e*h is computed only when an addition needs
+    it."""
+    p = P
+    X = 0
+    Y = 1
+    Z = 1
+    e = 0
+    h = 0
+    for i in range(n - 1, -1, -1):
+        # doubling for a = -1, all four outputs negated (same projective point):
+        # 4M + 3S with E = 2XY, G = B - A, -F = C - G, -H = A + B
+        a = X * X % p
+        b = Y * Y % p
+        c = Z * Z * 2 % p
+        h = a + b
+        g = b - a
+        f = c - g
+        e = (X + X) * Y % p
+        X = e * f % p
+        Y = g * h % p
+        Z = f * g % p
+        k = dr[i]
+        if k:
+            T = e * h % p
+            if k > 0:
+                qp = tr[k]
+                qm = tr[k + 1]
+                c = T * tr[k + 3] % p
+            else:
+                k = -k
+                qm = tr[k]
+                qp = tr[k + 1]
+                c = -(T * tr[k + 3] % p)
+            a = (Y - X) * qm % p
+            b = (Y + X) * qp % p
+            dd = Z * tr[k + 2] % p
+            e = b - a
+            f = dd - c
+            g = dd + c
+            h = b + a
+            X = e * f % p
+            Y = g * h % p
+            Z = f * g % p
+        for d in ds:
+            k = d[i]
+            if k:
+                T = e * h % p
+                if k > 0:
+                    qp = tab[k]
+                    qm = tab[k + 1]
+                    c = T * tab[k + 2] % p
+                else:
+                    k = -k
+                    qm = tab[k]
+                    qp = tab[k + 1]
+                    c = -(T * tab[k + 2] % p)
+                a = (Y - X) * qm % p
+                b = (Y + X) * qp % p
+                dd = Z + Z
+                e = b - a
+                f = dd - c
+                g = dd + c
+                h = b + a
+                X = e * f % p
+                Y = g * h % p
+                Z = f * g % p
+    return X, Y, Z
+
+
+def _pad_all(lists):
+    n = 0
+    for d in lists:
+        if len(d) > n:
+            n = len(d)
+    for d in lists:
+        if len(d) < n:
+            d.extend([0] * (n - len(d)))
+    return n
+
+
 def _halfsize(k):
-    """(a, b) with a = b*k (mod 8L), b odd, |a| and |b| about 2^128."""
+    """(a, b) with a = b*k (mod 8L), b odd, a >= 0, a below about 2^192 and |b| below
+    about 2^64 (the cost is the longest 64-bit piece: max(a >> 128, |b|))."""
     r0 = _N8
     r1 = k
     t0 = 0
     t1 = 1
-    half = _HALF
-    while r1 >= half:
+    stop = _A_STOP
+    while r1 >= stop:
         q = r0 // r1
         r0, r1 = r1, r0 - q * r1
         t0, t1 = t1, t0 - q * t1
@@ -446,7 +396,9 @@ def _halfsize(k):
     q = r0 // r1 if r1 else 0
     best = None
     for r, t in ((r0, t0), (r0 - q * r1, t0 - q * t1), (r0 - r1, t0 - t1)):
-        m = abs(r) if abs(r) > abs(t) else abs(t)
+        m = r >> (2 * _SPAN)
+        if abs(t) > m:
+            m = abs(t)
         if best is None or m < best[0]:
             best = (m, r, t)
     return best[1], best[2]    # every candidate has r >= 0 (r0 > r1 >= r2)
@@ -455,8 +407,11 @@ def _halfsize(k):
 # ---------------------------------------------------------------- public API
 
 def _scalarmult_base(n):
-    X, Y, Z = _straus((), n % L)
-    return X, Y, Z
+    """[n]B for 0 <= n < 2^256 as projective (X, Y, Z): 4 pieces of 64 bits on the
+    B_j tables, ~64 doublings."""
+    ds = _pieces(n, 4, _W_B, 3, _SIZE_B)
+    m = _pad_all(ds)
+    return _straus(m, ds, _TB, [0] * m, None)
 
 
 def _expand(seed):
@@ -471,9 +426,21 @@ def public_key(seed):
     """32-byte seed -> 32-byte public key (RFC 8032 5.1.5)."""
     if len(seed) != 32:
         raise ValueError("seed must be 32 bytes")
-    a, _ = _expand(seed)
-    X, Y, Z = _scalarmult_base(a)
-    return _encode(X, Y, Z)
+    return _signing_key(bytes(seed))[3]
+
+
+def _signing_key(seed):
+    """[seed, a, prefix, public key] for the last seed used (one-entry cache)."""
+    c = _SIGN_CACHE
+    if c[0] != seed:
+        a, prefix = _expand(seed)
+        X, Y, Z = _scalarmult_base(a)
+        c[0] = None
+        c[1] = a
+        c[2] = prefix
+        c[3] = _encode(X, Y, Z)
+        c[0] = seed
+    return c
 
 
 def sign(seed, msg):
@@ -481,9 +448,7 @@ def sign(seed, msg):
     if len(seed) != 32:
         raise ValueError("seed must be 32 bytes")
     msg = bytes(msg)
-    a, prefix = _expand(seed)
-    X, Y, Z = _scalarmult_base(a)
-    pk = _encode(X, Y, Z)
+    _, a, prefix, pk = _signing_key(bytes(seed))
     r = int.from_bytes(sha512(prefix + msg), "little") % L
     X, Y, Z = _scalarmult_base(r)
     rb = _encode(X, Y, Z)
@@ -499,6 +464,12 @@ def verify(public, msg, sig):
         return _verify(public, msg, sig)
     except Exception:
         return False
+
+
+def _key_table(A):
+    """_TB followed by the affine tables of [2^(64j)](-A), j = 0..2 (the Euclid
+    remainder a is >= 0, so -A is what gets added)."""
+    return tuple(_affine_tables(_neg(A), 3, _NA, list(_TB)))
 
 
 def _verify(public, msg, sig):
@@ -524,14 +495,14 @@ def _verify(public, msg, sig):
         return False
     cache = _KEY_CACHE
     if cache[0] == public:
-        tab_a = cache[1]
+        tab = cache[1]
     else:
         A = _decode(public)
         if A is None:
             return False
-        tab_a = _var_table(_neg(A))        # the Euclid remainder a is >= 0: use -A
+        tab = _key_table(A)
         cache[0] = None
-        cache[1] = tab_a
+        cache[1] = tab
         cache[0] = public
     R = _decode(rb)
     if R is None:
@@ -539,23 +510,24 @@ def _verify(public, msg, sig):
     k = int.from_bytes(sha512(rb + public + bytes(msg)), "little") % L
     a, b = _halfsize(k)
     c = b * s % L
-    # [c0]B + [c1]B' + [a](-A) + [b](-R) == O
+    # sum [c_j]B_j + sum [a_j](-A_j) + [b](-R) == O
     if b >= 0:
-        tab_r = _var_table(_neg(R))
+        tr = _var_table(_neg(R))
     else:
-        tab_r = _var_table(R)
+        tr = _var_table(R)
         b = -b
-    d1 = _naf(a, _W_VAR)
-    d2 = _naf(b, _W_VAR)
-    d3 = _naf(c & _LOW128, _W_FIX)
-    d4 = _naf(c >> 128, _W_FIX)
-    n = len(d1)
-    for d in (d2, d3, d4):
-        if len(d) > n:
-            n = len(d)
-    return _check4(_pad(d1, n), tab_a, _pad(d2, n), tab_r, _pad(d3, n), _pad(d4, n))
+    ds = _pieces(c, 4, _W_B, 3, _SIZE_B)
+    ds.extend(_pieces(a, 3, _W_A, 3 + 4 * _SIZE_B, _SIZE_A))
+    dr = _naf(b, _W_R, 4, 4)
+    ds.append(dr)
+    n = _pad_all(ds)
+    ds.pop()
+    X, Y, Z = _straus(n, ds, tab, dr, tr)
+    return X % P == 0 and (Y - Z) % P == 0
 
 
-# one-entry cache of the last public key's decoded table (a meter verifies vouchers of
-# one or two issuer keys): [public bytes, cached odd multiples of -A]
+# one-entry cache of the last public key's tables (a meter verifies vouchers of one or
+# two issuer keys): [public bytes, _TB + affine tables of -[2^(64j)]A]
 _KEY_CACHE = [None, None]
+# one-entry cache of the signing key: [seed, a, prefix, public key]
+_SIGN_CACHE = [None, 0, b"", b""]
