@@ -6,6 +6,7 @@
 #   topup device list | device show EUI64
 #   topup issue EUI64 AMOUNT [--count N] [--expires-in DAYS] [--format F] [--out PATH]
 #   topup verify VOUCHER_OR_FILE [--device EUI64] [--now UNIX]
+#   topup show VOUCHER_OR_FILE [--format F] [--out PATH]     (deliver again: QR, PNG, ...)
 #
 # Global options fall back to environment variables (TOPUP_DB, TOPUP_PASSPHRASE). A user's
 # mistake is one line on stderr and exit code 2, never a traceback; `verify` exits 1 when
@@ -18,6 +19,7 @@ import time
 import click
 
 from protocol import errors as perr
+from protocol.voucher import parse as pv_parse
 
 from . import db, delivery, issuer, keystore, registry
 from .errors import TopupError
@@ -122,7 +124,7 @@ def _money_opt(what, maximum=None, limit="the protocol maximum"):
     return convert
 
 
-@click.group(cls=TopupGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="topup", cls=TopupGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--db", "db_path", envvar="TOPUP_DB", default="./topup.db", show_default=True,
               metavar="PATH", help="Supplier database (env TOPUP_DB).")
 @click.version_option(package_name="offline-topup", prog_name="topup")
@@ -451,6 +453,38 @@ def issue(state, eui64, amount, count, expires_in, fmt, out, batch_size):
         click.echo("wrote %s" % path, err=True)
     if len(output.written) > 5:
         click.echo("wrote %d more files in %s" % (len(output.written) - 5, output.dir), err=True)
+    return 0
+
+
+# --- show ---------------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("voucher", metavar="VOUCHER_OR_FILE")
+@click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="qr",
+              show_default=True, help="text, json, cbor, qr (terminal), png, svg.")
+@click.option("-o", "--out", metavar="PATH", help="Output file (default stdout; png/svg: "
+              "DEVICE-SEQUENCE.png/.svg in the current directory).")
+def show(voucher, fmt, out):
+    """Deliver an existing voucher again in another format (no database needed).
+
+    Decodes VOUCHER_OR_FILE (text form, or a file with text, raw CBOR or JSON) without
+    checking its signature (`topup verify` does that) and writes it as FORMAT.
+    """
+    try:
+        raw, _ = delivery.load(voucher)
+        v = pv_parse(raw)
+    except perr.Rejected as e:
+        raise TopupError("not a voucher: %s" % e) from None
+    item = issuer.Issued(v.device, v.sequence, v.amount, v.issued, v.expires, v.kid, v.ref, raw)
+    output = _Output(fmt, out, 1, v.device)
+    try:
+        output.write([item])
+    finally:
+        output.close()
+    for path in output.written:
+        click.echo("wrote %s" % path, err=True)
+    if output.file and fmt in ("text", "json", "qr"):
+        click.echo("wrote %s" % output.file, err=True)
     return 0
 
 

@@ -354,3 +354,21 @@ def test_verify_user_errors(store, tmp_path):
     assert "unknown device" in one_line_error(store("verify", text, "--device", OTHER))
     assert "neither a voucher text" in one_line_error(store("verify", "hello"))
     assert "neither a voucher text" in one_line_error(store("verify", tmp_path / "nope"))
+
+
+# --- show -----------------------------------------------------------------------------------
+
+def test_show_delivers_an_existing_voucher_again(store, tmp_path, monkeypatch):
+    text = issue_one(store)
+    (tmp_path / "v.txt").write_text(text + "\n")
+    r = store.ok("show", tmp_path / "v.txt")
+    assert "▀" in r.stdout or "█" in r.stdout
+    assert store.ok("show", text, "-f", "text").stdout.strip() == text
+    o = json.loads(store.ok("show", text, "-f", "json").stdout)
+    assert o["text"] == text and o["sequence"] == 1
+    store.ok("show", text, "-f", "svg", "-o", tmp_path / "v.svg")
+    assert b"<svg" in (tmp_path / "v.svg").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    store.ok("show", text, "-f", "png")
+    assert (tmp_path / ("%s-1.png" % DEVICE)).read_bytes()[:4] == b"\x89PNG"
+    assert "not a voucher" in one_line_error(store("show", "OTU1:AAAA"))
