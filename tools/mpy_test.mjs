@@ -8,7 +8,9 @@ import { loadVM, REPO } from "./mpy_vm.mjs";
 const DEFAULT_DIRS = ["tests/protocol", "tests/firmware"];
 const testDirs = (process.argv.length > 2 ? process.argv.slice(2) : DEFAULT_DIRS)
   .filter((d) => fs.existsSync(path.join(REPO, d)));
-const copyDirs = ["protocol"].concat(fs.existsSync(path.join(REPO, "firmware")) ? ["firmware"] : [], testDirs);
+// tests/protocol holds the shared test helpers (_support.py), so it always goes in.
+const copyDirs = [...new Set(["protocol", "firmware", "tests/protocol", ...testDirs])]
+  .filter((d) => fs.existsSync(path.join(REPO, d)));
 const mp = await loadVM({ dirs: copyDirs });
 
 const modules = [];

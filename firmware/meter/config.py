@@ -1,0 +1,52 @@
+# The meter's two persisted records, as deterministic CBOR maps with small integer keys:
+# the config (written once at provisioning) and the ledger state (every commit).
+from protocol import cbor
+
+FIRMWARE_VERSION = "0.1.0"
+
+# Config keys
+C_DEVICE = 1          # 8-byte EUI-64
+C_SEED = 2            # the meter's Ed25519 private seed (made on the device)
+C_PUBLIC = 3          # its public key, cached: deriving it costs a scalar multiplication
+C_TRUST = 4           # [issuer public key, ...]: the vouchers' signers this meter trusts
+C_MAX_VOUCHER = 5     # pence, per voucher
+C_MAX_CREDIT = 6      # pence, the maximum credit threshold
+C_EC_AMOUNT = 7       # pence of emergency credit a button press grants
+C_EC_THRESHOLD = 8    # pence: emergency credit is offered below this balance
+C_UNIT_RATE = 9       # milli-pence per kWh
+C_STANDING = 10       # milli-pence per day
+C_PROVISIONED_AT = 11  # Unix seconds
+
+# State keys
+S_BALANCE = 1         # milli-pence, may be negative while emergency credit is in use
+S_EC = 2              # pence of emergency credit in use (0 if none)
+S_HIGHEST = 3         # highest voucher sequence applied
+S_BITMAP = 4          # replay window below it
+S_LAST_HASH = 5       # chain hash of the latest receipt
+S_CHARGED_TO = 6      # meter time up to which the standing charge is accounted
+S_ENERGY_REM = 7      # energy cost remainder, 1/1000 milli-pence
+S_STANDING_REM = 8    # standing charge remainder, milli-pence-seconds / 86400
+S_WH_TOTAL = 9        # Wh metered since provisioning
+S_REJECTIONS = 10     # {reason: count} not yet put in a receipt
+S_REJ_RECEIPT_AT = 11  # meter time of the latest rejections receipt
+S_UPLOADED = 12       # receipts acknowledged by the head end (WAN queue)
+
+DEFAULT_LIMITS = {
+    C_MAX_VOUCHER: 10000,     # £100
+    C_MAX_CREDIT: 50000,      # £500
+    C_EC_AMOUNT: 500,         # £5
+    C_EC_THRESHOLD: 100,      # £1
+    C_UNIT_RATE: 24500,       # 24.50 p/kWh
+    C_STANDING: 60000,        # 60.00 p/day
+}
+
+
+def encode(fields):
+    return cbor.encode(fields)
+
+
+def decode(blob):
+    fields = cbor.decode(blob)
+    if not isinstance(fields, dict):
+        raise ValueError("record is not a map")
+    return fields

@@ -1,0 +1,237 @@
+# The credit ledger: every change to the customer's credit goes through here.
+#
+# Balance is in milli-pence and may go negative while emergency credit is in use: taking
+# emergency credit lets the balance fall to -(emergency amount) before the supply is cut,
+# and the next top-up fills that hole first ("repaid first"). Top-ups and emergency credit
+# are committed with their receipt (receipt first, state last: the state record is the
+# commit point). Metering lowers the balance in RAM and is checkpointed at a bounded
+# interval, and always with any other commit.
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+from protocol import cose, errors, receipt as receipt_format, voucher as voucher_format, window as replay
+from protocol.errors import Rejected
+from meter import config as cfg, metering
+from meter.receipts import ReceiptSigner
+from meter.store import StoreError
+
+# Metering checkpoint: at most every 15 minutes while anything is unsaved, and at once when
+# 20 p of consumption is unsaved. A power cut loses at most min(15 min, 20 p) of metered
+# consumption, in the customer's favour (see firmware/README.md, "Storage").
+CHECKPOINT_SECONDS = const(900)
+CHECKPOINT_MP = const(20000)
+# A flood of bad vouchers costs no flash: counts stay in RAM until the next checkpoint
+# and at most one rejections receipt is written per hour.
+REJECTIONS_RECEIPT_SECONDS = const(3600)
+_MAX_COUNT = const(0xFFFFFFFF)
+
+
+class Ledger:
+    def __init__(self, store, clock):
+        self.store = store
+        self.clock = clock
+        store.retain = self._retain
+        self.load()
+
+    def load(self):
+        """(Re)read config and state from the store, e.g. after provisioning or a mount."""
+        store = self.store
+        self.provisioned = store.config is not None and store.state is not None
+        self._dirty = False
+        self._unsaved_mp = 0
+        if not self.provisioned:
+            self._state = None
+            return
+        c = cfg.decode(store.config)
+        self.device = c[cfg.C_DEVICE]
+        self.trust = {}
+        for key in c[cfg.C_TRUST]:
+            self.trust[cose.kid_for(key)] = key
+        self.max_voucher = c[cfg.C_MAX_VOUCHER]
+        self.max_credit = c[cfg.C_MAX_CREDIT]
+        self.ec_amount = c[cfg.C_EC_AMOUNT]
+        self.ec_threshold = c[cfg.C_EC_THRESHOLD]
+        self.unit_rate = c[cfg.C_UNIT_RATE]
+        self.standing = c[cfg.C_STANDING]
+        self.signer = ReceiptSigner(self.device, c[cfg.C_SEED], c[cfg.C_PUBLIC])
+        self.public_key = c[cfg.C_PUBLIC]
+        self._state = cfg.decode(store.state)
+        self._committed_at = self._state[cfg.S_CHARGED_TO]
+
+    # ---- views -------------------------------------------------------------------
+    def _need(self):
+        if not self.provisioned:
+            raise Rejected(errors.NOT_PROVISIONED, "meter is not provisioned")
+
+    @property
+    def balance_mp(self):
+        return self._state[cfg.S_BALANCE] if self.provisioned else 0
+
+    @property
+    def emergency_mp(self):
+        return self._state[cfg.S_EC] * 1000 if self.provisioned else 0
+
+    @property
+    def highest(self):
+        return self._state[cfg.S_HIGHEST] if self.provisioned else 0
+
+    @property
+    def window(self):
+        return replay.ReplayWindow(self._state[cfg.S_HIGHEST], self._state[cfg.S_BITMAP])
+
+    @property
+    def receipt_count(self):
+        return self.store.receipt_count
+
+    @property
+    def pending_rejections(self):
+        return dict(self._state[cfg.S_REJECTIONS]) if self.provisioned else {}
+
+    def supply_on(self):
+        """Supply stays on while credit, including emergency credit taken, is above zero."""
+        return self.provisioned and self._state[cfg.S_BALANCE] + self.emergency_mp > 0
+
+    # ---- top-up ------------------------------------------------------------------
+    def submit(self, data):
+        """Apply a voucher. Return (receipt bytes, duplicate). Raise Rejected: nothing changed."""
+        self._need()
+        now = self.clock()
+        st = self._state
+        try:
+            v = voucher_format.verify(data, self.trust, self.device, now, self.max_voucher)
+            window = self.window
+            if not replay.admit(window, v, self._ref_for_sequence):
+                return self.store.find_receipt(v.sequence), True
+            self._accrue(0, now)
+            replay.check_credit(st[cfg.S_BALANCE], v.amount, self.max_credit)
+        except Rejected as e:
+            self._count_rejection(e.reason)
+            raise
+        before = st[cfg.S_BALANCE]
+        after = before + v.amount * 1000
+        new = dict(st)
+        new[cfg.S_BALANCE] = after
+        if after >= 0:
+            new[cfg.S_EC] = 0  # emergency credit repaid
+        window.mark(v.sequence)
+        new[cfg.S_HIGHEST] = window.highest
+        new[cfg.S_BITMAP] = window.bitmap
+        r = self.signer.make(self.store.receipt_count, receipt_format.TOPUP, now,
+                             st[cfg.S_LAST_HASH], before, after,
+                             sequence=v.sequence, voucher=v.ref, amount=v.amount)
+        new[cfg.S_LAST_HASH] = receipt_format.chain_hash(r)
+        self._commit(new, now, r, v.sequence)
+        return r, False
+
+    def _ref_for_sequence(self, seq):
+        raw = self.store.find_receipt(seq)
+        return receipt_format.parse(raw).voucher if raw else None
+
+    def _retain(self, index, tag):
+        # Top-up receipts whose sequence is still inside the replay window must stay
+        # readable: a resubmission of that voucher gets its original receipt back.
+        return tag > 0 and self._state is not None and tag >= self._state[cfg.S_HIGHEST] - replay.SIZE
+
+    # ---- emergency credit ----------------------------------------------------------
+    def take_emergency_credit(self):
+        """Button press: grant emergency credit when low. Return the receipt."""
+        self._need()
+        now = self.clock()
+        self._accrue(0, now)
+        st = self._state
+        if st[cfg.S_EC]:
+            raise Rejected(errors.EC_UNAVAILABLE, "emergency credit already in use")
+        if st[cfg.S_BALANCE] >= self.ec_threshold * 1000:
+            raise Rejected(errors.EC_UNAVAILABLE, "credit is above the emergency threshold")
+        new = dict(st)
+        new[cfg.S_EC] = self.ec_amount
+        balance = st[cfg.S_BALANCE]
+        r = self.signer.make(self.store.receipt_count, receipt_format.EMERGENCY, now,
+                             st[cfg.S_LAST_HASH], balance, balance, amount=self.ec_amount)
+        new[cfg.S_LAST_HASH] = receipt_format.chain_hash(r)
+        self._commit(new, now, r, 0)
+        return r
+
+    # ---- metering ------------------------------------------------------------------
+    def meter(self, wh, now=None):
+        """Charge `wh` Wh of energy and the standing charge up to now; checkpoint when due."""
+        if not self.provisioned:
+            return
+        if now is None:
+            now = self.clock()
+        self._accrue(wh, now)
+        if self._unsaved_mp >= CHECKPOINT_MP or (
+                self._dirty and now - self._committed_at >= CHECKPOINT_SECONDS):
+            self.checkpoint(now)
+
+    def _accrue(self, wh, now):
+        st = self._state
+        cost, st[cfg.S_ENERGY_REM] = metering.energy_cost(wh, self.unit_rate, st[cfg.S_ENERGY_REM])
+        if now > st[cfg.S_CHARGED_TO]:
+            # A clock that steps back charges nothing until it passes the old time again.
+            sc, st[cfg.S_STANDING_REM] = metering.standing_cost(
+                now - st[cfg.S_CHARGED_TO], self.standing, st[cfg.S_STANDING_REM])
+            st[cfg.S_CHARGED_TO] = now
+            cost += sc
+        if wh or cost:
+            st[cfg.S_BALANCE] -= cost
+            st[cfg.S_WH_TOTAL] += wh
+            self._unsaved_mp += cost
+            self._dirty = True
+
+    def checkpoint(self, now=None):
+        """Persist metering (and rejection counts). A full flash is retried next time."""
+        if not self.provisioned:
+            return False
+        if now is None:
+            now = self.clock()
+        self._accrue(0, now)
+        try:
+            self._commit(dict(self._state), now)
+        except Rejected:
+            return False
+        return True
+
+    # ---- rejections ----------------------------------------------------------------
+    def _count_rejection(self, reason):
+        counts = self._state[cfg.S_REJECTIONS]
+        counts[reason] = min(counts.get(reason, 0) + 1, _MAX_COUNT)
+        self._dirty = True
+
+    def record_rejections(self, now=None):
+        """Write a rejections receipt if any are pending and the last was an hour ago."""
+        if not self.provisioned:
+            return None
+        if now is None:
+            now = self.clock()
+        st = self._state
+        if not st[cfg.S_REJECTIONS] or now - st[cfg.S_REJ_RECEIPT_AT] < REJECTIONS_RECEIPT_SECONDS:
+            return None
+        self._accrue(0, now)
+        new = dict(st)
+        new[cfg.S_REJECTIONS] = {}
+        new[cfg.S_REJ_RECEIPT_AT] = now
+        balance = st[cfg.S_BALANCE]
+        r = self.signer.make(self.store.receipt_count, receipt_format.REJECTIONS, now,
+                             st[cfg.S_LAST_HASH], balance, balance,
+                             rejections=dict(st[cfg.S_REJECTIONS]))
+        new[cfg.S_LAST_HASH] = receipt_format.chain_hash(r)
+        try:
+            self._commit(new, now, r, 0)
+        except Rejected:
+            return None
+        return r
+
+    # ---- commit --------------------------------------------------------------------
+    def _commit(self, new, now, receipt=None, tag=0):
+        try:
+            self.store.commit(cfg.encode(new), receipt, tag)
+        except StoreError as e:
+            raise Rejected(errors.STORAGE, str(e))
+        self._state = new
+        self._committed_at = now
+        self._unsaved_mp = 0
+        self._dirty = False
