@@ -1,8 +1,11 @@
 # SHA-512 (FIPS 180-4) for CPython and MicroPython.
 # Runs unchanged on both.  `sha512(data)` uses hashlib where the VM has it (CPython, most
 # MicroPython ports built with mbedTLS); the MicroPython WebAssembly port has only sha256,
-# so `sha512_pure` is a compact pure-Python implementation with the hot loop written for
-# MicroPython: locals only, no tuples or lists built per round, 64-bit masking.
+# so `sha512_pure` is a pure-Python implementation written for MicroPython's bytecode VM,
+# where the dispatch of each operation costs about as much as the arithmetic (a 24-bit and
+# a 128-bit xor cost nearly the same there, so 32-bit halves would only double the work):
+# locals only, no tuples or lists built per round, 16 rounds unrolled with rotating names
+# (K and the schedule in locals), 64-bit masking on doubled words.
 
 try:
     from hashlib import sha512 as _hl_sha512
@@ -38,34 +41,41 @@ _H0 = (
     0x510E527FADE682D1, 0x9B05688C2B3E6C1F, 0x1F83D9ABFB41BD6B, 0x5BE0CD19137E2179,
 )
 
+# the round constants in 5 groups of 16, unpacked into locals once per group
+_KG = tuple(_K[16 * g:16 * g + 16] for g in range(5))
+
 
 def sha512_pure(data):
     """SHA-512 of `data` (bytes-like) in pure Python; returns 64 bytes."""
     data = bytes(data)
     n = len(data)
     # Padding: 0x80, zeros, 128-bit big-endian bit length; total a multiple of 128.
-    pad = (111 - n) % 128
-    msg = data + b"\x80" + bytes(pad) + (n * 8).to_bytes(16, "big")
-    M = 0xFFFFFFFFFFFFFFFF
+    msg = data + b"\x80" + bytes((111 - n) % 128) + (n * 8).to_bytes(16, "big")
     D = 0x10000000000000001  # x * D == x | x << 64 for x < 2**64: a "doubled" word
-    K = _K
+    M = 0xFFFFFFFFFFFFFFFF
     h0, h1, h2, h3, h4, h5, h6, h7 = _H0
-    w = [0] * 80
     frm = int.from_bytes
+    KG = _KG
     for off in range(0, len(msg), 128):
-        for i in range(16):
-            j = off + 8 * i
-            w[i] = frm(msg[j:j + 8], "big")
-        for i in range(16, 80):
-            # sigma0/sigma1 on doubled words: a right shift of x|x<<64 is a rotation in
-            # its low 64 bits; bits above 64 are left unmasked (they vanish in & M).
-            x = w[i - 15]
-            y = w[i - 2]
-            xx = x * D
-            yy = y * D
-            w[i] = (w[i - 16] + w[i - 7] + ((xx >> 1) ^ (xx >> 8) ^ (x >> 7))
-                    + ((yy >> 19) ^ (yy >> 61) ^ (y >> 6))) & M
-        # Working variables are kept doubled (x|x<<64); only the low 64 bits matter.
+        blk = frm(msg[off:off + 128], "big")
+        w0 = (blk >> 960) & M
+        w1 = (blk >> 896) & M
+        w2 = (blk >> 832) & M
+        w3 = (blk >> 768) & M
+        w4 = (blk >> 704) & M
+        w5 = (blk >> 640) & M
+        w6 = (blk >> 576) & M
+        w7 = (blk >> 512) & M
+        w8 = (blk >> 448) & M
+        w9 = (blk >> 384) & M
+        w10 = (blk >> 320) & M
+        w11 = (blk >> 256) & M
+        w12 = (blk >> 192) & M
+        w13 = (blk >> 128) & M
+        w14 = (blk >> 64) & M
+        w15 = blk & M
+        # Working variables are kept doubled (x|x<<64); only the low 64 bits matter, so a
+        # right shift is a rotation and the bits left above 64 vanish in the next & M.
         a = h0 * D
         b = h1 * D
         c = h2 * D
@@ -74,20 +84,141 @@ def sha512_pure(data):
         f = h5 * D
         g = h6 * D
         h = h7 * D
-        bc = b ^ c
-        for i in range(80):
-            t1 = h + ((e >> 14) ^ (e >> 18) ^ (e >> 41)) + (g ^ (e & (f ^ g))) + K[i] + w[i]
-            ab = a ^ b
-            t2 = ((a >> 28) ^ (a >> 34) ^ (a >> 39)) + (b ^ (ab & bc))
-            bc = ab
-            h = g
-            g = f
-            f = e
-            e = ((d + t1) & M) * D
-            d = c
-            c = b
-            b = a
-            a = ((t1 + t2) & M) * D
+        x1 = b ^ c
+        # 5 groups of 16 rounds; the names rotate within a group instead of moving values
+        for grp in range(5):
+            k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15 = KG[grp]
+            if grp:
+                # message schedule in place: w[t] for t = 16 grp .. 16 grp + 15
+                # sigma0 = rotr1 ^ rotr8 ^ shr7, sigma1 = rotr19 ^ rotr61 ^ shr6, on doubled words
+                xx = w1 * D
+                yy = w14 * D
+                w0 = (w0 + w9 + (((xx ^ (xx >> 7)) >> 1) ^ (w1 >> 7))
+                     + (((yy ^ (yy >> 42)) >> 19) ^ (w14 >> 6))) & M
+                xx = w2 * D
+                yy = w15 * D
+                w1 = (w1 + w10 + (((xx ^ (xx >> 7)) >> 1) ^ (w2 >> 7))
+                     + (((yy ^ (yy >> 42)) >> 19) ^ (w15 >> 6))) & M
+                xx = w3 * D
+                yy = w0 * D
+                w2 = (w2 + w11 + (((xx ^ (xx >> 7)) >> 1) ^ (w3 >> 7))
+                     + (((yy ^ (yy >> 42)) >> 19) ^ (w0 >> 6))) & M
+                xx = w4 * D
+                yy = w1 * D
+                w3 = (w3 + w12 + (((xx ^ (xx >> 7)) >> 1) ^ (w4 >> 7))
+                     + (((yy ^ (yy >> 42)) >> 19) ^ (w1 >> 6))) & M
+                xx = w5 * D
+                yy = w2 * D
+                w4 = (w4 + w13 + (((xx ^ (xx >> 7)) >> 1) ^ (w5 >> 7))
+                     + (((yy ^ (yy >> 42)) >> 19) ^ (w2 >> 6))) & M
+                xx = w6 * D
+                yy = w3 * D
+                w5 = (w5 + w14 + (((xx ^ (xx >> 7)) >> 1) ^ (w6 >> 7))
+                     + (((yy ^ (yy >> 42)) >> 19) ^ (w3 >> 6))) & M
+                xx = w7 * D
+                yy = w4 * D
+                w6 = (w6 + w15 + (((xx ^ (xx >> 7)) >> 1) ^ (w7 >> 7))
+                     + (((yy ^ (yy >> 42)) >> 19) ^ (w4 >> 6))) & M
+                xx = w8 * D
+                yy = w5 * D
+                w7 = (w7 + w0 + (((xx ^ (xx >> 7)) >> 1) ^ (w8 >> 7))
+                     + (((yy ^ (yy >> 42)) >> 19) ^ (w5 >> 6))) & M
+                xx = w9 * D
+                yy = w6 * D
+                w8 = (w8 + w1 + (((xx ^ (xx >> 7)) >> 1) ^ (w9 >> 7))
+                     + (((yy ^ (yy >> 42)) >> 19) ^ (w6 >> 6))) & M
+                xx = w10 * D
+                yy = w7 * D
+                w9 = (w9 + w2 + (((xx ^ (xx >> 7)) >> 1) ^ (w10 >> 7))
+                     + (((yy ^ (yy >> 42)) >> 19) ^ (w7 >> 6))) & M
+                xx = w11 * D
+                yy = w8 * D
+                w10 = (w10 + w3 + (((xx ^ (xx >> 7)) >> 1) ^ (w11 >> 7))
+                      + (((yy ^ (yy >> 42)) >> 19) ^ (w8 >> 6))) & M
+                xx = w12 * D
+                yy = w9 * D
+                w11 = (w11 + w4 + (((xx ^ (xx >> 7)) >> 1) ^ (w12 >> 7))
+                      + (((yy ^ (yy >> 42)) >> 19) ^ (w9 >> 6))) & M
+                xx = w13 * D
+                yy = w10 * D
+                w12 = (w12 + w5 + (((xx ^ (xx >> 7)) >> 1) ^ (w13 >> 7))
+                      + (((yy ^ (yy >> 42)) >> 19) ^ (w10 >> 6))) & M
+                xx = w14 * D
+                yy = w11 * D
+                w13 = (w13 + w6 + (((xx ^ (xx >> 7)) >> 1) ^ (w14 >> 7))
+                      + (((yy ^ (yy >> 42)) >> 19) ^ (w11 >> 6))) & M
+                xx = w15 * D
+                yy = w12 * D
+                w14 = (w14 + w7 + (((xx ^ (xx >> 7)) >> 1) ^ (w15 >> 7))
+                      + (((yy ^ (yy >> 42)) >> 19) ^ (w12 >> 6))) & M
+                xx = w0 * D
+                yy = w13 * D
+                w15 = (w15 + w8 + (((xx ^ (xx >> 7)) >> 1) ^ (w0 >> 7))
+                      + (((yy ^ (yy >> 42)) >> 19) ^ (w13 >> 6))) & M
+            h += ((e >> 14) ^ (e >> 18) ^ (e >> 41)) + (g ^ (e & (f ^ g))) + k0 + w0
+            x0 = a ^ b
+            d = ((d + h) & M) * D
+            h = ((h + ((a >> 28) ^ (a >> 34) ^ (a >> 39)) + (b ^ (x0 & x1))) & M) * D
+            g += ((d >> 14) ^ (d >> 18) ^ (d >> 41)) + (f ^ (d & (e ^ f))) + k1 + w1
+            x1 = h ^ a
+            c = ((c + g) & M) * D
+            g = ((g + ((h >> 28) ^ (h >> 34) ^ (h >> 39)) + (a ^ (x1 & x0))) & M) * D
+            f += ((c >> 14) ^ (c >> 18) ^ (c >> 41)) + (e ^ (c & (d ^ e))) + k2 + w2
+            x0 = g ^ h
+            b = ((b + f) & M) * D
+            f = ((f + ((g >> 28) ^ (g >> 34) ^ (g >> 39)) + (h ^ (x0 & x1))) & M) * D
+            e += ((b >> 14) ^ (b >> 18) ^ (b >> 41)) + (d ^ (b & (c ^ d))) + k3 + w3
+            x1 = f ^ g
+            a = ((a + e) & M) * D
+            e = ((e + ((f >> 28) ^ (f >> 34) ^ (f >> 39)) + (g ^ (x1 & x0))) & M) * D
+            d += ((a >> 14) ^ (a >> 18) ^ (a >> 41)) + (c ^ (a & (b ^ c))) + k4 + w4
+            x0 = e ^ f
+            h = ((h + d) & M) * D
+            d = ((d + ((e >> 28) ^ (e >> 34) ^ (e >> 39)) + (f ^ (x0 & x1))) & M) * D
+            c += ((h >> 14) ^ (h >> 18) ^ (h >> 41)) + (b ^ (h & (a ^ b))) + k5 + w5
+            x1 = d ^ e
+            g = ((g + c) & M) * D
+            c = ((c + ((d >> 28) ^ (d >> 34) ^ (d >> 39)) + (e ^ (x1 & x0))) & M) * D
+            b += ((g >> 14) ^ (g >> 18) ^ (g >> 41)) + (a ^ (g & (h ^ a))) + k6 + w6
+            x0 = c ^ d
+            f = ((f + b) & M) * D
+            b = ((b + ((c >> 28) ^ (c >> 34) ^ (c >> 39)) + (d ^ (x0 & x1))) & M) * D
+            a += ((f >> 14) ^ (f >> 18) ^ (f >> 41)) + (h ^ (f & (g ^ h))) + k7 + w7
+            x1 = b ^ c
+            e = ((e + a) & M) * D
+            a = ((a + ((b >> 28) ^ (b >> 34) ^ (b >> 39)) + (c ^ (x1 & x0))) & M) * D
+            h += ((e >> 14) ^ (e >> 18) ^ (e >> 41)) + (g ^ (e & (f ^ g))) + k8 + w8
+            x0 = a ^ b
+            d = ((d + h) & M) * D
+            h = ((h + ((a >> 28) ^ (a >> 34) ^ (a >> 39)) + (b ^ (x0 & x1))) & M) * D
+            g += ((d >> 14) ^ (d >> 18) ^ (d >> 41)) + (f ^ (d & (e ^ f))) + k9 + w9
+            x1 = h ^ a
+            c = ((c + g) & M) * D
+            g = ((g + ((h >> 28) ^ (h >> 34) ^ (h >> 39)) + (a ^ (x1 & x0))) & M) * D
+            f += ((c >> 14) ^ (c >> 18) ^ (c >> 41)) + (e ^ (c & (d ^ e))) + k10 + w10
+            x0 = g ^ h
+            b = ((b + f) & M) * D
+            f = ((f + ((g >> 28) ^ (g >> 34) ^ (g >> 39)) + (h ^ (x0 & x1))) & M) * D
+            e += ((b >> 14) ^ (b >> 18) ^ (b >> 41)) + (d ^ (b & (c ^ d))) + k11 + w11
+            x1 = f ^ g
+            a = ((a + e) & M) * D
+            e = ((e + ((f >> 28) ^ (f >> 34) ^ (f >> 39)) + (g ^ (x1 & x0))) & M) * D
+            d += ((a >> 14) ^ (a >> 18) ^ (a >> 41)) + (c ^ (a & (b ^ c))) + k12 + w12
+            x0 = e ^ f
+            h = ((h + d) & M) * D
+            d = ((d + ((e >> 28) ^ (e >> 34) ^ (e >> 39)) + (f ^ (x0 & x1))) & M) * D
+            c += ((h >> 14) ^ (h >> 18) ^ (h >> 41)) + (b ^ (h & (a ^ b))) + k13 + w13
+            x1 = d ^ e
+            g = ((g + c) & M) * D
+            c = ((c + ((d >> 28) ^ (d >> 34) ^ (d >> 39)) + (e ^ (x1 & x0))) & M) * D
+            b += ((g >> 14) ^ (g >> 18) ^ (g >> 41)) + (a ^ (g & (h ^ a))) + k14 + w14
+            x0 = c ^ d
+            f = ((f + b) & M) * D
+            b = ((b + ((c >> 28) ^ (c >> 34) ^ (c >> 39)) + (d ^ (x0 & x1))) & M) * D
+            a += ((f >> 14) ^ (f >> 18) ^ (f >> 41)) + (h ^ (f & (g ^ h))) + k15 + w15
+            x1 = b ^ c
+            e = ((e + a) & M) * D
+            a = ((a + ((b >> 28) ^ (b >> 34) ^ (b >> 39)) + (c ^ (x1 & x0))) & M) * D
         h0 = (h0 + a) & M
         h1 = (h1 + b) & M
         h2 = (h2 + c) & M
