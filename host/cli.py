@@ -62,7 +62,7 @@ class TopupGroup(click.Group):
                 sys.stdout = None
             except Exception:
                 pass
-        except sqlite3.OperationalError as e:  # e.g. locked past the busy timeout, disk full
+        except sqlite3.DatabaseError as e:  # locked past the busy timeout, disk full, damage
             _err("database: %s" % e)
             code = 1
         if standalone_mode:
@@ -508,16 +508,17 @@ def verify(state, voucher, eui64, now):
     try:
         raw, source = delivery.load(voucher)
     except perr.Rejected as e:
-        return _print_rejection(_console(), None, e.reason, e.detail, "text form")
+        return _print_rejection(_console(), e.reason, e.detail, "text form")
     when = int(time.time()) if now is None else now
     rep = explain(conn, raw, device=eui64, now=when)
     return _print_report(_console(), rep, source, when)
 
 
-def _print_rejection(con, rep, reason, detail, source):
+def _print_rejection(con, reason, detail, source):
+    from rich.markup import escape
     con.print("[bold]Voucher[/] (%s)" % source)
     con.print("[bold red]REJECTED[/]: %s (%d)%s" % (perr.name(reason), reason,
-                                                    ": " + detail if detail else ""))
+                                                    ": " + escape(detail) if detail else ""))
     return 1
 
 
@@ -570,12 +571,13 @@ def _print_report(con, rep, source, now):
 def _verdict(con, rep, now):
     from rich.markup import escape
     if rep.accepted:
-        who = "device %s" % rep.device.name if rep.device else "a meter trusting this database's keys"
+        who = ("device %s" % rep.device.name if rep.device
+               else "a meter trusting this database's keys")
         con.print("[bold green]ACCEPTED[/] by %s at %s (SPEC §2.1 checks 1-8; replay and "
                   "credit checks 9-11 depend on the meter's state)" % (who, delivery.utc(now)))
         return 0
-    con.print("[bold red]REJECTED[/]: %s (%d)%s" % (perr.name(rep.reason), rep.reason,
-                                                    ": " + escape(rep.detail) if rep.detail else ""))
+    detail = ": " + escape(rep.detail) if rep.detail else ""
+    con.print("[bold red]REJECTED[/]: %s (%d)%s" % (perr.name(rep.reason), rep.reason, detail))
     return 1
 
 

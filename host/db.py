@@ -141,7 +141,7 @@ def open_db(path):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.DatabaseError as e:
         conn.close()
-        raise TopupError("%s is not a topup database (%s)" % (path, e)) from None
+        raise TopupError("%s is not a topup database, or is damaged (%s)" % (path, e)) from None
     if app_id != APPLICATION_ID:
         conn.close()
         raise TopupError("%s is an SQLite database but not a topup database" % path)

@@ -56,7 +56,8 @@ def sign_lib(msgs, sk):
     from nacl._sodium import ffi, lib
     sk64 = sk._signing_key
     out = ffi.new("unsigned char[]", 64 + 256)
-    sig_of, whole, c_sign, null = ffi.buffer(out, 64).__getitem__, slice(0, 64), lib.crypto_sign, ffi.NULL
+    sig_of, whole = ffi.buffer(out, 64).__getitem__, slice(0, 64)
+    c_sign, null = lib.crypto_sign, ffi.NULL
     t = time.perf_counter()
     for m in msgs:
         c_sign(out, null, m, len(m), sk64)

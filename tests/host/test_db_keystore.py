@@ -75,7 +75,7 @@ def test_seed_is_sealed_and_unlocks_only_with_the_passphrase(tmp_path):
     k = keystore.new_key(conn, PASSPHRASE, seed=seed)
     assert k.active
     conn.close()
-    raw = open(p, "rb").read() + (open(p + "-wal", "rb").read() if os.path.exists(p + "-wal") else b"")
+    raw = b"".join(open(f, "rb").read() for f in (p, p + "-wal") if os.path.exists(f))
     assert seed not in raw
     conn = db.open_db(p)
     assert keystore.unlock_active(conn, PASSPHRASE).kid == k.kid
