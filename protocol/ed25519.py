@@ -55,8 +55,9 @@ _Y8 = 27073855011448406493182252872256587889368042675753135194637436097503034020
 _SMALL_Y = (0, 1, _Y8, P - _Y8, P - 1, P, P + 1)
 
 _SPAN = 64                # scalars are cut into 64-bit pieces: ~64 shared doublings
-_MASK_SPAN = (1 << _SPAN) - 1
-_A_STOP = 1 << (3 * _SPAN)  # stop the Euclid once a remainder is below this (a < 2^192)
+_NPB = (255 + _SPAN - 1) // _SPAN   # pieces of a scalar < 2^255 on the B_j tables (4)
+_NPA = (255 - _SPAN + _SPAN - 1) // _SPAN  # pieces of the Euclid remainder a (3)
+_A_STOP = 1 << (_NPA * _SPAN)  # stop the Euclid once a remainder is below this (2^192)
 _W_B = 6                  # NAF width for the fixed tables of B_j = [2^(64j)]B, j = 0..3
 _W_A = 5                  # NAF width for the cached tables of A_j = [2^(64j)]A, j = 0..2
 _W_R = 5                  # NAF width for the per-signature point R
@@ -141,19 +142,36 @@ def _encode(X, Y, Z):
 
 # ---------------------------------------------------------------- scalars
 
-def _naf(n, w, base, stride):
-    """Width-w NAF of n >= 0, least significant digit first, as table offsets: a digit
-    d != 0 is stored as +(base + stride*(d >> 1)) if d > 0, -(base + stride*(-d >> 1))
-    if d < 0 (base > 0, so 0 still means "no addition").  Trailing zeros trimmed.
-    Works on bytes so the inner loop uses small ints only."""
-    b = n.to_bytes(36, "little") + b"\x00\x00\x00"
-    nbits = 288
+def _bases(first, size, count):
+    """Offset of the first table slot for each bit position // _SPAN of a scalar below
+    2^264 (positions past the last piece stay in the last table)."""
+    out = []
+    for j in range(264 // _SPAN + 2):
+        out.append(first + size * (j if j < count else count - 1))
+    return tuple(out)
+
+
+def _naf(n, w, stride, bases):
+    """Width-w NAF of n >= 0 (n < 2^264), cut into pieces of _SPAN digits (the last piece
+    takes the rest), least significant digit first, as table offsets: a digit d != 0 at
+    position i is stored at index i - _SPAN*j of piece j = i // _SPAN as
+    +(base_j + stride*(d >> 1)) if d > 0, -(base_j + stride*(-d >> 1)) if d < 0, with
+    base_j = bases[j] > 0 (0 still means "no addition").  Works on bytes so the inner
+    loop uses small ints only."""
+    if n >> 128:
+        nbits = 264
+    elif n >> 64:
+        nbits = 136
+    else:
+        nbits = 72
+    b = n.to_bytes(nbits >> 3, "little") + b"\x00\x00\x00"
     while nbits > 8 and b[(nbits >> 3) - 1] == 0:
         nbits -= 8
     out = [0] * (nbits + 1)
     width = 1 << w
     half = width >> 1
     mask = width - 1
+    sp = _SPAN
     pos = 0
     carry = 0
     while pos < nbits:
@@ -165,13 +183,13 @@ def _naf(n, w, base, stride):
         win = carry + (buf & mask)
         if win < half:
             carry = 0
-            out[pos] = base + stride * (win >> 1)
+            out[pos] = bases[pos // sp] + stride * (win >> 1)
         else:
             carry = 1
-            out[pos] = -(base + stride * ((width - win) >> 1))
+            out[pos] = -(bases[pos // sp] + stride * ((width - win) >> 1))
         pos += w
     if carry:
-        out[nbits] = base
+        out[nbits] = bases[nbits // sp]
     n = len(out)
     while n and out[n - 1] == 0:
         n -= 1
@@ -179,16 +197,13 @@ def _naf(n, w, base, stride):
     return out
 
 
-def _pieces(n, count, w, base, size):
-    """NAF offset lists of the 64-bit pieces of n (the last piece takes the rest), for
-    consecutive tables of `size` slots starting at `base`."""
+def _pieces(digits, count):
+    """Cut a _naf list into count pieces of _SPAN digits, the last taking the rest."""
+    sp = _SPAN
     out = []
-    m = _MASK_SPAN
     for j in range(count - 1):
-        out.append(_naf(n & m, w, base, 3))
-        n >>= _SPAN
-        base += size
-    out.append(_naf(n, w, base, 3))
+        out.append(digits[sp * j:sp * j + sp])
+    out.append(digits[sp * (count - 1):])
     return out
 
 
@@ -289,9 +304,12 @@ def _neg(pt):
 
 # B_j = [2^(64j)]B, j = 0..3, odd multiples as affine entries after 3 zero slots (an
 # offset of 0 means "no addition"); entry d of table j sits at 3 + 3*(_NB*j + (d >> 1)).
-_TB = tuple(_affine_tables((BX, BY, 1, BX * BY % P), 4, _NB, [0, 0, 0]))
+_TB = tuple(_affine_tables((BX, BY, 1, BX * BY % P), _NPB, _NB, [0, 0, 0]))
 _SIZE_B = 3 * _NB         # slots per B_j table
 _SIZE_A = 3 * _NA         # slots per A_j table
+_BASES_B = _bases(3, _SIZE_B, _NPB)
+_BASES_A = _bases(3 + _NPB * _SIZE_B, _SIZE_A, _NPA)
+_BASES_R = _bases(4, 0, 1)
 
 
 def _straus(n, ds, tab, dr, tr):
@@ -396,7 +414,7 @@ def _halfsize(k):
     q = r0 // r1 if r1 else 0
     best = None
     for r, t in ((r0, t0), (r0 - q * r1, t0 - q * t1), (r0 - r1, t0 - t1)):
-        m = r >> (2 * _SPAN)
+        m = r >> ((_NPA - 1) * _SPAN)
         if abs(t) > m:
             m = abs(t)
         if best is None or m < best[0]:
@@ -409,7 +427,7 @@ def _halfsize(k):
 def _scalarmult_base(n):
     """[n]B for 0 <= n < 2^256 as projective (X, Y, Z): 4 pieces of 64 bits on the
     B_j tables, ~64 doublings."""
-    ds = _pieces(n, 4, _W_B, 3, _SIZE_B)
+    ds = _pieces(_naf(n, _W_B, 3, _BASES_B), _NPB)
     m = _pad_all(ds)
     return _straus(m, ds, _TB, [0] * m, None)
 
@@ -469,7 +487,7 @@ def verify(public, msg, sig):
 def _key_table(A):
     """_TB followed by the affine tables of [2^(64j)](-A), j = 0..2 (the Euclid
     remainder a is >= 0, so -A is what gets added)."""
-    return tuple(_affine_tables(_neg(A), 3, _NA, list(_TB)))
+    return tuple(_affine_tables(_neg(A), _NPA, _NA, list(_TB)))
 
 
 def _verify(public, msg, sig):
@@ -516,9 +534,9 @@ def _verify(public, msg, sig):
     else:
         tr = _var_table(R)
         b = -b
-    ds = _pieces(c, 4, _W_B, 3, _SIZE_B)
-    ds.extend(_pieces(a, 3, _W_A, 3 + 4 * _SIZE_B, _SIZE_A))
-    dr = _naf(b, _W_R, 4, 4)
+    ds = _pieces(_naf(c, _W_B, 3, _BASES_B), _NPB)
+    ds.extend(_pieces(_naf(a, _W_A, 3, _BASES_A), _NPA))
+    dr = _naf(b, _W_R, 4, _BASES_R)
     ds.append(dr)
     n = _pad_all(ds)
     ds.pop()
