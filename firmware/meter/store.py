@@ -455,6 +455,11 @@ class Store:
     def format(self):
         if not self._mounted:
             self.mount()
+        if self._fix == 1:
+            try:
+                self._ready()       # erase the spare, so the wipe record has a place
+            except StoreError:
+                pass
         if self._fix == 2:
             mark = self._wipe
         else:

@@ -127,14 +127,11 @@ def _which(store, old, new):
     return new
 
 
-_FOLLOW = 0
-
-
 def _follow_op(n):
     return ("commit", (_state(900 + n), _receipt(900 + n), 7 if n % 2 else 11))
 
 
-def _cut_everywhere(image, old, op, seeds, depth=1):
+def _cut_everywhere(image, old, op, seeds, depth=1, follow_op=_follow_op):
     """Cut power at operation 0, 1, 2, ... of `op` on a fresh mount of `image` until the
     operation completes uncut; after each cut remount a new Store and check it holds the
     old or the new contents, then that a further commit works (itself cut everywhere when
@@ -155,7 +152,7 @@ def _cut_everywhere(image, old, op, seeds, depth=1):
                 pass
             f.cut_after(None)
             got = _which(_store(f), old, new)
-            follow = _follow_op(n)
+            follow = follow_op(n)
             if depth > 1 and not done:
                 _cut_everywhere(bytes(f.data), got, follow, seeds[:1], depth - 1)
             else:
@@ -447,3 +444,10 @@ def test_powercut_twice_during_reclaim_and_its_repair():
     # A cut in the reclaim, then another at every point of the repair and the next commit.
     image, model, op = _reclaim_point()
     _cut_everywhere(image, model, op, SEEDS[:1], depth=2)
+
+
+def test_powercut_during_format_after_a_cut_reclaim():
+    # The reclaim is cut (the spare may be left unerased), then the factory reset is cut
+    # at every point: the store is the pre-format contents or empty, never a mixture.
+    image, model, op = _reclaim_point()
+    _cut_everywhere(image, model, op, SEEDS[:1], depth=2, follow_op=lambda n: ("format", None))
