@@ -1,7 +1,7 @@
 # COSE_Sign1 (RFC 9052 §4) with EdDSA/Ed25519 only, as SPEC.md §2 pins it.
 from . import cbor
 from .errors import Rejected, MALFORMED, BAD_HEADER
-from .sha512 import sha512
+from hashlib import sha256
 
 TAG_SIGN1 = 18
 ALG_EDDSA = -8
@@ -11,8 +11,8 @@ KID_LEN = 8
 
 
 def kid_for(public_key):
-    """Key id: the first 8 bytes of SHA-512 of the 32-byte Ed25519 public key."""
-    return sha512(bytes(public_key))[:KID_LEN]
+    """Key id: the first 8 bytes of SHA-256 of the 32-byte Ed25519 public key."""
+    return sha256(bytes(public_key)).digest()[:KID_LEN]
 
 
 def protected_header(kid):

@@ -1,7 +1,7 @@
 # Receipt v1 (SPEC.md §4): signed by the meter's own key, hash-chained per meter.
 from . import cbor, cose
 from .errors import Rejected, MALFORMED, UNKNOWN_KEY, BAD_SIGNATURE
-from .sha512 import sha512
+from hashlib import sha256
 
 TOPUP = 1
 EMERGENCY = 2
@@ -52,7 +52,7 @@ class Receipt:
 
 
 def chain_hash(raw):
-    return sha512(bytes(raw))[:HASH_LEN]
+    return sha256(bytes(raw)).digest()
 
 
 def _int(v):

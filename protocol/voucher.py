@@ -2,7 +2,7 @@
 from . import base45, cbor, cose
 from .errors import (Rejected, MALFORMED, UNKNOWN_KEY, BAD_SIGNATURE, WRONG_DEVICE,
                      OVER_VOUCHER_LIMIT, EXPIRED)
-from .sha512 import sha512
+from hashlib import sha256
 
 TEXT_PREFIX = "OTU1:"
 DEVICE_LEN = 8
@@ -33,7 +33,8 @@ class Voucher:
 
 
 def reference(raw):
-    return sha512(bytes(raw))[:REF_LEN]
+    # SHA-256, not SHA-512: every MicroPython port has it in C (SPEC.md §2.2).
+    return sha256(bytes(raw)).digest()[:REF_LEN]
 
 
 def _uint(value):
