@@ -13,20 +13,13 @@
 #   * the signature is valid iff the canonical encoding of R' = [S]B - [k]A equals the
 #     32 bytes of R, where k = SHA-512(R || A || M) mod L.
 #
-# How it is computed (exactly the same answer, cheaper on a slow VM).  R' == R as
-# encodings iff R is a canonical encoding (y < p) of a curve point and R' == R as points
-# (the small-order check has already removed the only points with x = 0, whose sign bit
-# could be set without changing the point).  The point equation is checked multiplied by
-# an odd integer b with 0 < |b| < L, found by a partial extended Euclid on (8L, k) so
-# that a = b*k mod 8L, 0 <= a < ~2^192 and |b| < ~2^64 (an unbalanced split):
-#       b*R' == [b*S mod L]B - [a]A      (B has order L; 8L kills every curve point)
-# and multiplication by b is a bijection on the whole curve group (order 8L, gcd(b,8L)=1),
-# so  sum_j [c_j]B_j - sum_j [a_j]A_j - [b]R == O  holds iff R' == R, where
-# c = b*S mod L = sum c_j 2^(64j), a = sum a_j 2^(64j), B_j = [2^(64j)]B (fixed tables
-# built at import) and A_j = [2^(64j)]A (tables built once per public key and cached).
-# This is not the cofactored equation: torsion components in A or R are not multiplied
-# away.  All eight ~64-bit scalars share one run of ~64 doublings (Straus; width-6 NAF on
-# the affine B_j tables, width-5 NAF on affine A_j tables and on an extended table of R).
+# How it is computed: exactly as libsodium does it, R' = [S]B + [k](-A) in projective
+# coordinates, then one inversion to encode R' and a comparison of 32 bytes with R (so R
+# is never decoded: a non-canonical or off-curve R can never equal a canonical encoding).
+# S = sum S_j 2^(64j) and k = sum k_j 2^(64j) are cut into four 64-bit pieces each, on
+# affine tables of B_j = [2^(64j)]B (built at import, width-6 NAF) and of
+# -A_j = -[2^(64j)]A (built once per public key and cached, width-5 NAF), so all eight
+# pieces share one run of ~64 doublings (Straus) with ~36 + ~42 mixed additions.
 #
 # Signing and public_key() compute [n]B with the same B_j tables: 4 pieces of 64 bits,
 # ~64 doublings and ~36 mixed additions.  sign() keeps the last seed's expanded key and
@@ -47,7 +40,6 @@ SQRT_M1 = 1968116137670750595680707930498854201544606651592389016274402107312382
 BX = 15112221349535400772501151409588531511454012693041857206046113283949847762202
 BY = 46316835694926478169428394003475163141307993866256225615783033603165251855960
 _MASK255 = (1 << 255) - 1
-_N8 = 8 * L
 
 # y values (sign bit ignored) of points of order 1, 2, 4, 8, and the non-canonical
 # spellings p, p+1 of 0 and 1: libsodium's ge25519_has_small_order blacklist.
@@ -56,11 +48,9 @@ _SMALL_Y = (0, 1, _Y8, P - _Y8, P - 1, P, P + 1)
 
 _SPAN = 64                # scalars are cut into 64-bit pieces: ~64 shared doublings
 _NPB = (255 + _SPAN - 1) // _SPAN   # pieces of a scalar < 2^255 on the B_j tables (4)
-_NPA = (255 - _SPAN + _SPAN - 1) // _SPAN  # pieces of the Euclid remainder a (3)
-_A_STOP = 1 << (_NPA * _SPAN)  # stop the Euclid once a remainder is below this (2^192)
+_NPA = (253 + _SPAN - 1) // _SPAN   # pieces of k < L on the A_j tables (4)
 _W_B = 6                  # NAF width for the fixed tables of B_j = [2^(64j)]B, j = 0..3
-_W_A = 5                  # NAF width for the cached tables of A_j = [2^(64j)]A, j = 0..2
-_W_R = 5                  # NAF width for the per-signature point R
+_W_A = 5                  # NAF width for the cached tables of A_j = [2^(64j)]A, j = 0..3
 _NB = 1 << (_W_B - 2)     # entries per B_j table
 _NA = 1 << (_W_A - 2)     # entries per A_j table
 
@@ -283,19 +273,6 @@ def _affine_tables(pt, pieces, count, out):
     return out
 
 
-def _var_table(pt):
-    """[0]*4 then the odd multiples [1, 3, .., 15]pt in the cached form Y+X, Y-X, 2Z,
-    2dT (4 slots each) for the width-5 NAF of R."""
-    p = P
-    out = [0, 0, 0, 0]
-    for X, Y, Z, T in _odd_multiples(pt, 1 << (_W_R - 2)):
-        out.append((Y + X) % p)
-        out.append((Y - X) % p)
-        out.append(2 * Z % p)
-        out.append(T * D2 % p)
-    return out
-
-
 def _neg(pt):
     p = P
     X, Y, Z, T = pt
@@ -309,15 +286,13 @@ _SIZE_B = 3 * _NB         # slots per B_j table
 _SIZE_A = 3 * _NA         # slots per A_j table
 _BASES_B = _bases(3, _SIZE_B, _NPB)
 _BASES_A = _bases(3 + _NPB * _SIZE_B, _SIZE_A, _NPA)
-_BASES_R = _bases(4, 0, 1)
 
 
-def _straus(n, ds, tab, dr, tr):
+def _straus(n, ds, tab):
     """Run n shared doublings adding, at step i (from n-1 down to 0), the affine entry
-    tab[|k|..] (negated if k < 0) for k = d[i] of every d in ds, and the cached extended
-    entry tr[|k|..] for k = dr[i].  Every list has at least n entries.  Returns the
-    projective (X, Y, Z) of the sum.  T = e*h is computed only when an addition needs
-    it."""
+    tab[|k|..] (negated if k < 0) for k = d[i] of every d in ds (each at least n long).
+    Returns the projective (X, Y, Z) of the sum.  T = e*h is computed only when an
+    addition needs it."""
     p = P
     X = 0
     Y = 1
@@ -337,31 +312,10 @@ def _straus(n, ds, tab, dr, tr):
         X = e * f % p
         Y = g * h % p
         Z = f * g % p
-        k = dr[i]
-        if k:
-            T = e * h % p
-            if k > 0:
-                qp = tr[k]
-                qm = tr[k + 1]
-                c = T * tr[k + 3] % p
-            else:
-                k = -k
-                qm = tr[k]
-                qp = tr[k + 1]
-                c = -(T * tr[k + 3] % p)
-            a = (Y - X) * qm % p
-            b = (Y + X) * qp % p
-            dd = Z * tr[k + 2] % p
-            e = b - a
-            f = dd - c
-            g = dd + c
-            h = b + a
-            X = e * f % p
-            Y = g * h % p
-            Z = f * g % p
         for d in ds:
             k = d[i]
             if k:
+                # mixed addition of (y+x, y-x, 2dxy), a = -1: 7M
                 T = e * h % p
                 if k > 0:
                     qp = tab[k]
@@ -396,40 +350,13 @@ def _pad_all(lists):
     return n
 
 
-def _halfsize(k):
-    """(a, b) with a = b*k (mod 8L), b odd, a >= 0, a below about 2^192 and |b| below
-    about 2^64 (the cost is the longest 64-bit piece: max(a >> 128, |b|))."""
-    r0 = _N8
-    r1 = k
-    t0 = 0
-    t1 = 1
-    stop = _A_STOP
-    while r1 >= stop:
-        q = r0 // r1
-        r0, r1 = r1, r0 - q * r1
-        t0, t1 = t1, t0 - q * t1
-    if t1 & 1:
-        return r1, t1          # r1 >= 0
-    # consecutive t are coprime: t0 is odd; try the nearby lattice vectors with odd t
-    q = r0 // r1 if r1 else 0
-    best = None
-    for r, t in ((r0, t0), (r0 - q * r1, t0 - q * t1), (r0 - r1, t0 - t1)):
-        m = r >> ((_NPA - 1) * _SPAN)
-        if abs(t) > m:
-            m = abs(t)
-        if best is None or m < best[0]:
-            best = (m, r, t)
-    return best[1], best[2]    # every candidate has r >= 0 (r0 > r1 >= r2)
-
-
 # ---------------------------------------------------------------- public API
 
 def _scalarmult_base(n):
     """[n]B for 0 <= n < 2^256 as projective (X, Y, Z): 4 pieces of 64 bits on the
     B_j tables, ~64 doublings."""
     ds = _pieces(_naf(n, _W_B, 3, _BASES_B), _NPB)
-    m = _pad_all(ds)
-    return _straus(m, ds, _TB, [0] * m, None)
+    return _straus(_pad_all(ds), ds, _TB)
 
 
 def _expand(seed):
@@ -485,8 +412,7 @@ def verify(public, msg, sig):
 
 
 def _key_table(A):
-    """_TB followed by the affine tables of [2^(64j)](-A), j = 0..2 (the Euclid
-    remainder a is >= 0, so -A is what gets added)."""
+    """_TB followed by the affine tables of [2^(64j)](-A), j = 0..3."""
     return tuple(_affine_tables(_neg(A), _NPA, _NA, list(_TB)))
 
 
@@ -522,26 +448,12 @@ def _verify(public, msg, sig):
         cache[0] = None
         cache[1] = tab
         cache[0] = public
-    R = _decode(rb)
-    if R is None:
-        return False
     k = int.from_bytes(sha512(rb + public + bytes(msg)), "little") % L
-    a, b = _halfsize(k)
-    c = b * s % L
-    # sum [c_j]B_j + sum [a_j](-A_j) + [b](-R) == O
-    if b >= 0:
-        tr = _var_table(_neg(R))
-    else:
-        tr = _var_table(R)
-        b = -b
-    ds = _pieces(_naf(c, _W_B, 3, _BASES_B), _NPB)
-    ds.extend(_pieces(_naf(a, _W_A, 3, _BASES_A), _NPA))
-    dr = _naf(b, _W_R, 4, _BASES_R)
-    ds.append(dr)
-    n = _pad_all(ds)
-    ds.pop()
-    X, Y, Z = _straus(n, ds, tab, dr, tr)
-    return X % P == 0 and (Y - Z) % P == 0
+    # R' = sum [S_j]B_j + sum [k_j](-A_j)
+    ds = _pieces(_naf(s, _W_B, 3, _BASES_B), _NPB)
+    ds.extend(_pieces(_naf(k, _W_A, 3, _BASES_A), _NPA))
+    X, Y, Z = _straus(_pad_all(ds), ds, tab)
+    return _encode(X, Y, Z) == rb
 
 
 # one-entry cache of the last public key's tables (a meter verifies vouchers of one or
