@@ -8,7 +8,6 @@
 # The core knows nothing of the screen: bulk runs report through `progress(done, total)`.
 import collections
 import collections.abc
-import hashlib
 import struct
 import time
 
@@ -20,8 +19,8 @@ try:  # libsodium's crypto_sign through PyNaCl's own cffi module, with reused bu
 except (ImportError, AttributeError):  # pragma: no cover - PyNaCl without that module
     _ffi = _lib = None
 
-from protocol import cose
-from protocol.voucher import MAX_AMOUNT, MAX_SEQUENCE, REF_LEN, check_fields
+from protocol import cose, voucher
+from protocol.voucher import MAX_AMOUNT, MAX_SEQUENCE, check_fields
 
 from .db import transaction
 from .errors import TopupError
@@ -157,8 +156,7 @@ class VoucherEncoder:
         return result
 
 
-def reference(raw):
-    return hashlib.sha512(raw).digest()[:REF_LEN]
+reference = voucher.reference  # one definition of the voucher reference: SPEC.md §2.2
 
 
 # --- issuance ---------------------------------------------------------------------------
@@ -213,8 +211,7 @@ def issue_batches(conn, signer, device, amount, count=1, expires_in=None, now=No
             issued = int(time.time()) if now is None else int(now)
             expires = None if expires_in is None else issued + int(expires_in)
             check_fields(device, first, amount, issued, expires)
-            sha512 = hashlib.sha512
-            rows = [(seq, sha512(raw).digest()[:REF_LEN], raw)
+            rows = [(seq, reference(raw), raw)
                     for seq, raw in enc.encode_run(device, first, n, amount, issued, expires)]
             # What is constant in the batch goes into the statement as literals (integers
             # and hex we made ourselves), so only three values are bound per voucher.
