@@ -42,7 +42,7 @@ class Signer:
         self.public_key = bytes(self._key.verify_key)
         self.kid = kid_for(self.public_key)
         # libsodium's 64-byte secret key (seed || public), for the issuer's fast path.
-        self.secret64 = self._key._signing_key
+        self.secret64 = bytes(seed) + self.public_key
 
     def sign(self, msg):
         return self._key.sign(msg).signature

@@ -43,7 +43,7 @@ def sign_api(msgs, sk):
 
 
 def sign_binding(msgs, sk):
-    sk64 = sk._signing_key
+    sk64 = SEED + bytes(sk.verify_key)  # libsodium's secret key: seed || public
     crypto_sign = nacl.bindings.crypto_sign
     t = time.perf_counter()
     for m in msgs:
@@ -54,7 +54,7 @@ def sign_binding(msgs, sk):
 def sign_lib(msgs, sk):
     """The floor: libsodium's crypto_sign via PyNaCl's cffi module, buffer reused."""
     from nacl._sodium import ffi, lib
-    sk64 = sk._signing_key
+    sk64 = SEED + bytes(sk.verify_key)  # libsodium's secret key: seed || public
     out = ffi.new("unsigned char[]", 64 + 256)
     sig_of, whole = ffi.buffer(out, 64).__getitem__, slice(0, 64)
     c_sign, null = lib.crypto_sign, ffi.NULL

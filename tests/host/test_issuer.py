@@ -12,7 +12,7 @@ from .conftest import PASSPHRASE, snapshot
 
 SK = nacl.signing.SigningKey(bytes(range(32)))
 KID = kid_for(bytes(SK.verify_key))
-ENC = VoucherEncoder(KID, SK._signing_key)
+ENC = VoucherEncoder(KID, bytes(range(32)) + bytes(SK.verify_key))
 
 
 def _reference_encode(device, seq, amount, issued, expires):
