@@ -19,7 +19,8 @@ and a payload, padded to a multiple of 4 bytes (padding stays 0xFF), never acros
     (all little-endian)
 
 Records are appended into the head block, into erased (0xFF) flash only, so programming
-is safe on NOR (bits are only cleared). A block reads as: valid records, then either all
+is safe on NOR (bits are only cleared); each is written in address order, one call per
+256-byte page (no call crosses a page boundary). A block reads as: valid records, then either all
 0xFF to its end (room to append) or the remains of one torn record (the block is then
 closed: nothing more is appended to it).
 
@@ -83,6 +84,7 @@ _RECEIPT = const(3)
 _WIPE = const(4)
 _HDR = const(20)
 _CHK = const(64)
+_PAGE = const(256)
 _FMT = "<BBHIII"        # header bytes 0..15; the CRC follows at 16
 _FF = b"\xff" * 64
 
@@ -217,10 +219,19 @@ class Store:
         bs = self._bs
         if self._app < 0 or self._app + size > bs:
             raise StoreError("no room in the head block")
-        loc = self._head * bs + self._app
-        self._programs += 1
-        self._bd.writeblocks(self._head, self._mv[0:size], self._app)
-        self._app += size
+        off = self._app
+        loc = self._head * bs + off
+        # One call per 256-byte page, in address order: no write crosses a page boundary
+        # (a board whose flash programs whole pages can pad each call with 0xFF).
+        i = 0
+        while i < size:
+            c = _PAGE - (off + i) % _PAGE
+            if c > size - i:
+                c = size - i
+            self._programs += 1
+            self._bd.writeblocks(self._head, self._mv[i:i + c], off + i)
+            i += c
+        self._app = off + size
         self._gen += 1
         return loc
 

@@ -393,7 +393,7 @@ def test_counters_pass_through():
 
 # -- power cuts at every flash operation ------------------------------------------------------
 
-SEEDS = (0, 1) if MPY else (0, 1, 2, 3, 4)
+SEEDS = (0, 1, 2) if MPY else (0, 1, 2, 3, 4, 5, 6, 7)
 
 
 def test_powercut_commit_with_receipt():
