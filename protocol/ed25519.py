@@ -132,22 +132,26 @@ def _encode(X, Y, Z):
 
 # ---------------------------------------------------------------- scalars
 
-def _bases(first, size, count):
-    """Offset of the first table slot for each bit position // _SPAN of a scalar below
-    2^264 (positions past the last piece stay in the last table)."""
-    out = []
+def _pieces(first, size, count):
+    """(bases, starts) indexed by bit position // _SPAN of a scalar below 2^264: the
+    offset of the first slot of the table of that piece and the piece's first bit
+    (positions past the last piece stay in the last piece and its table)."""
+    bases = []
+    starts = []
     for j in range(264 // _SPAN + 2):
-        out.append(first + size * (j if j < count else count - 1))
-    return tuple(out)
+        if j >= count:
+            j = count - 1
+        bases.append(first + size * j)
+        starts.append(_SPAN * j)
+    return tuple(bases), tuple(starts)
 
 
-def _naf(n, w, stride, bases):
-    """Width-w NAF of n >= 0 (n < 2^264), cut into pieces of _SPAN digits (the last piece
-    takes the rest), least significant digit first, as table offsets: a digit d != 0 at
-    position i is stored at index i - _SPAN*j of piece j = i // _SPAN as
-    +(base_j + stride*(d >> 1)) if d > 0, -(base_j + stride*(-d >> 1)) if d < 0, with
-    base_j = bases[j] > 0 (0 still means "no addition").  Works on bytes so the inner
-    loop uses small ints only."""
+def _naf(n, w, stride, pieces, sched):
+    """Width-w NAF of n >= 0 (n < 2^264), cut into pieces (see _pieces), added to the
+    Straus schedule: the digit d != 0 at bit position i, in piece j = i // _SPAN, goes
+    to the list sched[i - start_j] as the table offset +(base_j + stride*(d >> 1)) if
+    d > 0, or -(base_j + stride*(-d >> 1)) if d < 0.  Returns the highest schedule
+    index written (-1 if none).  Works on bytes so the inner loop uses small ints."""
     if n >> 128:
         nbits = 264
     elif n >> 64:
@@ -157,44 +161,43 @@ def _naf(n, w, stride, bases):
     b = n.to_bytes(nbits >> 3, "little") + b"\x00\x00\x00"
     while nbits > 8 and b[(nbits >> 3) - 1] == 0:
         nbits -= 8
-    out = [0] * (nbits + 1)
+    bases, starts = pieces
     width = 1 << w
     half = width >> 1
     mask = width - 1
     sp = _SPAN
+    top = -1
     pos = 0
     carry = 0
-    while pos < nbits:
-        j = pos >> 3
-        buf = ((b[j] | (b[j + 1] << 8) | (b[j + 2] << 16)) >> (pos & 7))
-        if (buf & 1) == carry:
-            pos += 1
-            continue
-        win = carry + (buf & mask)
+    while True:
+        if pos < nbits:
+            j = pos >> 3
+            buf = ((b[j] | (b[j + 1] << 8) | (b[j + 2] << 16)) >> (pos & 7))
+            if (buf & 1) == carry:
+                pos += 1
+                continue
+            win = carry + (buf & mask)
+        elif carry:
+            win = 1               # the final carry: digit 1 at position nbits
+        else:
+            break
+        j = pos // sp
         if win < half:
             carry = 0
-            out[pos] = bases[pos // sp] + stride * (win >> 1)
+            off = bases[j] + stride * (win >> 1)
         else:
             carry = 1
-            out[pos] = -(bases[pos // sp] + stride * ((width - win) >> 1))
+            off = -(bases[j] + stride * ((width - win) >> 1))
+        i = pos - starts[j]
+        q = sched[i]
+        if q is None:
+            sched[i] = [off]
+        else:
+            q.append(off)
+        if i > top:
+            top = i
         pos += w
-    if carry:
-        out[nbits] = bases[nbits // sp]
-    n = len(out)
-    while n and out[n - 1] == 0:
-        n -= 1
-    del out[n:]
-    return out
-
-
-def _pieces(digits, count):
-    """Cut a _naf list into count pieces of _SPAN digits, the last taking the rest."""
-    sp = _SPAN
-    out = []
-    for j in range(count - 1):
-        out.append(digits[sp * j:sp * j + sp])
-    out.append(digits[sp * (count - 1):])
-    return out
+    return top
 
 
 # ---------------------------------------------------------------- point helpers
@@ -284,21 +287,25 @@ def _neg(pt):
 _TB = tuple(_affine_tables((BX, BY, 1, BX * BY % P), _NPB, _NB, [0, 0, 0]))
 _SIZE_B = 3 * _NB         # slots per B_j table
 _SIZE_A = 3 * _NA         # slots per A_j table
-_BASES_B = _bases(3, _SIZE_B, _NPB)
-_BASES_A = _bases(3 + _NPB * _SIZE_B, _SIZE_A, _NPA)
+_PIECES_B = _pieces(3, _SIZE_B, _NPB)
+_PIECES_A = _pieces(3 + _NPB * _SIZE_B, _SIZE_A, _NPA)
+_SCHED = 266 - _SPAN * (_NPB - 1)  # schedule length: covers the last piece of 2^264
 
 
-def _straus(n, ds, tab):
-    """Run n shared doublings adding, at step i (from n-1 down to 0), the affine entry
-    tab[|k|..] (negated if k < 0) for k = d[i] of every d in ds (each at least n long).
-    Returns the projective (X, Y, Z) of the sum.  T = e*h is computed only when an
-    addition needs it."""
+def _straus(sched, tab):
+    """Run the shared doublings adding, at step i (from the top down to 0), the affine
+    entry tab[|k|..] (negated if k < 0) for every k in the list sched[i] (None: no
+    addition).  Returns the projective (X, Y, Z) of the sum.  T = e*h is computed only
+    when an addition needs it."""
     p = P
     X = 0
     Y = 1
     Z = 1
     e = 0
     h = 0
+    n = len(sched)
+    while n and sched[n - 1] is None:
+        n -= 1
     for i in range(n - 1, -1, -1):
         # doubling for a = -1, all four outputs negated (same projective point):
         # 4M + 3S with E = 2XY, G = B - A, -F = C - G, -H = A + B
@@ -312,42 +319,32 @@ def _straus(n, ds, tab):
         X = e * f % p
         Y = g * h % p
         Z = f * g % p
-        for d in ds:
-            k = d[i]
-            if k:
-                # mixed addition of (y+x, y-x, 2dxy), a = -1: 7M
-                T = e * h % p
-                if k > 0:
-                    qp = tab[k]
-                    qm = tab[k + 1]
-                    c = T * tab[k + 2] % p
-                else:
-                    k = -k
-                    qm = tab[k]
-                    qp = tab[k + 1]
-                    c = -(T * tab[k + 2] % p)
-                a = (Y - X) * qm % p
-                b = (Y + X) * qp % p
-                dd = Z + Z
-                e = b - a
-                f = dd - c
-                g = dd + c
-                h = b + a
-                X = e * f % p
-                Y = g * h % p
-                Z = f * g % p
+        q = sched[i]
+        if q is None:
+            continue
+        for k in q:
+            # mixed addition of (y+x, y-x, 2dxy), a = -1: 7M
+            T = e * h % p
+            if k > 0:
+                qp = tab[k]
+                qm = tab[k + 1]
+                c = T * tab[k + 2] % p
+            else:
+                k = -k
+                qm = tab[k]
+                qp = tab[k + 1]
+                c = -(T * tab[k + 2] % p)
+            a = (Y - X) * qm % p
+            b = (Y + X) * qp % p
+            dd = Z + Z
+            e = b - a
+            f = dd - c
+            g = dd + c
+            h = b + a
+            X = e * f % p
+            Y = g * h % p
+            Z = f * g % p
     return X, Y, Z
-
-
-def _pad_all(lists):
-    n = 0
-    for d in lists:
-        if len(d) > n:
-            n = len(d)
-    for d in lists:
-        if len(d) < n:
-            d.extend([0] * (n - len(d)))
-    return n
 
 
 # ---------------------------------------------------------------- public API
@@ -355,8 +352,9 @@ def _pad_all(lists):
 def _scalarmult_base(n):
     """[n]B for 0 <= n < 2^256 as projective (X, Y, Z): 4 pieces of 64 bits on the
     B_j tables, ~64 doublings."""
-    ds = _pieces(_naf(n, _W_B, 3, _BASES_B), _NPB)
-    return _straus(_pad_all(ds), ds, _TB)
+    sched = [None] * _SCHED
+    _naf(n, _W_B, 3, _PIECES_B, sched)
+    return _straus(sched, _TB)
 
 
 def _expand(seed):
@@ -450,9 +448,10 @@ def _verify(public, msg, sig):
         cache[0] = public
     k = int.from_bytes(sha512(rb + public + bytes(msg)), "little") % L
     # R' = sum [S_j]B_j + sum [k_j](-A_j)
-    ds = _pieces(_naf(s, _W_B, 3, _BASES_B), _NPB)
-    ds.extend(_pieces(_naf(k, _W_A, 3, _BASES_A), _NPA))
-    X, Y, Z = _straus(_pad_all(ds), ds, tab)
+    sched = [None] * _SCHED
+    _naf(s, _W_B, 3, _PIECES_B, sched)
+    _naf(k, _W_A, 3, _PIECES_A, sched)
+    X, Y, Z = _straus(sched, tab)
     return _encode(X, Y, Z) == rb
 
 
