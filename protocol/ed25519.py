@@ -82,9 +82,25 @@ def _pow_2_250_1(z):
 
 
 def _inv(z):
-    """z^(p-2) mod p by an addition chain (pow(z, -1, p) is unusable on MicroPython)."""
-    z250, z11 = _pow_2_250_1(z)
-    return _sqn(z250, 5) * z11 % P         # 2^255 - 21
+    """1/z mod p (0 for z = 0 mod p) by the extended Euclidean algorithm: ~150 steps of
+    short divisions, 5x faster than the z^(p-2) addition chain on MicroPython (whose
+    pow(z, -1, p) silently returns 0).  Variable-time, like everything here."""
+    a = P
+    b = z % P
+    ta = 0
+    tb = 1
+    while True:
+        # invariant: a = ta*z, b = tb*z (mod p)
+        if not b:
+            return ta % P
+        q = a // b
+        a -= q * b
+        ta -= q * tb
+        if not a:
+            return tb % P
+        q = b // a
+        b -= q * a
+        tb -= q * ta
 
 
 def _compact(v):

@@ -105,3 +105,46 @@ def test_key_cache_does_not_confuse_keys():
     for _ in range(2):
         assert ed25519.verify(p1, b"m", sig1)
         assert not ed25519.verify(p2, b"m", sig1)
+
+
+def test_field_inverse():
+    p = ed25519.P
+    for z in (1, 2, 19, p - 1, p + 1, 2 ** 255 - 1, 2 ** 256 - 1, ed25519.D,
+              ed25519.SQRT_M1, ed25519.BX, ed25519.BY, 0x1234567890ABCDEF << 180):
+        assert ed25519._inv(z) * z % p == 1, z
+    assert ed25519._inv(0) == 0 and ed25519._inv(p) == 0
+
+
+def _double_and_add(n):
+    acc = (0, 1, 1, 0)
+    q = (ed25519.BX, ed25519.BY, 1, ed25519.BX * ed25519.BY % ed25519.P)
+    while n:
+        if n & 1:
+            acc = ed25519._add(acc, q)
+        q = ed25519._add(q, q)
+        n >>= 1
+    return ed25519._encode(acc[0], acc[1], acc[2])
+
+
+def test_fixed_base_tables_match_double_and_add():
+    # scalars at and around the 64-bit piece boundaries, the top of the clamped range,
+    # L and its neighbours, and a few dense and sparse patterns
+    L = ed25519.L
+    for n in (0, 1, 2, 63, (1 << 64) - 1, 1 << 64, (1 << 128) + 1, (1 << 192) - 1,
+              1 << 192, (1 << 255) - 8, (1 << 254) | 0x5555, L - 1, L, L + 1,
+              int("a5" * 32, 16) >> 3, int("0f" * 31, 16)):
+        X, Y, Z = ed25519._scalarmult_base(n)
+        assert ed25519._encode(X, Y, Z) == _double_and_add(n), hex(n)
+
+
+def test_sign_cache_follows_the_seed():
+    s1 = bytes(range(32))
+    s2 = bytes(range(1, 33))
+    sig1 = ed25519.sign(s1, b"receipt")
+    sig2 = ed25519.sign(s2, b"receipt")
+    assert ed25519.sign(s1, b"receipt") == sig1 and sig1 != sig2
+    assert ed25519.verify(ed25519.public_key(s1), b"receipt", sig1)
+    assert ed25519.verify(ed25519.public_key(s2), b"receipt", sig2)
+    assert not ed25519.verify(ed25519.public_key(s2), b"receipt", sig1)
+    # a bytearray seed equal to a cached bytes seed gives the same signature
+    assert ed25519.sign(bytearray(s2), b"receipt") == sig2
