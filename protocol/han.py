@@ -12,6 +12,7 @@ MAX_ENCODED = MAX_FRAME + MAX_FRAME // 254 + 2
 STATUS = 1
 SUBMIT = 2
 RECEIPTS = 3
+PUSH = 4      # WAN uplink: the meter pushes receipts to the head end (SPEC.md §5.1)
 RESPONSE = 0x80
 ERROR = 0xFF
 MAX_RECEIPTS_PER_READ = 4

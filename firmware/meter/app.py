@@ -6,6 +6,7 @@ from protocol.errors import Rejected
 from meter.han_server import HanServer
 from meter.ledger import Ledger
 from meter.store import Store
+from meter.uplink import Uplink
 
 _IDLE_MS = 5
 
@@ -17,6 +18,7 @@ class Meter:
         self.store.mount()
         self.ledger = Ledger(self.store, board.time)
         self.han = HanServer(self.ledger, board.han, board.wan_up)
+        self.uplink = Uplink(self.ledger, getattr(board, "wan", None), board.wan_up, board.ticks_ms)
         board.set_relay(self.ledger.supply_on())
 
     def step(self):
@@ -30,6 +32,7 @@ class Meter:
             except Rejected:
                 pass  # not available now: the press is ignored, as on any meter
         self.han.poll()
+        self.uplink.poll()
         ledger.record_rejections(now)
         board.set_relay(ledger.supply_on())
 

@@ -27,6 +27,8 @@ CHECKPOINT_MP = const(20000)
 # and at most one rejections receipt is written per hour.
 REJECTIONS_RECEIPT_SECONDS = const(3600)
 _MAX_COUNT = const(0xFFFFFFFF)
+# Receipts the head end has not acknowledged stay on flash, up to this many (SPEC.md §5.1).
+UPLINK_QUEUE = const(128)
 
 
 class Ledger:
@@ -132,8 +134,28 @@ class Ledger:
 
     def _retain(self, index, tag):
         # Top-up receipts whose sequence is still inside the replay window must stay
-        # readable: a resubmission of that voucher gets its original receipt back.
-        return tag > 0 and self._state is not None and tag >= self._state[cfg.S_HIGHEST] - replay.SIZE
+        # readable: a resubmission of that voucher gets its original receipt back. And the
+        # newest unacknowledged receipts wait for the WAN, up to UPLINK_QUEUE of them.
+        st = self._state
+        if st is None:
+            return False
+        if tag > 0 and tag >= st[cfg.S_HIGHEST] - replay.SIZE:
+            return True
+        return index >= st[cfg.S_UPLOADED] and index >= self.store.receipt_count - UPLINK_QUEUE
+
+    # ---- WAN uplink ----------------------------------------------------------------
+    @property
+    def uploaded(self):
+        """Receipts below this index are acknowledged by the head end."""
+        return self._state[cfg.S_UPLOADED] if self.provisioned else 0
+
+    def acknowledge(self, next_index):
+        """The head end holds every receipt below next_index. Saved at the next checkpoint
+        (repeating a push after a power cut is harmless)."""
+        st = self._state
+        if self.provisioned and st[cfg.S_UPLOADED] < next_index <= self.store.receipt_count:
+            st[cfg.S_UPLOADED] = next_index
+            self._dirty = True
 
     # ---- emergency credit ----------------------------------------------------------
     def take_emergency_credit(self):

@@ -1,0 +1,91 @@
+# The WAN uplink (SPEC.md §5.1): while the WAN is up, push the receipts the head end has
+# not acknowledged, a few at a time, and resend after a silence. Nothing from the head end
+# can change credit: the only thing it can say is which receipts it holds.
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+from protocol import han
+
+try:
+    from time import ticks_diff
+except ImportError:  # CPython: the fake board's ticks never wrap
+    def ticks_diff(a, b):
+        return a - b
+
+RETRY_MS = const(5000)
+_BATCH = const(4)
+_READ_CHUNK = const(64)
+
+
+class Uplink:
+    def __init__(self, ledger, stream, wan_up, ticks_ms):
+        self.ledger = ledger
+        self.stream = stream
+        self.wan_up = wan_up
+        self.ticks_ms = ticks_ms
+        self.deframer = han.Deframer()
+        self._pending = None      # (request id, ticks when sent)
+        self._next_id = 1
+        self.pushed = 0
+
+    def poll(self):
+        """Take acknowledgements, then push the next batch if one is due."""
+        if self.stream is None:
+            return
+        self._read_acks()
+        if not self.wan_up():
+            return
+        if self._pending is not None:
+            if ticks_diff(self.ticks_ms(), self._pending[1]) < RETRY_MS:
+                return
+            self._pending = None  # no answer: send again
+        self._push()
+
+    def _read_acks(self):
+        while True:
+            data = self.stream.read(_READ_CHUNK)
+            if not data:
+                return
+            for body in self.deframer.feed(data):
+                try:
+                    msg_type, msg_id, payload = han.decode_message(body)
+                except Exception:  # noqa: BLE001 - untrusted link
+                    continue
+                pending = self._pending
+                if (msg_type == han.PUSH | han.RESPONSE and pending is not None
+                        and msg_id == pending[0] and isinstance(payload.get(1), int)):
+                    self.ledger.acknowledge(payload[1])
+                    self._pending = None
+
+    def _push(self):
+        ledger = self.ledger
+        if not ledger.provisioned:
+            return
+        store = ledger.store
+        start = ledger.uploaded
+        count = store.receipt_count
+        # Receipts that left the ring during a long outage cannot be sent: the head end
+        # sees the gap and reconciliation names it.
+        while start < count and store.receipt(start) is None:
+            start += 1
+        if start >= count:
+            return
+        batch = []
+        index = start
+        while index < count and len(batch) < _BATCH:
+            raw = store.receipt(index)
+            if raw is None:
+                break
+            batch.append(raw)
+            index += 1
+        msg_id = self._next_id
+        self._next_id = self._next_id % 0xFFFF + 1
+        try:
+            self.stream.write(han.encode_message(han.PUSH, msg_id, {1: ledger.device, 2: start, 3: batch}))
+        except Exception:  # noqa: BLE001 - a failing link must not stop the meter
+            return
+        self._pending = (msg_id, self.ticks_ms())
+        self.pushed += len(batch)
