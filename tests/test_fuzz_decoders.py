@@ -5,6 +5,7 @@ import json
 import os
 
 import cbor2
+from tests.soak import examples
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from protocol import base45, cbor, cose, errors, han, receipt, voucher
@@ -75,7 +76,7 @@ def mutated(draw):
     return bytes(data)
 
 
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FUZZ
@@ -114,7 +115,7 @@ values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(values)
 def test_encoding_is_cbor2_canonical_and_round_trips(value):
     raw = cbor.encode(value)
@@ -123,7 +124,7 @@ def test_encoding_is_cbor2_canonical_and_round_trips(value):
     assert cbor2.loads(raw) == value
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.binary(min_size=1, max_size=han.MAX_FRAME - 4))
 def test_frames_round_trip(body):
     frame = han.encode_frame(body)
@@ -131,7 +132,7 @@ def test_frames_round_trip(body):
     assert han.Deframer().feed(frame) == [body]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.binary(max_size=200))
 def test_base45_round_trips(data):
     assert base45.decode(base45.encode(data)) == data

@@ -3,6 +3,7 @@ Hypothesis): thousands of operations, and after every step the meter's books mus
 balance exactly — balance = opening + Σ applied top-ups − metered charges, no voucher
 applied twice, no credit from nowhere, the receipt chain intact."""
 import nacl.signing
+from tests.soak import examples
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tests.firmware._fw  # noqa: F401
@@ -129,7 +130,7 @@ def _run(books, kind, arg):
         kit.reboot()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(op, min_size=50, max_size=150), st.integers(0, 2 ** 16))
 def test_books_balance_through_random_work_and_power_cuts(ops, seed):
     kit = Kit(initial=OPENING, limits={cfg.C_MAX_CREDIT: 20000, cfg.C_MAX_VOUCHER: 3000})
