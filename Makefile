@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 NODE   ?= node
 
-.PHONY: setup demo test test-cpython test-mpy bench soak vectors clean
+.PHONY: setup demo test test-cpython test-mpy check-firmware bench soak vectors clean
 
 setup: $(VENV)/.stamp-install node_modules/.stamp-install
 
@@ -23,13 +23,18 @@ node_modules/.stamp-install: package.json package-lock.json
 demo: setup
 	$(PY) tools/demo.py
 
-test: setup test-cpython test-mpy
+test: setup test-cpython test-mpy check-firmware
 
 test-cpython: setup
 	$(PY) -m pytest
 
 test-mpy: setup
 	$(NODE) tools/mpy_test.mjs
+
+# Firmware (firmware/, protocol/) against MicroPython 1.27 stubs: CPython-only APIs fail.
+# Installs pinned pyright and stubs into .stubs/ on first use (tools/firmware_check/).
+check-firmware: setup
+	$(PY) tools/check_firmware.py
 
 vectors: setup
 	$(PY) protocol/vectors/make_vectors.py
