@@ -22,10 +22,18 @@
 # pieces share one run of ~64 doublings (Straus) with ~36 + ~42 mixed additions.
 #
 # Signing and public_key() compute [n]B with the same B_j tables: 4 pieces of 64 bits,
-# ~64 doublings and ~36 mixed additions.  sign() keeps the last seed's expanded key and
-# public key (a meter signs with one key), so a signature costs one [r]B, one inversion
-# and two SHA-512 calls.  Nothing here is constant-time (pure Python big integers never
-# are); the meter signs its own receipts, not attacker-chosen data under secret timing.
+# ~64 doublings and ~36 mixed additions.  sign() keeps the last seed's expanded key (the
+# secret scalar and prefix) and public key in _SIGN_CACHE (a meter signs with one key),
+# so a signature costs one [r]B, one inversion and two SHA-512 calls.  Inversions use the
+# extended Euclidean algorithm.  Nothing here is constant-time (pure Python big integers
+# never are); the meter signs its own receipts, not attacker-chosen data under secret
+# timing.
+#
+# Memory (MicroPython, 32-bit): the B_j tables are 64 affine points, ~11 KB held after
+# import; each cached public key adds 32 points, ~6 KB.  Wider tables were measured:
+# width-7 B tables (+10 KB), width-6 A tables (+5 KB per key), or 43- and 51-bit pieces
+# (+5 KB and +3 KB per key, ~20 fewer doublings) each changed sign or verify by less
+# than the noise of a loaded machine (~5%).
 
 try:
     from .sha512 import sha512
@@ -257,10 +265,22 @@ def _odd_multiples(pt, count):
 
 
 def _mul_pow2(pt, n):
+    """[2^n]pt for n >= 1 (extended in and out; T only at the end)."""
+    p = P
     X, Y, Z, T = pt
     for _ in range(n):
-        X, Y, Z, T = _dbl(X, Y, Z)
-    return (X, Y, Z, T)
+        # the doubling of _straus: all outputs negated, same projective point
+        a = X * X % p
+        b = Y * Y % p
+        c = Z * Z * 2 % p
+        h = a + b
+        g = b - a
+        f = c - g
+        e = (X + X) * Y % p
+        X = e * f % p
+        Y = g * h % p
+        Z = f * g % p
+    return (X, Y, Z, e * h % p)
 
 
 def _affine_tables(pt, pieces, count, out):
