@@ -18,8 +18,8 @@
 # is never decoded: a non-canonical or off-curve R can never equal a canonical encoding).
 # S = sum S_j 2^(64j) and k = sum k_j 2^(64j) are cut into four 64-bit pieces each, on
 # affine tables of B_j = [2^(64j)]B (built at import, width-6 NAF) and of
-# -A_j = -[2^(64j)]A (built once per public key and cached, width-5 NAF), so all eight
-# pieces share one run of ~64 doublings (Straus) with ~36 + ~42 mixed additions.
+# -A_j = -[2^(64j)]A (built once per public key, two keys cached, width-5 NAF), so all
+# eight pieces share one run of ~64 doublings (Straus) with ~36 + ~42 mixed additions.
 #
 # Signing and public_key() compute [n]B with the same B_j tables: 4 pieces of 64 bits,
 # ~64 doublings and ~36 mixed additions.  sign() keeps the last seed's expanded key (the
@@ -30,7 +30,7 @@
 # timing.
 #
 # Memory (MicroPython, 32-bit): the B_j tables are 64 affine points, ~11 KB held after
-# import; each cached public key adds 32 points, ~6 KB.  Wider tables were measured:
+# import; each cached public key (up to two) adds 32 points, ~6 KB.  Wider tables were measured:
 # width-7 B tables (+10 KB), width-6 A tables (+5 KB per key), or 43- and 51-bit pieces
 # (+5 KB and +3 KB per key, ~20 fewer doublings) each changed sign or verify by less
 # than the noise of a loaded machine (~5%).
@@ -474,14 +474,21 @@ def _verify(public, msg, sig):
     cache = _KEY_CACHE
     if cache[0] == public:
         tab = cache[1]
+    elif cache[2] == public:
+        tab = cache[3]
+        cache[2] = cache[0]        # most recent first
+        cache[3] = cache[1]
+        cache[0] = public
+        cache[1] = tab
     else:
         A = _decode(public)
         if A is None:
             return False
         tab = _key_table(A)
-        cache[0] = None
-        cache[1] = tab
+        cache[2] = cache[0]        # the older entry is dropped
+        cache[3] = cache[1]
         cache[0] = public
+        cache[1] = tab
     k = int.from_bytes(sha512(rb + public + bytes(msg)), "little") % L
     # R' = sum [S_j]B_j + sum [k_j](-A_j)
     sched = [None] * _SCHED
@@ -491,8 +498,9 @@ def _verify(public, msg, sig):
     return _encode(X, Y, Z) == rb
 
 
-# one-entry cache of the last public key's tables (a meter verifies vouchers of one or
-# two issuer keys): [public bytes, _TB + affine tables of -[2^(64j)]A]
-_KEY_CACHE = [None, None]
+# tables of the two most recently used public keys (a meter verifies vouchers of one or
+# two issuer keys; a new key costs about one more verify): [public bytes, _TB + affine
+# tables of -[2^(64j)]A] for the most recent, then the same for the one before
+_KEY_CACHE = [None, None, None, None]
 # one-entry cache of the signing key: [seed, a, prefix, public key]
 _SIGN_CACHE = [None, 0, b"", b""]

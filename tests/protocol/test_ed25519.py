@@ -148,3 +148,13 @@ def test_sign_cache_follows_the_seed():
     assert not ed25519.verify(ed25519.public_key(s2), b"receipt", sig1)
     # a bytearray seed equal to a cached bytes seed gives the same signature
     assert ed25519.sign(bytearray(s2), b"receipt") == sig2
+
+
+def test_key_cache_with_three_keys_rotating():
+    seeds = [bytes([i]) * 32 for i in (3, 4, 5)]
+    pks = [ed25519.public_key(s) for s in seeds]
+    sigs = [ed25519.sign(s, b"voucher") for s in seeds]
+    for rnd in range(2):
+        for i in (0, 1, 0, 2, 2, 1, 0):
+            assert ed25519.verify(pks[i], b"voucher", sigs[i])
+            assert not ed25519.verify(pks[i], b"voucher", sigs[(i + 1) % 3])
