@@ -8,16 +8,18 @@ import sys
 _BY_PLATFORM = {"esp32": "esp32", "rp2": "pico"}
 
 
-def load(name=None):
-    """Return the board module (not an instance) called `name`, or the one for this port.
+def load(name=None, platform=None):
+    """Return the board module (not an instance) called `name`, or the one for a platform.
 
-    name: "esp32", "pico", "fake" (or any module in this package); None picks by sys.platform ("esp32" -> esp32,
-    "rp2" -> pico).  Raises ValueError for a platform or name with no board module.
+    name: "esp32", "pico", "fake" (or any other module in this package); None picks by
+    `platform` (default sys.platform): "esp32" -> esp32, "rp2" -> pico.  Raises
+    ValueError for a platform or name with no board module.
     """
     if name is None:
-        name = _BY_PLATFORM.get(sys.platform)
+        platform = sys.platform if platform is None else platform
+        name = _BY_PLATFORM.get(platform)
         if name is None:
-            raise ValueError("no board module for platform %r: call boards.load(name)" % sys.platform)
+            raise ValueError("no board module for platform %r: call boards.load(name)" % platform)
     if not name or "." in name:
         raise ValueError("bad board name %r" % name)
     return __import__("boards." + name, None, None, ["Board"])
