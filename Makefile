@@ -23,7 +23,8 @@ node_modules/.stamp-install: package.json package-lock.json
 demo: setup
 	$(PY) tools/demo.py
 
-test: setup test-cpython test-mpy check-firmware
+# pytest last, so its summary closes the run.
+test: setup check-firmware test-mpy test-cpython
 
 test-cpython: setup
 	$(PY) -m pytest
@@ -39,9 +40,18 @@ check-firmware: setup
 vectors: setup
 	$(PY) protocol/vectors/make_vectors.py
 
+# Benchmarks (scripts, not tests): figures for the README.
 bench: setup
-	$(PY) tests/bench/bench_issue.py
 	$(PY) tests/bench/bench_ed25519.py
+	$(PY) tests/bench/bench_apply.py
+	$(PY) tests/bench/bench_wear.py
+	$(PY) tests/bench/bench_issue.py
+
+# Long property runs with bounded defaults: SOAK=20 multiplies every example count.
+SOAK ?= 20
+soak: setup
+	TOPUP_SOAK=$(SOAK) $(PY) -m pytest -q tests/test_fuzz_decoders.py \
+		tests/test_ledger_workload.py tests/test_store_powercut.py tests/test_ed25519_differential.py
 
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache .hypothesis
+	rm -rf $(VENV) node_modules .stubs .pytest_cache .hypothesis
