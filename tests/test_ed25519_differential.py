@@ -111,3 +111,19 @@ def test_pure_sha512_path_gives_same_signatures(monkeypatch):
     sk = SigningKey(seed)
     assert ed25519.sign(seed, msg) == sk.sign(msg).signature
     assert ed25519.verify(bytes(sk.verify_key), msg, sk.sign(msg).signature)
+
+
+def test_sign_with_cached_and_alternating_seeds_equals_pynacl():
+    # the one-entry signing-key cache: same seed repeatedly, then seeds alternating,
+    # and the verify-side two-entry key cache with three keys rotating
+    rng = random.Random(25519)
+    seeds = [rng.randbytes(32) for _ in range(3)]
+    keys = [SigningKey(s) for s in seeds]
+    order = [0, 0, 0, 1, 0, 1, 2, 2, 0, 1, 2, 1, 0]
+    for n, i in enumerate(order * 3):
+        msg = rng.randbytes(rng.randrange(0, 300))
+        sig = ed25519.sign(seeds[i], msg)
+        assert sig == keys[i].sign(msg).signature
+        assert ed25519.public_key(seeds[i]) == bytes(keys[i].verify_key)
+        pk = bytes(keys[(i + n) % 3].verify_key)
+        assert ed25519.verify(pk, msg, sig) == nacl_verify(pk, msg, sig)
