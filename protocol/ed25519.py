@@ -325,7 +325,7 @@ _SIZE_B = 3 * _NB         # slots per B_j table
 _SIZE_A = 3 * _NA         # slots per A_j table
 _PIECES_B = _pieces(3, _SIZE_B, _NPB)
 _PIECES_A = _pieces(3 + _NPB * _SIZE_B, _SIZE_A, _NPA)
-_SCHED = 266 - _SPAN * (_NPB - 1)  # schedule length: covers the last piece of 2^264
+_SCHED = 266 - _SPAN * (min(_NPA, _NPB) - 1)  # steps: the last piece of n < 2^264
 
 
 def _straus(sched, tab):
