@@ -7,10 +7,15 @@
 #   topup issue EUI64 AMOUNT [--count N] [--expires-in DAYS] [--format F] [--out PATH]
 #   topup verify VOUCHER_OR_FILE [--device EUI64] [--now UNIX]
 #   topup show VOUCHER_OR_FILE [--format F] [--out PATH]     (deliver again: QR, PNG, ...)
+#   topup receipts import FILE... | receipts export PATH [--device EUI64] [--format F]
+#   topup reconcile [--now UNIX] [--expired refund|void]
+#   topup report [--csv PATH] [--html PATH]
 #
 # Global options fall back to environment variables (TOPUP_DB, TOPUP_PASSPHRASE). A user's
 # mistake is one line on stderr and exit code 2, never a traceback; `verify` exits 1 when
-# the voucher would be rejected. `main(argv=None)` returns the exit code.
+# the voucher would be rejected, `reconcile` exits 1 when it finds anomalies, and
+# `receipts import` exits 1 for a corrupt file (of which nothing is imported).
+# `main(argv=None)` returns the exit code.
 import os
 import sqlite3
 import sys
@@ -21,7 +26,7 @@ import click
 from protocol import errors as perr
 from protocol.voucher import parse as pv_parse
 
-from . import db, delivery, issuer, keystore, registry
+from . import db, delivery, issuer, keystore, reconcile as recon, registry
 from .errors import TopupError
 from .money import format_pence, parse_pence
 from .verify import explain
@@ -579,6 +584,108 @@ def _verdict(con, rep, now):
     detail = ": " + escape(rep.detail) if rep.detail else ""
     con.print("[bold red]REJECTED[/]: %s (%d)%s" % (perr.name(rep.reason), rep.reason, detail))
     return 1
+
+
+# --- receipts, reconcile, report -----------------------------------------------------
+
+@cli.group()
+def receipts():
+    """Receipts back from meters: import (export files), export."""
+
+
+@receipts.command("import")
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.pass_obj
+def receipts_import(state, files):
+    """Import receipt export files (CBOR sequence, SPEC.md §6, or JSON Lines).
+
+    All files are read and checked first; a truncated or corrupt file is reported (which
+    item, which byte) and nothing is imported. Then every new receipt's signature is
+    checked against its meter's registered key and all are stored in one transaction.
+    Receipts already stored are skipped: importing twice changes nothing.
+    """
+    from .receipts_io import read_file
+    conn = state.conn
+    batches = [(f, read_file(f)) for f in files]
+    res = recon.import_parsed(conn, batches)
+    for source, total, new in res.files:
+        click.echo("%s: %d receipt%s, %d new, %d already stored"
+                   % (source, total, "" if total == 1 else "s", new, total - new))
+    notes = []
+    if res.bad:
+        notes.append("%d with a bad signature" % res.bad)
+    if res.unverified:
+        notes.append("%d not verifiable yet (meter unknown or without a public key)"
+                     % res.unverified)
+    click.echo("imported %d new receipt%s%s; run `topup reconcile`" % (
+        res.new, "" if res.new == 1 else "s", " (%s)" % ", ".join(notes) if notes else ""),
+        err=True)
+    return 0
+
+
+@receipts.command("export")
+@click.argument("out", metavar="PATH")
+@click.option("--device", "eui64", callback=_device_arg, metavar="EUI64",
+              help="Only this meter's receipts.")
+@click.option("-f", "--format", "fmt", type=click.Choice(("cbor", "jsonl")), default="cbor",
+              show_default=True, help="cbor (SPEC.md §6) or jsonl (JSON Lines, base64).")
+@click.pass_obj
+def receipts_export(state, out, eui64, fmt):
+    """Write stored receipts to an export file, in (device, index) order."""
+    from .receipts_io import write_receipts
+    sql = "SELECT raw FROM receipts"
+    args = ()
+    if eui64 is not None:
+        sql += " WHERE device = ?"
+        args = (eui64,)
+    raws = [bytes(r[0]) for r in state.conn.execute(sql + " ORDER BY device, idx, hash", args)]
+    n = write_receipts(out, raws, fmt)
+    click.echo("wrote %d receipt%s to %s" % (n, "" if n == 1 else "s", out), err=True)
+    return 0
+
+
+@cli.command("reconcile")
+@click.option("--now", type=click.IntRange(0), metavar="UNIX",
+              help="Judge expiry at this time (default: now).")
+@click.option("--expired", "policy", type=click.Choice(recon.POLICIES), default="refund",
+              show_default=True, help="Expired, never-redeemed vouchers: refund due, or void.")
+@click.pass_obj
+def reconcile_cmd(state, now, policy):
+    """Verify stored receipts and match them to issued vouchers; store and show the result.
+
+    Checks every receipt's signature against its meter's key, each meter's hash chain
+    (gaps, forks) and balance continuity, and gives every issued voucher a status:
+    outstanding, redeemed, stale, expired or void. Exit 0 if there are no anomalies, 1 if
+    there are any.
+    """
+    from . import report
+    res = recon.reconcile(state.conn, now=now, expired_policy=policy)
+    report.print_summary(_console(), report.load(state.conn))
+    return 1 if res.anomalies else 0
+
+
+@cli.command("report")
+@click.option("--csv", "csv_path", metavar="PATH",
+              help="One row per voucher with its status (anomalies go to PATH-anomalies.csv).")
+@click.option("--html", "html_path", metavar="PATH",
+              help="A self-contained HTML report with charts (no network needed).")
+@click.pass_obj
+def report_cmd(state, csv_path, html_path):
+    """Report the last reconciliation: terminal summary, CSV for finance, HTML."""
+    from . import report
+    s = report.load(state.conn)
+    if csv_path is None and html_path is None:
+        report.print_summary(_console(), s)
+        return 0
+    if csv_path is not None:
+        for path in report.write_csv(s, csv_path):
+            click.echo("wrote %s" % path, err=True)
+    if html_path is not None:
+        click.echo("wrote %s" % report.write_html(s, html_path), err=True)
+    if s.imported_since:
+        click.echo("topup: note: %d receipts were imported after this reconciliation; run "
+                   "`topup reconcile` again" % s.imported_since, err=True)
+    return 0
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ import urllib.parse
 from .errors import TopupError
 
 APPLICATION_ID = 0x4F545531  # "OTU1"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 60.0  # a concurrent issuer waits this long for the write lock
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -53,6 +53,67 @@ CREATE TABLE vouchers (
 ) WITHOUT ROWID;
 """
 
+# Version 2: receipts back from meters and the stored result of reconciliation
+# (host/reconcile.py). A version-1 database is upgraded in place when it is opened.
+SCHEMA_V2 = """
+CREATE TABLE receipts (
+    id             INTEGER PRIMARY KEY,
+    hash           BLOB NOT NULL UNIQUE CHECK (length(hash) = 32), -- SHA-256 of raw (the chain hash)
+    device         BLOB NOT NULL CHECK (length(device) = 8),      -- not a foreign key: unknown meters are kept
+    idx            INTEGER NOT NULL CHECK (idx >= 0),              -- receipt index
+    kind           INTEGER NOT NULL CHECK (kind IN (1, 2, 3)),
+    prev           BLOB NOT NULL CHECK (length(prev) = 32),
+    meter_time     INTEGER NOT NULL,
+    balance_before INTEGER NOT NULL,                               -- milli-pence
+    balance_after  INTEGER NOT NULL,                               -- milli-pence
+    sequence       INTEGER,                                        -- kind 1
+    voucher_ref    BLOB,                                           -- kind 1
+    amount         INTEGER,                                        -- pence; kinds 1 and 2
+    rejections     TEXT,                                           -- kind 3: JSON {reason: count}
+    kid            BLOB NOT NULL CHECK (length(kid) = 8),
+    raw            BLOB NOT NULL,                                  -- the COSE_Sign1 bytes as received
+    imported       INTEGER NOT NULL,                               -- Unix time of the import
+    source         TEXT,                                           -- file name or channel
+    checked_key    BLOB,        -- the device public key the signature was checked with
+    sig_ok         INTEGER CHECK (sig_ok IN (0, 1))  -- NULL: not checked (no key registered)
+);
+CREATE INDEX receipts_device_idx ON receipts (device, idx);
+
+CREATE TABLE voucher_status (
+    device        BLOB NOT NULL,
+    sequence      INTEGER NOT NULL,
+    status        TEXT NOT NULL
+                  CHECK (status IN ('outstanding', 'redeemed', 'stale', 'expired', 'void')),
+    closed_at     INTEGER,      -- when it stopped being a liability (redeemed, stale, expiry, revocation)
+    receipt       BLOB,         -- redeemed: hash of the receipt
+    receipt_index INTEGER,      -- redeemed: its index
+    balance_after INTEGER,      -- redeemed: the meter's balance after it, milli-pence
+    PRIMARY KEY (device, sequence)
+) WITHOUT ROWID;
+
+CREATE TABLE anomalies (
+    id            TEXT PRIMARY KEY,  -- stable across runs: a hash of what the anomaly is about
+    kind          TEXT NOT NULL,
+    device        BLOB,
+    receipt_index INTEGER,
+    receipt       BLOB,              -- hash of the receipt concerned, if one
+    sequence      INTEGER,
+    detail        TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE reconciliations (
+    run            INTEGER PRIMARY KEY,
+    at             INTEGER NOT NULL,  -- wall-clock time of the run
+    as_of          INTEGER NOT NULL,  -- the time expiry was judged at
+    expired_policy TEXT NOT NULL CHECK (expired_policy IN ('refund', 'void')),
+    receipts       INTEGER NOT NULL,
+    vouchers       INTEGER NOT NULL,
+    anomalies      INTEGER NOT NULL
+);
+"""
+
+MIGRATIONS = {1: SCHEMA_V2}  # from version n to n + 1
+
 
 def _uri(path, mode):
     return "file:%s?mode=%s" % (urllib.parse.quote(os.path.abspath(path)), mode)
@@ -85,8 +146,9 @@ def create(path):
         conn.execute("PRAGMA journal_mode = WAL")
         _configure(conn)
         conn.execute("BEGIN IMMEDIATE")
-        for stmt in _statements(SCHEMA):
-            conn.execute(stmt)
+        for script in (SCHEMA,) + tuple(MIGRATIONS[v] for v in sorted(MIGRATIONS)):
+            for stmt in _statements(script):
+                conn.execute(stmt)
         conn.execute("PRAGMA application_id = %d" % APPLICATION_ID)
         conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
         conn.execute("COMMIT")
@@ -158,10 +220,37 @@ def open_db(path):
             conn.close()
             raise TopupError("%s is not in WAL mode (journal_mode=%s)" % (path, mode))
         _configure(conn)
+        if version < SCHEMA_VERSION:
+            _migrate(conn)
     except sqlite3.DatabaseError as e:
         conn.close()
         raise TopupError("%s is damaged (%s)" % (path, e)) from None
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _migrate(conn):
+    """Upgrade an older schema in place, one transaction per step (all or nothing).
+
+    The version is read again under the write lock, so two processes opening an old
+    database at once upgrade it once.
+    """
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version >= SCHEMA_VERSION:
+                conn.execute("COMMIT")
+                return
+            for stmt in _statements(MIGRATIONS[version]):
+                conn.execute(stmt)
+            conn.execute("PRAGMA user_version = %d" % (version + 1))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
 
 class transaction:

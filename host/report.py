@@ -1,0 +1,549 @@
+# Reports of the stored reconciliation (host/reconcile.py): the terminal summary (rich),
+# CSV for finance (one row per voucher; anomalies in a second file), and one
+# self-contained HTML file (inline CSS, inline SVG charts drawn here, no scripts, no
+# network) that opens in any browser.
+import csv
+import datetime
+import html
+import math
+import os
+
+from .errors import TopupError
+from .money import format_pence
+from .reconcile import ANOMALY_KINDS, STATUSES
+from .registry import format_eui64
+
+DAY = 86400
+
+STATUS_MEANING = {
+    "outstanding": "not yet redeemed: a liability",
+    "redeemed": "applied by its meter (signed receipt)",
+    "stale": "below the meter's replay window, never redeemed: refund due",
+    "expired": "past its expiry, never redeemed",
+    "void": "issuer key revoked, never redeemed: withdrawn",
+}
+STATUS_COLOUR = {"outstanding": "#d97706", "redeemed": "#15803d", "stale": "#b91c1c",
+                 "expired": "#7c3aed", "void": "#6b7280"}
+
+
+def utc(ts, date_only=False):
+    if ts is None:
+        return ""
+    d = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    return d.strftime("%Y-%m-%d" if date_only else "%Y-%m-%dT%H:%M:%SZ")
+
+
+class Summary:
+    """The stored result of the last `topup reconcile`, read back for reporting."""
+
+    def __init__(self, conn):
+        run = conn.execute("SELECT run, at, as_of, expired_policy, receipts, vouchers, anomalies"
+                           " FROM reconciliations ORDER BY run DESC LIMIT 1").fetchone()
+        if run is None:
+            raise TopupError("no reconciliation yet (run `topup reconcile` first)")
+        (self.run, self.at, self.as_of, self.policy, self.receipts, self.vouchers,
+         self.anomaly_count) = run
+        self.conn = conn
+        self.count = dict.fromkeys(STATUSES, 0)
+        self.pence = dict.fromkeys(STATUSES, 0)
+        for status, n, total in conn.execute(
+                "SELECT s.status, count(*), coalesce(sum(v.amount), 0) FROM voucher_status s "
+                "JOIN vouchers v ON v.device = s.device AND v.sequence = s.sequence "
+                "GROUP BY s.status"):
+            self.count[status] = n
+            self.pence[status] = total
+        self.anomalies = [
+            (i, kind, bytes(dev) if dev is not None else None, idx, bytes(h) if h else None,
+             seq, detail)
+            for i, kind, dev, idx, h, seq, detail in conn.execute(
+                "SELECT id, kind, device, receipt_index, receipt, sequence, detail "
+                "FROM anomalies ORDER BY device, receipt_index, kind, detail, id")]
+        self.by_kind = {}
+        for a in self.anomalies:
+            self.by_kind[a[1]] = self.by_kind.get(a[1], 0) + 1
+        self.imported_since = conn.execute(
+            "SELECT count(*) FROM receipts WHERE imported > ?", (self.at,)).fetchone()[0]
+        self.stored_receipts = conn.execute("SELECT count(*) FROM receipts").fetchone()[0]
+
+    @property
+    def liability(self):
+        return self.pence["outstanding"]
+
+    @property
+    def refunds_due(self):
+        return self.pence["stale"] + (self.pence["expired"] if self.policy == "refund" else 0)
+
+    def refund_due(self, status):
+        return status == "stale" or (status == "expired" and self.policy == "refund")
+
+    def voucher_rows(self):
+        """Every issued voucher with its status, in (device, sequence) order."""
+        return self.conn.execute(
+            "SELECT v.device, v.sequence, s.status, v.amount, v.issued, v.expires, v.kid, "
+            "k.revoked, s.closed_at, s.receipt_index, s.balance_after, s.receipt, v.ref, "
+            "d.label FROM vouchers v "
+            "JOIN voucher_status s ON s.device = v.device AND s.sequence = v.sequence "
+            "JOIN keys k ON k.kid = v.kid LEFT JOIN devices d ON d.device = v.device "
+            "ORDER BY v.device, v.sequence")
+
+    def devices(self):
+        """[(device, label, {status: (count, pence)}, anomalies)] for every device seen."""
+        out = {}
+        for dev, label in self.conn.execute("SELECT device, label FROM devices"):
+            out[bytes(dev)] = [label, {}, 0]
+        for dev, status, n, total in self.conn.execute(
+                "SELECT s.device, s.status, count(*), sum(v.amount) FROM voucher_status s "
+                "JOIN vouchers v ON v.device = s.device AND v.sequence = s.sequence "
+                "GROUP BY s.device, s.status"):
+            out.setdefault(bytes(dev), [None, {}, 0])[1][status] = (n, total)
+        for a in self.anomalies:
+            if a[2] is not None:
+                out.setdefault(a[2], [None, {}, 0])[2] += 1
+        return [(d, v[0], v[1], v[2]) for d, v in sorted(out.items())]
+
+    def liability_series(self):
+        """[(day start, outstanding pence at the end of that day)] up to the as-of day."""
+        deltas = {}
+        first = None
+        for issued, amount, closed in self.conn.execute(
+                "SELECT v.issued, v.amount, s.closed_at FROM vouchers v JOIN voucher_status s "
+                "ON s.device = v.device AND s.sequence = v.sequence"):
+            d = issued // DAY
+            deltas[d] = deltas.get(d, 0) + amount
+            first = d if first is None or d < first else first
+            if closed is not None:
+                c = max(closed // DAY, d)
+                deltas[c] = deltas.get(c, 0) - amount
+        if first is None:
+            return []
+        last = max(self.as_of // DAY, max(deltas))
+        series, level = [], 0
+        for d in range(first, last + 1):
+            level += deltas.get(d, 0)
+            series.append((d * DAY, level))
+        return series
+
+    def redemptions_per_day(self):
+        """[(day start, count, pence)] of redeemed vouchers by meter day, no gaps."""
+        per = {}
+        for closed, amount in self.conn.execute(
+                "SELECT s.closed_at, v.amount FROM voucher_status s JOIN vouchers v "
+                "ON v.device = s.device AND v.sequence = s.sequence WHERE s.status = 'redeemed'"):
+            d = closed // DAY
+            n, p = per.get(d, (0, 0))
+            per[d] = (n + 1, p + amount)
+        if not per:
+            return []
+        return [(d * DAY,) + per.get(d, (0, 0)) for d in range(min(per), max(per) + 1)]
+
+
+def load(conn):
+    return Summary(conn)
+
+
+# --- terminal -------------------------------------------------------------------------
+
+def print_summary(con, s, details=20):
+    """The rich terminal summary: statuses with £ totals, anomalies by kind, a few details."""
+    from rich.markup import escape
+    from rich.table import Table
+    con.print("[bold]Reconciliation[/] run %d at %s (expiry judged at %s; expired vouchers: "
+              "%s) — %d receipts, %d vouchers" % (
+                  s.run, utc(s.at), utc(s.as_of), s.policy, s.receipts, s.vouchers))
+    t = Table(title="Vouchers by status", title_justify="left", box=None, pad_edge=False)
+    t.add_column("status")
+    t.add_column("vouchers", justify="right")
+    t.add_column("amount", justify="right")
+    t.add_column("meaning")
+    for st in STATUSES:
+        meaning = STATUS_MEANING[st]
+        if st == "expired":
+            meaning += ": refund due" if s.policy == "refund" else ": void (policy)"
+        t.add_row("[%s]%s[/]" % (STATUS_COLOUR[st], st), str(s.count[st]),
+                  format_pence(s.pence[st]), meaning)
+    con.print(t)
+    con.print("outstanding liability [bold]%s[/]   redeemed [bold]%s[/]   refunds due "
+              "[bold]%s[/]" % (format_pence(s.liability), format_pence(s.pence["redeemed"]),
+                               format_pence(s.refunds_due)))
+    if not s.anomalies:
+        con.print("[bold green]no anomalies[/]")
+    else:
+        t = Table(title="Anomalies by kind", title_justify="left", box=None, pad_edge=False)
+        t.add_column("kind")
+        t.add_column("count", justify="right")
+        t.add_column("meaning")
+        for kind in ANOMALY_KINDS:
+            if kind in s.by_kind:
+                t.add_row("[red]%s[/]" % kind, str(s.by_kind[kind]), ANOMALY_KINDS[kind])
+        con.print(t)
+        t = Table(title="Anomalies" + (" (first %d of %d; all in `topup report --csv`)"
+                                       % (details, len(s.anomalies))
+                                       if len(s.anomalies) > details else ""),
+                  title_justify="left", box=None, pad_edge=False)
+        for col in ("kind", "device", "index", "detail"):
+            t.add_column(col)
+        for a in s.anomalies[:details]:
+            t.add_row(a[1], format_eui64(a[2]) if a[2] else "-",
+                      "-" if a[3] is None else str(a[3]), escape(a[6]))
+        con.print(t)
+    if s.imported_since:
+        con.print("[yellow]%d receipt%s imported since this reconciliation: run `topup "
+                  "reconcile` again[/]" % (s.imported_since, "" if s.imported_since == 1
+                                            else "s"))
+
+
+# --- CSV ------------------------------------------------------------------------------
+
+VOUCHER_COLUMNS = ("device", "sequence", "status", "amount_pence", "amount", "liability",
+                   "refund_due", "issued_utc", "expires_utc", "kid", "key_revoked_utc",
+                   "closed_utc", "receipt_index", "balance_after_mp", "receipt_hash",
+                   "voucher_ref", "label")
+ANOMALY_COLUMNS = ("id", "kind", "device", "receipt_index", "sequence", "receipt_hash",
+                   "detail")
+
+
+def anomalies_path(path):
+    root, ext = os.path.splitext(path)
+    return root + "-anomalies" + (ext or ".csv")
+
+
+def _open(path):
+    try:
+        return open(path, "w", newline="", encoding="utf-8")
+    except OSError as e:
+        raise TopupError("cannot write %s: %s" % (path, e.strerror or e)) from None
+
+
+def write_csv(s, path, anomalies=None):
+    """Vouchers (one row each, with status) to `path`; anomalies to `anomalies` (default:
+    PATH with -anomalies before the extension). Returns the two paths."""
+    anomalies = anomalies or anomalies_path(path)
+    with _open(path) as f:
+        w = csv.writer(f)
+        w.writerow(VOUCHER_COLUMNS)
+        for (dev, seq, status, amount, issued, expires, kid, revoked, closed, ridx, bal,
+             rhash, ref, label) in s.voucher_rows():
+            w.writerow((format_eui64(dev), seq, status, amount, "%d.%02d" % divmod(amount, 100),
+                        "yes" if status == "outstanding" else "no",
+                        "yes" if s.refund_due(status) else "no",
+                        utc(issued), utc(expires), bytes(kid).hex(), utc(revoked), utc(closed),
+                        "" if ridx is None else ridx, "" if bal is None else bal,
+                        bytes(rhash).hex() if rhash else "", bytes(ref).hex(), label or ""))
+    with _open(anomalies) as f:
+        w = csv.writer(f)
+        w.writerow(ANOMALY_COLUMNS)
+        for i, kind, dev, idx, h, seq, detail in s.anomalies:
+            w.writerow((i, kind, format_eui64(dev) if dev else "", "" if idx is None else idx,
+                        "" if seq is None else seq, h.hex() if h else "", detail))
+    return path, anomalies
+
+
+# --- HTML -----------------------------------------------------------------------------
+
+_CSS = """
+:root { color-scheme: light; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2937;
+       margin: 0; background: #f3f4f6; }
+main { max-width: 1100px; margin: 0 auto; padding: 24px; }
+h1 { font-size: 22px; margin: 0 0 4px; }
+h2 { font-size: 16px; margin: 28px 0 8px; }
+.sub { color: #6b7280; margin: 0 0 16px; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { background: #fff; border-radius: 8px; padding: 12px 16px; min-width: 170px;
+        box-shadow: 0 1px 2px rgba(0,0,0,.08); }
+.card .k { color: #6b7280; font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
+.card .v { font-size: 22px; font-weight: 600; margin-top: 2px; }
+.card.bad .v { color: #b91c1c; } .card.good .v { color: #15803d; }
+.panel { background: #fff; border-radius: 8px; padding: 12px 16px; margin-top: 12px;
+         box-shadow: 0 1px 2px rgba(0,0,0,.08); overflow-x: auto; }
+.charts { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; }
+.charts .wide { grid-column: 1 / -1; }
+@media (max-width: 800px) { .charts { grid-template-columns: 1fr; } }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #e5e7eb; vertical-align: top; }
+th { font-size: 12px; color: #6b7280; font-weight: 600; }
+td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
+.mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; }
+.pill { display: inline-block; padding: 0 8px; border-radius: 999px; color: #fff; font-size: 12px; }
+.note { color: #6b7280; font-size: 12px; }
+svg text { font: 11px system-ui, sans-serif; fill: #4b5563; }
+svg .title { font-size: 13px; font-weight: 600; fill: #1f2937; }
+footer { color: #9ca3af; font-size: 12px; margin: 24px 0; }
+"""
+
+
+def _e(text):
+    return html.escape(str(text), quote=True)
+
+
+def _nice_max(v):
+    if v <= 0:
+        return 1
+    mag = 10 ** int(math.floor(math.log10(v)))
+    for m in (1, 2, 2.5, 5, 10):
+        if v <= m * mag:
+            return int(m * mag) if m * mag >= 1 else m * mag
+    return 10 * mag
+
+
+def _money_axis(p):
+    pounds = p / 100
+    if pounds >= 1_000_000:
+        return "£%gm" % round(pounds / 1_000_000, 2)
+    if pounds >= 1000:
+        return "£%gk" % round(pounds / 1000, 2)
+    return "£%g" % round(pounds, 2)
+
+
+def _bucket(points, limit):
+    """Merge consecutive daily points so that at most `limit` remain: (size, points)."""
+    size = max(1, math.ceil(len(points) / limit))
+    return size
+
+
+def svg_line_chart(series, title, width=1040, height=260):
+    """Step-free line/area chart of [(unix time, pence)] with a money axis."""
+    left, right, top, bottom = 64, 16, 28, 36
+    w, h = width - left - right, height - top - bottom
+    out = ['<svg class="chart" role="img" aria-label="%s" viewBox="0 0 %d %d" width="100%%" '
+           'preserveAspectRatio="xMidYMid meet">' % (_e(title), width, height),
+           '<text class="title" x="%d" y="18">%s</text>' % (left, _e(title))]
+    if not series:
+        out.append('<text x="%d" y="%d">no vouchers issued</text></svg>' % (left, top + h // 2))
+        return "".join(out)
+    size = _bucket(series, 400)
+    pts = [series[i] for i in range(0, len(series), size)]
+    if pts[-1] != series[-1]:
+        pts.append(series[-1])
+    top_v = _nice_max(max(v for _, v in pts))
+    t0, t1 = pts[0][0], max(pts[-1][0], pts[0][0] + 1)
+
+    def x(t):
+        return left + (t - t0) * w / (t1 - t0)
+
+    def y(v):
+        return top + h - v * h / top_v
+    for k in range(5):
+        v = top_v * k / 4
+        out.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#e5e7eb"/>'
+                   % (left, y(v), left + w, y(v)))
+        out.append('<text x="%d" y="%.1f" text-anchor="end">%s</text>'
+                   % (left - 6, y(v) + 4, _e(_money_axis(v))))
+    line = " ".join("%.1f,%.1f" % (x(t), y(v)) for t, v in pts)
+    area = "%.1f,%.1f %s %.1f,%.1f" % (x(pts[0][0]), y(0), line, x(pts[-1][0]), y(0))
+    out.append('<polygon points="%s" fill="#fde68a" fill-opacity="0.6"/>' % area)
+    out.append('<polyline points="%s" fill="none" stroke="#d97706" stroke-width="2"/>' % line)
+    for t in _ticks(t0, t1, 6):
+        out.append('<text x="%.1f" y="%d" text-anchor="middle">%s</text>'
+                   % (x(t), top + h + 18, utc(t, date_only=True)))
+    out.append('<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#9ca3af"/>'
+               % (left, top + h, left + w, top + h))
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _ticks(t0, t1, n):
+    if t1 <= t0:
+        return [t0]
+    step = max(DAY, (t1 - t0) / (n - 1))
+    step = math.ceil(step / DAY) * DAY
+    out, t = [], t0
+    while t <= t1 + 1:
+        out.append(t)
+        t += step
+    return out
+
+
+def svg_bar_chart(bars, title, width=510, height=260, unit=""):
+    """Vertical bars [(label, value)] (labels thinned to fit)."""
+    left, right, top, bottom = 48, 12, 28, 36
+    w, h = width - left - right, height - top - bottom
+    out = ['<svg class="chart" role="img" aria-label="%s" viewBox="0 0 %d %d" width="100%%" '
+           'preserveAspectRatio="xMidYMid meet">' % (_e(title), width, height),
+           '<text class="title" x="%d" y="18">%s</text>' % (left, _e(title))]
+    if not bars:
+        out.append('<text x="%d" y="%d">none yet</text></svg>' % (left, top + h // 2))
+        return "".join(out)
+    top_v = _nice_max(max(v for _, v in bars))
+    bw = w / len(bars)
+    for k in range(5):
+        v = top_v * k / 4
+        yy = top + h - v * h / top_v
+        out.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#e5e7eb"/>'
+                   % (left, yy, left + w, yy))
+        out.append('<text x="%d" y="%.1f" text-anchor="end">%g%s</text>'
+                   % (left - 6, yy + 4, round(v, 1), unit))
+    every = max(1, math.ceil(len(bars) / 8))
+    for i, (label, v) in enumerate(bars):
+        bh = v * h / top_v
+        out.append('<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="#15803d">'
+                   '<title>%s: %s</title></rect>'
+                   % (left + i * bw + bw * 0.1, top + h - bh, max(bw * 0.8, 0.5), bh,
+                      _e(label), _e(v)))
+        if i % every == 0:
+            out.append('<text x="%.1f" y="%d" text-anchor="middle">%s</text>'
+                       % (left + i * bw + bw / 2, top + h + 18, _e(label)))
+    out.append('<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#9ca3af"/>'
+               % (left, top + h, left + w, top + h))
+    out.append("</svg>")
+    return "".join(out)
+
+
+def svg_hbar_chart(bars, title, width=510, height=260):
+    """Horizontal bars [(label, count)], one row per label."""
+    left, right, top = 130, 40, 28
+    rows = max(len(bars), 1)
+    row_h = min(24, (height - top - 8) / rows)
+    out = ['<svg class="chart" role="img" aria-label="%s" viewBox="0 0 %d %d" width="100%%" '
+           'preserveAspectRatio="xMidYMid meet">' % (_e(title), width, height),
+           '<text class="title" x="12" y="18">%s</text>' % _e(title)]
+    if not bars:
+        out.append('<text x="12" y="%d" fill="#15803d">no anomalies</text></svg>' % (top + 20))
+        return "".join(out)
+    top_v = max(v for _, v in bars)
+    w = width - left - right
+    for i, (label, v) in enumerate(bars):
+        yy = top + i * row_h
+        bw = max(v * w / top_v, 1)
+        out.append('<text x="%d" y="%.1f" text-anchor="end">%s</text>'
+                   % (left - 6, yy + row_h * 0.65, _e(label)))
+        out.append('<rect x="%d" y="%.1f" width="%.1f" height="%.1f" fill="#b91c1c">'
+                   '<title>%s: %d</title></rect>'
+                   % (left, yy + row_h * 0.15, bw, row_h * 0.7, _e(label), v))
+        out.append('<text x="%.1f" y="%.1f">%d</text>' % (left + bw + 4, yy + row_h * 0.65, v))
+    out.append("</svg>")
+    return "".join(out)
+
+
+def render_html(s, max_rows=500):
+    """The report as one HTML document (a str)."""
+    parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+             '<meta name="viewport" content="width=device-width, initial-scale=1">',
+             '<title>Offline top-up reconciliation — run %d</title>' % s.run,
+             "<style>%s</style></head><body><main>" % _CSS,
+             "<h1>Offline top-up reconciliation</h1>",
+             '<p class="sub">Run %d at %s · expiry judged at %s · expired vouchers: %s · '
+             '%d receipts · %d vouchers</p>' % (s.run, _e(utc(s.at)), _e(utc(s.as_of)),
+                                              "refund due" if s.policy == "refund"
+                                              else "void (no refund)", s.receipts, s.vouchers)]
+    if s.imported_since:
+        parts.append('<p class="note">%d receipts were imported after this run; run '
+                     '<code>topup reconcile</code> again to include them.</p>' % s.imported_since)
+    cards = [("Outstanding liability", format_pence(s.liability), ""),
+             ("Redeemed", format_pence(s.pence["redeemed"]), ""),
+             ("Refunds due", format_pence(s.refunds_due), "bad" if s.refunds_due else ""),
+             ("Anomalies", str(len(s.anomalies)), "bad" if s.anomalies else "good")]
+    parts.append('<div class="cards">%s</div>' % "".join(
+        '<div class="card %s"><div class="k">%s</div><div class="v">%s</div></div>'
+        % (cls, _e(k), _e(v)) for k, v, cls in cards))
+
+    red = s.redemptions_per_day()
+    size = _bucket(red, 60)
+    bars = []
+    for i in range(0, len(red), size):
+        chunk = red[i:i + size]
+        bars.append((utc(chunk[0][0], date_only=True)[5:] if size == 1
+                     else utc(chunk[0][0], date_only=True), sum(c[1] for c in chunk)))
+    kinds = [(k, s.by_kind[k]) for k in ANOMALY_KINDS if k in s.by_kind]
+    parts.append('<h2>Charts</h2><div class="charts">')
+    parts.append('<div class="panel wide">%s</div>'
+                 % svg_line_chart(s.liability_series(), "Outstanding liability over time "
+                                  "(end of each UTC day)"))
+    parts.append('<div class="panel">%s</div>' % svg_bar_chart(
+        bars, "Redemptions per %s (meter time)" % ("day" if size == 1 else "%d days" % size)))
+    parts.append('<div class="panel">%s</div>' % svg_hbar_chart(kinds, "Anomalies by kind"))
+    parts.append("</div>")
+
+    parts.append('<h2>Vouchers by status</h2><div class="panel"><table><tr><th>status</th>'
+                 '<th class="n">vouchers</th><th class="n">amount</th><th>meaning</th></tr>')
+    for st in STATUSES:
+        meaning = STATUS_MEANING[st]
+        if st == "expired":
+            meaning += ": refund due" if s.policy == "refund" else ": void by policy"
+        parts.append('<tr><td><span class="pill" style="background:%s">%s</span></td>'
+                     '<td class="n">%d</td><td class="n">%s</td><td>%s</td></tr>'
+                     % (STATUS_COLOUR[st], st, s.count[st], _e(format_pence(s.pence[st])),
+                        _e(meaning)))
+    parts.append("</table></div>")
+
+    parts.append('<h2>Anomalies</h2><div class="panel">')
+    if not s.anomalies:
+        parts.append("<p>None: every receipt verified, every chain is whole and every top-up "
+                     "matches a voucher.</p>")
+    else:
+        parts.append("<table><tr><th>kind</th><th class=\"n\">count</th><th>meaning</th></tr>")
+        for k, n in kinds:
+            parts.append('<tr><td>%s</td><td class="n">%d</td><td>%s</td></tr>'
+                         % (_e(k), n, _e(ANOMALY_KINDS[k])))
+        parts.append("</table><br><table><tr><th>kind</th><th>device</th>"
+                     "<th class=\"n\">receipt</th><th class=\"n\">sequence</th><th>detail</th>"
+                     "<th>id</th></tr>")
+        for i, kind, dev, idx, h, seq, detail in s.anomalies[:max_rows]:
+            parts.append('<tr><td>%s</td><td class="mono">%s</td><td class="n">%s</td>'
+                         '<td class="n">%s</td><td>%s</td><td class="mono">%s</td></tr>'
+                         % (_e(kind), _e(format_eui64(dev)) if dev else "-",
+                            "" if idx is None else idx, "" if seq is None else seq,
+                            _e(detail), _e(i)))
+        parts.append("</table>")
+        if len(s.anomalies) > max_rows:
+            parts.append('<p class="note">First %d of %d anomalies; the CSV has them all.</p>'
+                         % (max_rows, len(s.anomalies)))
+    parts.append("</div>")
+
+    parts.append('<h2>Meters</h2><div class="panel"><table><tr><th>device</th><th>label</th>')
+    for st in STATUSES:
+        parts.append('<th class="n">%s</th>' % st)
+    parts.append('<th class="n">anomalies</th></tr>')
+    devs = s.devices()
+    for dev, label, per, n_anom in devs[:max_rows]:
+        parts.append('<tr><td class="mono">%s</td><td>%s</td>' % (_e(format_eui64(dev)),
+                                                                   _e(label or "")))
+        for st in STATUSES:
+            c, p = per.get(st, (0, 0))
+            parts.append('<td class="n">%s</td>' % ("%d · %s" % (c, _e(format_pence(p)))
+                                                    if c else "-"))
+        parts.append('<td class="n">%s</td></tr>' % (n_anom or "-"))
+    parts.append("</table>")
+    if len(devs) > max_rows:
+        parts.append('<p class="note">First %d of %d meters.</p>' % (max_rows, len(devs)))
+    parts.append("</div>")
+
+    parts.append('<h2>Refunds due and outstanding vouchers</h2><div class="panel">'
+                 '<table><tr><th>device</th><th class="n">sequence</th><th>status</th>'
+                 '<th class="n">amount</th><th>issued</th><th>expires</th><th>closed</th></tr>')
+    shown = total = 0
+    for row in s.voucher_rows():
+        dev, seq, status, amount, issued, expires, _kid, _rev, closed = row[:9]
+        if status == "redeemed":
+            continue
+        total += 1
+        if shown >= max_rows:
+            continue
+        shown += 1
+        parts.append('<tr><td class="mono">%s</td><td class="n">%d</td><td><span class="pill" '
+                     'style="background:%s">%s</span></td><td class="n">%s</td><td>%s</td>'
+                     '<td>%s</td><td>%s</td></tr>'
+                     % (_e(format_eui64(dev)), seq, STATUS_COLOUR[status], status,
+                        _e(format_pence(amount)), _e(utc(issued)), _e(utc(expires)),
+                        _e(utc(closed))))
+    parts.append("</table>")
+    if total > shown:
+        parts.append('<p class="note">First %d of %d; the CSV has one row per voucher.</p>'
+                     % (shown, total))
+    elif not total:
+        parts.append("<p>None: every issued voucher was redeemed.</p>")
+    parts.append("</div>")
+    parts.append("<footer>offline-topup · generated by <code>topup report</code> from the "
+                 "supplier database; self-contained, no network needed.</footer>")
+    parts.append("</main></body></html>\n")
+    return "".join(parts)
+
+
+def write_html(s, path):
+    text = render_html(s)
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise TopupError("cannot write %s: %s" % (path, e.strerror or e)) from None
+    return path
