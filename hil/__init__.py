@@ -1,0 +1,1 @@
+"""Hardware-in-the-loop rig: the virtual board (hil.virtual) and board transports."""
