@@ -7,6 +7,7 @@ now and then set to fail at its n-th flash operation (a torn page program or a t
 erase, whichever comes). After every cut a new Store is mounted on the same flash and
 checked against a model: exactly the old or the new contents, every receipt the ledger
 needs intact, find_receipt consistent, and the workload goes on from there.
+`make soak` (TOPUP_SOAK) multiplies the example counts.
 """
 import random
 
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import tests.firmware._fw  # noqa: F401  (puts firmware/ on sys.path)
 from boards.nor import NorFlash, PowerCut
 from meter.store import Store, StoreError
+from tests.soak import examples
 
 GEOMETRIES = [(3, 1024, 256), (4, 512, 64), (5, 512, 128), (8, 512, 64), (4, 1024, 256), (6, 4096, 256)]
 
@@ -205,7 +207,7 @@ def _run(seed, steps):
     return run, torn
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(min_value=0, max_value=2**32 - 1))
 def test_random_workload_with_random_power_cuts(seed):
     run, torn = _run(seed, 1500)
@@ -221,7 +223,7 @@ def test_cuts_hit_both_programs_and_erases():
     assert erases >= 10 and programs >= 100, (erases, programs)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.sampled_from(GEOMETRIES[:3]), st.binary(min_size=64, max_size=64), st.integers(0, 255))
 def test_any_flash_image_mounts_and_then_works(geometry, pattern, seed):
     blocks, bsize, page = geometry
@@ -242,7 +244,7 @@ def test_any_flash_image_mounts_and_then_works(geometry, pattern, seed):
     assert t.receipt(t.receipt_count - 1) == b"receipt 29"
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.integers(0, 2**32 - 1), st.lists(st.integers(0, 10**6), min_size=1, max_size=8))
 def test_bit_rot_never_crashes_mount(seed, flips):
     run, torn = _run(seed, 200)
