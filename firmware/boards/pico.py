@@ -34,6 +34,7 @@ import os
 import time
 
 _BLOCK = 4096
+_PAGE = 256
 _LEDGER_LEN = 64 * 1024
 _UNIX_2000 = 946684800
 _DEBOUNCE_MS = 50
@@ -49,7 +50,16 @@ class Flash:
         self._dev.readblocks(block, buf, offset)
 
     def writeblocks(self, block, buf, offset=0):
-        self._dev.writeblocks(block, buf, offset)
+        # The SDK's flash_range_program takes whole 256-byte pages only: pad the write
+        # with 0xFF, which programming leaves unchanged (NOR only clears bits).
+        start = offset & ~(_PAGE - 1)
+        end = (offset + len(buf) + _PAGE - 1) & ~(_PAGE - 1)
+        if start == offset and end == offset + len(buf):
+            self._dev.writeblocks(block, buf, offset)
+            return
+        padded = bytearray(b"\xff" * (end - start))
+        padded[offset - start:offset - start + len(buf)] = buf
+        self._dev.writeblocks(block, padded, start)
 
     def ioctl(self, op, arg):
         return self._dev.ioctl(op, arg)

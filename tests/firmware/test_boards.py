@@ -305,3 +305,24 @@ def test_esp32_board_reports_unix_seconds_on_a_2000_epoch_port():
                 del sys.modules[k]
             else:
                 sys.modules[k] = v
+
+
+def test_pico_flash_programs_whole_pages_padded_with_ff():
+    # The Pico SDK programs whole 256-byte pages only; 0xFF leaves NOR bits as they are.
+    from boards import pico
+
+    class Dev:
+        def __init__(self):
+            self.writes = []
+
+        def writeblocks(self, block, buf, offset):
+            self.writes.append((block, offset, bytes(buf)))
+
+    dev = Dev()
+    flash = pico.Flash(dev)
+    flash.writeblocks(1, b"\x01\x02", 300)
+    flash.writeblocks(1, bytes(512), 512)
+    [(b, off, data), (b2, off2, data2)] = dev.writes
+    assert (b, off, len(data)) == (1, 256, 256)
+    assert data[44:46] == b"\x01\x02" and data[:44] == b"\xff" * 44 and data[46:] == b"\xff" * 210
+    assert (b2, off2, data2) == (1, 512, bytes(512))
