@@ -58,3 +58,34 @@ def provision(store, board, device, trust, limits=None, initial_credit=0, now=No
 def factory_reset(store):
     """Wipe the ledger and the meter key. Provisioning may run again afterwards."""
     store.format()
+
+
+def provision_board(device_hex, trust_hex, limits=None, initial_credit=0, board=None):
+    """The REPL entry point for `topup provision`: provision this board and print
+    `PUBLIC <hex>` — the meter's receipt key — for the engineer's tool to register.
+
+    device_hex: 16 hex digits; trust_hex: list of 64-hex-digit issuer public keys.
+    """
+    import binascii
+    from meter.store import Store
+    if board is None:
+        import boards
+        board = boards.load().Board()
+    store = Store(board.flash)
+    store.mount()
+    public = provision(store, board, binascii.unhexlify(device_hex),
+                       [binascii.unhexlify(k) for k in trust_hex], limits, initial_credit)
+    print("PUBLIC", binascii.hexlify(public).decode())
+    return public
+
+
+def factory_reset_board(board=None):
+    """The REPL entry point for `topup provision --factory-reset`."""
+    from meter.store import Store
+    if board is None:
+        import boards
+        board = boards.load().Board()
+    store = Store(board.flash)
+    store.mount()
+    factory_reset(store)
+    print("RESET")

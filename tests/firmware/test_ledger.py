@@ -198,3 +198,24 @@ def test_provisioning_rejects_bad_arguments():
             continue
         raise AssertionError("accepted %r" % ((device, trust, limits, initial),))
     assert kit.store.config is None
+
+
+def test_repl_entry_point_provisions_and_prints_the_key():
+    import binascii
+    from boards.fake import Board
+    from tests.firmware._meterkit import public, ISSUER_SEED
+    board = Board(now=T0)
+    key = provisioning.provision_board("70b3d5f0000000a1", [binascii.hexlify(public(ISSUER_SEED)).decode()],
+                                       {cfg.C_MAX_CREDIT: 9000}, 250, board=board)
+    assert len(key) == 32
+    from meter.store import Store
+    from meter.ledger import Ledger
+    store = Store(board.flash)
+    store.mount()
+    ledger = Ledger(store, board.time)
+    assert ledger.device == DEVICE and ledger.balance_mp == 250000 and ledger.max_credit == 9000
+    assert ledger.public_key == key
+    provisioning.factory_reset_board(board=board)
+    store = Store(board.flash)
+    store.mount()
+    assert store.config is None
