@@ -107,6 +107,7 @@ CREATE TABLE reconciliations (
     as_of          INTEGER NOT NULL,  -- the time expiry was judged at
     expired_policy TEXT NOT NULL CHECK (expired_policy IN ('refund', 'void')),
     receipts       INTEGER NOT NULL,
+    last_receipt   INTEGER NOT NULL,  -- the highest receipts.id it saw (0: none)
     vouchers       INTEGER NOT NULL,
     anomalies      INTEGER NOT NULL
 );

@@ -392,9 +392,10 @@ def reconcile(conn, now=None, expired_policy="refund", at=None):
         conn.executemany("INSERT INTO anomalies (id, kind, device, receipt_index, receipt, "
                          "sequence, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
                          [a.row() for a in res.anomalies])
+        last = conn.execute("SELECT coalesce(max(id), 0) FROM receipts").fetchone()[0]
         cur = conn.execute("INSERT INTO reconciliations (at, as_of, expired_policy, receipts, "
-                           "vouchers, anomalies) VALUES (?, ?, ?, ?, ?, ?)",
-                           (at, now, expired_policy, res.receipts, res.vouchers,
+                           "last_receipt, vouchers, anomalies) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (at, now, expired_policy, res.receipts, last, res.vouchers,
                             len(res.anomalies)))
         res.run = cur.lastrowid
     return res

@@ -37,12 +37,13 @@ class Summary:
     """The stored result of the last `topup reconcile`, read back for reporting."""
 
     def __init__(self, conn):
-        run = conn.execute("SELECT run, at, as_of, expired_policy, receipts, vouchers, anomalies"
-                           " FROM reconciliations ORDER BY run DESC LIMIT 1").fetchone()
+        run = conn.execute("SELECT run, at, as_of, expired_policy, receipts, vouchers, anomalies,"
+                           " last_receipt FROM reconciliations ORDER BY run DESC LIMIT 1"
+                           ).fetchone()
         if run is None:
             raise TopupError("no reconciliation yet (run `topup reconcile` first)")
         (self.run, self.at, self.as_of, self.policy, self.receipts, self.vouchers,
-         self.anomaly_count) = run
+         self.anomaly_count, last_receipt) = run
         self.conn = conn
         self.count = dict.fromkeys(STATUSES, 0)
         self.pence = dict.fromkeys(STATUSES, 0)
@@ -62,7 +63,7 @@ class Summary:
         for a in self.anomalies:
             self.by_kind[a[1]] = self.by_kind.get(a[1], 0) + 1
         self.imported_since = conn.execute(
-            "SELECT count(*) FROM receipts WHERE imported > ?", (self.at,)).fetchone()[0]
+            "SELECT count(*) FROM receipts WHERE id > ?", (last_receipt,)).fetchone()[0]
         self.stored_receipts = conn.execute("SELECT count(*) FROM receipts").fetchone()[0]
 
     @property
@@ -263,7 +264,8 @@ table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #e5e7eb; vertical-align: top; }
 th { font-size: 12px; color: #6b7280; font-weight: 600; }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
-.mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; }
+.mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px;
+        white-space: nowrap; }
 .pill { display: inline-block; padding: 0 8px; border-radius: 999px; color: #fff; font-size: 12px; }
 .note { color: #6b7280; font-size: 12px; }
 svg text { font: 11px system-ui, sans-serif; fill: #4b5563; }
@@ -276,14 +278,15 @@ def _e(text):
     return html.escape(str(text), quote=True)
 
 
-def _nice_max(v):
-    if v <= 0:
-        return 1
-    mag = 10 ** int(math.floor(math.log10(v)))
-    for m in (1, 2, 2.5, 5, 10):
-        if v <= m * mag:
-            return int(m * mag) if m * mag >= 1 else m * mag
-    return 10 * mag
+def _nice_max(v, parts=4):
+    """A round top for an axis of `parts` equal integer steps that holds `v`."""
+    raw = max(v / parts, 1)
+    mag = 10 ** int(math.floor(math.log10(raw)))
+    for m in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
+        step = m * mag
+        if raw <= step and step == int(step):
+            return int(step) * parts
+    return 10 * mag * parts  # pragma: no cover
 
 
 def _money_axis(p):
@@ -296,9 +299,8 @@ def _money_axis(p):
 
 
 def _bucket(points, limit):
-    """Merge consecutive daily points so that at most `limit` remain: (size, points)."""
-    size = max(1, math.ceil(len(points) / limit))
-    return size
+    """How many consecutive daily points to merge so that at most `limit` remain."""
+    return max(1, math.ceil(len(points) / limit))
 
 
 def svg_line_chart(series, title, width=1040, height=260):
@@ -334,8 +336,9 @@ def svg_line_chart(series, title, width=1040, height=260):
     out.append('<polygon points="%s" fill="#fde68a" fill-opacity="0.6"/>' % area)
     out.append('<polyline points="%s" fill="none" stroke="#d97706" stroke-width="2"/>' % line)
     for t in _ticks(t0, t1, 6):
-        out.append('<text x="%.1f" y="%d" text-anchor="middle">%s</text>'
-                   % (x(t), top + h + 18, utc(t, date_only=True)))
+        anchor = "end" if x(t) > left + w - 40 else "middle"
+        out.append('<text x="%.1f" y="%d" text-anchor="%s">%s</text>'
+                   % (x(t), top + h + 18, anchor, utc(t, date_only=True)))
     out.append('<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#9ca3af"/>'
                % (left, top + h, left + w, top + h))
     out.append("</svg>")
