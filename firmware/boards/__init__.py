@@ -3,9 +3,9 @@
 # main.py does `boards.load().Board()` and hands the object to the app.
 import sys
 
-# sys.platform -> board module name.  The wasm VM (the virtual board) is driven by hil/,
-# which passes its own board object, so it needs no entry here.
-_BY_PLATFORM = {"esp32": "esp32", "rp2": "pico"}
+# sys.platform -> board module name.  The wasm VM is the virtual board only inside the HIL
+# rig, whose VM worker registers the `_vboard` JS module (a bare wasm VM has no default).
+_BY_PLATFORM = {"esp32": "esp32", "rp2": "pico", "webassembly": "virtual" if "_vboard" in sys.modules else None}
 
 
 def load(name=None, platform=None):

@@ -119,7 +119,8 @@ function pump() {
 }
 
 function armWatchdog() {
-  if (watchdog || !worker || !Atomics.load(ctl, SLOT.BUSY)) return;
+  if (!worker || !Atomics.load(ctl, SLOT.BUSY)) return;
+  if (watchdog) clearTimeout(watchdog);   // the latest Ctrl-C counts
   const gen = Atomics.load(ctl, SLOT.IDLE_GEN);
   const wgen = workerGen;
   watchdog = setTimeout(async () => {

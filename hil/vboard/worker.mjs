@@ -338,7 +338,7 @@ async function newVM() {
   patchFS(FS);
   FS.writeFile("/vboard_rt.py", RT_SRC);
   mp.registerJsModule("_vboard", hw);
-  mp.runPython("exec(open('/vboard_rt.py').read(), {'__name__': '_vboard_rt'})");
+  mp.runPython("exec(compile(open('/vboard_rt.py').read(), '<vboard>', 'exec'), {'__name__': '_vboard_rt'})");
   FS.unlink("/vboard_rt.py");
 }
 
