@@ -409,6 +409,11 @@ def main(argv=None):
     print("flash %s" % board.flash_path)
     print("fs    %s" % board.fs_dir)
     print("e.g.  mpremote connect %s exec \"print(1)\"" % board.repl_port, flush=True)
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, _stop)       # also when started with SIGINT ignored (`cmd &`)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)
     try:
         while board.running:
             time.sleep(0.5)

@@ -28,6 +28,9 @@ class BoardVfs:
         self._v = os.VfsPosix(root)
         self._cwd = "/"
 
+    def __repr__(self):
+        return "<VfsBoard>"
+
     def _abs(self, path):
         if not path:
             path = self._cwd

@@ -50,6 +50,7 @@ let tail = "";              // last output characters, to follow the REPL's mode
 let dropping = false;       // the pty is full and nobody reads: drop until a write succeeds
 
 function flush() {
+  if (executing && M && ringHasData()) takeInput();   // a program that only prints: Ctrl-C too
   let off = 0;
   const deadline = realNow() + 500;
   while (off < outLen) {
@@ -111,13 +112,15 @@ function ringTake() {
 
 // Called from every JS entry while Python runs: Ctrl-C becomes a KeyboardInterrupt (raised
 // by the VM at its next backward jump or call), other bytes wait for the REPL; output goes out.
-function hook() {
-  if (ringHasData()) {
-    for (const b of ringTake()) {
-      if (b === 3) M._mp_sched_keyboard_interrupt();
-      else pending.push(b);
-    }
+function takeInput() {
+  for (const b of ringTake()) {
+    if (b === 3) M._mp_sched_keyboard_interrupt();
+    else pending.push(b);
   }
+}
+
+function hook() {
+  if (ringHasData()) takeInput();
   if (outLen) flush();
 }
 
@@ -171,7 +174,10 @@ function setRaw(on) {
   Atomics.store(ctl, SLOT.RAW, on ? 1 : 0);
 }
 
+let executing = false;
+
 function busy(on) {
+  executing = on;
   Atomics.store(ctl, SLOT.BUSY, on ? 1 : 0);
   if (!on) Atomics.add(ctl, SLOT.IDLE_GEN, 1);
 }
