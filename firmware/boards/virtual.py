@@ -110,7 +110,8 @@ class Board:
     name = "virtual"
 
     def __init__(self):
-        import _vboard   # registered by the rig's VM worker; ImportError anywhere else
+        # Registered by the rig's VM worker (a JS module); ImportError anywhere else.
+        import _vboard  # pyright: ignore[reportMissingImports]
         self._hw = _vboard
         self.han = Han(_vboard)
         self.flash = Flash(_vboard)
