@@ -1,0 +1,106 @@
+"""The PPMID's side of the HAN (SPEC.md §5): requests to a meter over any byte stream.
+
+The stream is anything with `read(n)` (returning what has arrived, possibly nothing) and
+`write(data)`: a pyserial port on a USB-UART adapter, the virtual board's HAN pty, or a
+test double. `topup han …` and the integrity suite both use this one client.
+"""
+import time
+
+from protocol import errors, han, receipt as receipt_format
+
+STATUS_FIELDS = {1: "device", 2: "firmware", 3: "balance_mp", 4: "supply_on", 5: "wan_up",
+                 6: "highest_sequence", 7: "receipt_count", 8: "emergency_mp"}
+
+
+class HanError(Exception):
+    """The meter answered with a reason code (SPEC.md §2.1)."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self):
+        return "meter refused: %s (%d)" % (errors.name(self.reason), self.reason)
+
+
+class HanTimeout(Exception):
+    """No answer from the meter in time: not connected, not running, or not a meter."""
+
+
+class HanClient:
+    def __init__(self, stream, timeout=5.0):
+        self.stream = stream
+        self.timeout = timeout
+        self.deframer = han.Deframer()
+        self._next_id = 1
+
+    @classmethod
+    def open(cls, port, baudrate=115200, timeout=5.0):
+        """A client on a serial port (a device path or any pyserial URL)."""
+        import serial
+        try:
+            stream = serial.serial_for_url(port, baudrate=baudrate, timeout=0.02)
+        except (serial.SerialException, OSError) as e:
+            raise HanTimeout("cannot open HAN port %s: %s" % (port, e)) from None
+        return cls(stream, timeout)
+
+    def close(self):
+        close = getattr(self.stream, "close", None)
+        if close:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def request(self, msg_type, payload):
+        """Send one request; return the response payload or raise HanError/HanTimeout."""
+        msg_id = self._next_id
+        self._next_id = self._next_id % 0xFFFF + 1
+        # A leading delimiter flushes whatever partial frame the meter may be holding.
+        self.stream.write(b"\x00" + han.encode_message(msg_type, msg_id, payload))
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            data = self.stream.read(256)
+            if not data:
+                time.sleep(0.002)
+                continue
+            for body in self.deframer.feed(data):
+                try:
+                    rtype, rid, rpayload = han.decode_message(body)
+                except errors.Rejected:
+                    continue
+                if rid != msg_id:
+                    continue  # a late answer to an earlier request
+                if rtype == han.ERROR:
+                    raise HanError(rpayload.get(1, errors.BAD_REQUEST))
+                if rtype != msg_type | han.RESPONSE:
+                    continue
+                return rpayload
+        raise HanTimeout("no answer from the meter within %.1f s" % self.timeout)
+
+    def status(self):
+        raw = self.request(han.STATUS, {})
+        return {name: raw.get(key) for key, name in STATUS_FIELDS.items()}
+
+    def submit(self, voucher):
+        """Submit voucher bytes; return (receipt bytes, duplicate)."""
+        reply = self.request(han.SUBMIT, {1: bytes(voucher)})
+        return reply[1], bool(reply.get(2))
+
+    def receipts(self, start=0):
+        """Every receipt from index `start` to the newest, four per request."""
+        out = []
+        index = start
+        while True:
+            reply = self.request(han.RECEIPTS, {1: index, 2: han.MAX_RECEIPTS_PER_READ})
+            batch, total = reply[1], reply[2]
+            out.extend(batch)
+            if batch:
+                index = receipt_format.parse(batch[-1]).index + 1
+            else:
+                index += han.MAX_RECEIPTS_PER_READ  # a stretch that left the ring
+            if index >= total:
+                return out
