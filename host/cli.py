@@ -688,6 +688,16 @@ def report_cmd(state, csv_path, html_path):
     return 0
 
 
+def _add_engineer_commands():
+    # flash, provision, sim, han: the engineer's and the rig's side (hil/).
+    from hil.commands import COMMANDS
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_add_engineer_commands()
+
+
 def main(argv=None):
     """Run `topup` with `argv` (default sys.argv[1:]); return the exit code."""
     return cli.main(args=argv, prog_name="topup", standalone_mode=False)

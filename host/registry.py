@@ -101,3 +101,14 @@ def list_devices(conn):
     rows = conn.execute("SELECT %s, (SELECT count(*) FROM vouchers v WHERE v.device = d.device)"
                         " FROM devices d ORDER BY device" % _COLUMNS).fetchall()
     return [Device(*r[:7], issued_count=r[7]) for r in rows]
+
+
+def set_public_key(conn, device, public_key):
+    """Record the meter's receipt key (from provisioning). A new key replaces the old one:
+    a factory reset makes a new key, and later receipts are signed with it."""
+    if not isinstance(public_key, bytes) or len(public_key) != 32:
+        raise TopupError("a meter public key is 32 bytes")
+    with transaction(conn):
+        get_device(conn, device)
+        conn.execute("UPDATE devices SET public_key = ? WHERE device = ?", (public_key, device))
+    return get_device(conn, device)

