@@ -102,7 +102,7 @@ def main():
         print("fs cp 64 KiB from the board: %.2f s, %.1f KB/s" % (dt, len(data) / dt / 1e3))
 
         # HAN echo through a tiny program on the board
-        tr.exec_raw_no_follow("from boards.virtual import Han\nimport _vboard, time\nh = Han(_vboard)\n"
+        tr.exec_raw_no_follow("from boards.virtual import Uart\nimport _vboard, time\nh = Uart(_vboard.han_read, _vboard.han_write)\n"
                               "while True:\n d = h.read(64)\n if d:\n  h.write(d)\n else:\n  time.sleep_ms(1)\n")
         time.sleep(0.2)
         echo = []

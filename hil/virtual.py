@@ -101,9 +101,10 @@ class VirtualBoard:
         self._opts = {"wan": wan, "clock": clock, "seed": seed, "heapsize": heapsize}
         self._res = {"proc": None, "fds": []}
         self._finalizer = weakref.finalize(self, _cleanup, self._res)
-        self._ptys = None            # (repl_master, repl_slave, han_master, han_slave)
+        self._ptys = None            # (repl, han, wan) × (master, slave)
         self.repl_port = None
         self.han_port = None
+        self.wan_port = None
         self._lock = threading.Lock()
         self._cv = threading.Condition()
         self._replies = {}
@@ -125,9 +126,9 @@ class VirtualBoard:
         self._prepare_files()
         if self._ptys is None:
             self._open_ptys()
-        repl_master, _, han_master, _ = self._ptys
+        repl_master, _, han_master, _, wan_master, _ = self._ptys
         cmd = [node, str(VBOARD / "main.mjs"),
-               "--repl-fd", str(repl_master), "--han-fd", str(han_master),
+               "--repl-fd", str(repl_master), "--han-fd", str(han_master), "--wan-fd", str(wan_master),
                "--fs", str(self.fs_dir), "--flash", str(self.flash_path), "--entry", str(entry),
                "--wan", "1" if self._opts["wan"] else "0", "--seed", str(self._opts["seed"]),
                "--heapsize", str(self._opts["heapsize"])]
@@ -135,7 +136,7 @@ class VirtualBoard:
             cmd += ["--clock", repr(float(self._opts["clock"]))]
         with open(self.log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=log, pass_fds=(repl_master, han_master),
+                                    stderr=log, pass_fds=(repl_master, han_master, wan_master),
                                     start_new_session=True)
         self._res["proc"] = proc
         with self._cv:
@@ -166,7 +167,7 @@ class VirtualBoard:
         self._kill_proc()
         _cleanup(self._res)
         self._ptys = None
-        self.repl_port = self.han_port = None
+        self.repl_port = self.han_port = self.wan_port = None
 
     def kill(self):
         """Power cut (a): SIGKILL the Node process now.  The ptys stay (start() again)."""
@@ -308,7 +309,7 @@ class VirtualBoard:
     def _open_ptys(self):
         fds = []
         try:
-            for _ in range(2):
+            for _ in range(3):
                 master, slave = os.openpty()
                 fds += [master, slave]
                 tty.setraw(slave)       # no echo, no line discipline: bytes as a UART has them
@@ -317,10 +318,12 @@ class VirtualBoard:
                 os.close(fd)
             raise
         os.set_blocking(fds[2], False)  # the HAN master: non-blocking reads in the VM
+        os.set_blocking(fds[4], False)  # the WAN master, likewise
         self._ptys = tuple(fds)
         self._res["fds"] = list(fds)
         self.repl_port = os.ttyname(fds[1])
         self.han_port = os.ttyname(fds[3])
+        self.wan_port = os.ttyname(fds[5])
 
     def _kill_proc(self):
         proc = self._res.get("proc")
@@ -406,6 +409,7 @@ def main(argv=None):
         return 1
     print("REPL  %s" % board.repl_port)
     print("HAN   %s" % board.han_port)
+    print("WAN   %s" % board.wan_port)
     print("flash %s" % board.flash_path)
     print("fs    %s" % board.fs_dir)
     print("e.g.  mpremote connect %s exec \"print(1)\"" % board.repl_port, flush=True)

@@ -4,7 +4,8 @@ Importing this module touches nothing; `Board()` needs the `_vboard` JS module t
 VM worker (hil/vboard/worker.mjs) registers, so elsewhere it raises ImportError.
 
 - `han`: the HAN UART, a pseudo-terminal on the host (the rig opens it with pyserial like a
-  USB-UART adapter); `read(n)` never blocks.
+  USB-UART adapter); `read(n)` never blocks. `wan`: the WAN link to the head end (SPEC.md
+  §5.1), a third pseudo-terminal, the same way.
 - `flash`: the raw partition, a host file with the NOR semantics of `boards.nor.NorFlash` —
   it *is* a NorFlash over the file's image, and each erase and each page program is written
   through to the file as it completes, so a kill of the process between two operations leaves
@@ -19,14 +20,15 @@ _BLOCK = 4096
 _PAGE = 256
 
 
-class Han:
-    """The HAN byte stream: a UART with timeout=0."""
+class Uart:
+    """A byte stream on a host pty (the HAN, or the WAN link): a UART with timeout=0."""
 
-    def __init__(self, hw):
-        self._hw = hw
+    def __init__(self, read, write):
+        self._read = read
+        self._write = write
 
     def read(self, n=-1):
-        h = self._hw.han_read(n if n is not None else -1)
+        h = self._read(n if n is not None else -1)
         return unhexlify(h) if h else None
 
     def readinto(self, buf, n=-1):
@@ -44,7 +46,7 @@ class Han:
     def write(self, buf):
         if not buf:
             return 0
-        return self._hw.han_write(hexlify(buf).decode())
+        return self._write(hexlify(buf).decode())
 
 
 class Flash:
@@ -113,7 +115,8 @@ class Board:
         # Registered by the rig's VM worker (a JS module); ImportError anywhere else.
         import _vboard  # pyright: ignore[reportMissingImports]
         self._hw = _vboard
-        self.han = Han(_vboard)
+        self.han = Uart(_vboard.han_read, _vboard.han_write)
+        self.wan = Uart(_vboard.wan_read, _vboard.wan_write)
         self.flash = Flash(_vboard)
 
     def set_relay(self, on):

@@ -1,6 +1,6 @@
 // The virtual board's Node process (started by hil/virtual.py; not meant to be run by hand).
 //
-//   node main.mjs --repl-fd N --han-fd N --fs DIR --flash FILE --entry MICROPYTHON_MJS
+//   node main.mjs --repl-fd N --han-fd N --wan-fd N --fs DIR --flash FILE --entry MICROPYTHON_MJS
 //                 [--wan 0|1] [--clock UNIX_S] [--heapsize BYTES] [--seed N]
 //
 // Main thread: reads the REPL pty master into the shared input ring, runs the rig's control
@@ -21,7 +21,7 @@ function parseArgs(argv) {
     if (!argv[i].startsWith("--")) throw new Error(`bad argument ${argv[i]}`);
     a[argv[i].slice(2)] = argv[i + 1];
   }
-  for (const k of ["repl-fd", "han-fd", "fs", "flash", "entry"]) {
+  for (const k of ["repl-fd", "han-fd", "wan-fd", "fs", "flash", "entry"]) {
     if (a[k] === undefined) throw new Error(`missing --${k}`);
   }
   return a;
@@ -30,6 +30,7 @@ function parseArgs(argv) {
 const args = parseArgs(process.argv.slice(2));
 const replFd = Number(args["repl-fd"]);
 const hanFd = Number(args["han-fd"]);
+const wanFd = Number(args["wan-fd"]);
 
 const sab = new SharedArrayBuffer(SAB_SIZE);
 const ctl = new Int32Array(sab, 0, NSLOTS);
@@ -56,7 +57,7 @@ function startWorker(kind, wasRaw = false) {
   Atomics.store(ctl, SLOT.BUSY, 1);
   const w = new Worker(new URL("./worker.mjs", import.meta.url), {
     workerData: {
-      sab, replFd, hanFd, kind, wasRaw,
+      sab, replFd, hanFd, wanFd, kind, wasRaw,
       fsDir: args.fs, flashPath: args.flash, entry: args.entry,
       heapsize: Number(args.heapsize || 1024 * 1024),
     },

@@ -242,7 +242,27 @@ const flashFd = fs.openSync(W.flashPath, "r+");
 const flashSize = fs.fstatSync(flashFd).size;
 
 // ----------------------------------------------------------------- the board, for Python
-const hanBuf = Buffer.alloc(4096);
+const uartBuf = Buffer.alloc(4096);
+
+// A UART on a pty: non-blocking, like machine.UART(timeout=0); a full pty drops, never blocks.
+function uartRead(fd, n) {
+  hook();
+  if (n === undefined || n === null || n < 0 || n > uartBuf.length) n = uartBuf.length;
+  if (n === 0) return null;
+  try {
+    const got = fs.readSync(fd, uartBuf, 0, n, null);
+    return got > 0 ? uartBuf.toString("hex", 0, got) : null;
+  } catch (e) {
+    if (e.code === "EAGAIN" || e.code === "EIO") return null;
+    throw e;
+  }
+}
+
+function uartWrite(fd, hex) {
+  hook();
+  const b = Buffer.from(hex, "hex");
+  try { return fs.writeSync(fd, b); } catch (e) { return 0; }
+}
 
 function clockMs() {
   if (Atomics.load(ctl, SLOT.FROZEN)) return clk[1];
@@ -250,24 +270,11 @@ function clockMs() {
 }
 
 const hw = {
-  // HAN UART: non-blocking, like machine.UART(timeout=0).
-  han_read(n) {
-    hook();
-    if (n === undefined || n === null || n < 0 || n > hanBuf.length) n = hanBuf.length;
-    if (n === 0) return null;
-    try {
-      const got = fs.readSync(W.hanFd, hanBuf, 0, n, null);
-      return got > 0 ? hanBuf.toString("hex", 0, got) : null;
-    } catch (e) {
-      if (e.code === "EAGAIN" || e.code === "EIO") return null;
-      throw e;
-    }
-  },
-  han_write(hex) {
-    hook();
-    const b = Buffer.from(hex, "hex");
-    try { return fs.writeSync(W.hanFd, b); } catch (e) { return 0; }   // a UART drops, never blocks
-  },
+  // HAN UART (to the PPMID) and WAN link (to the head end): two ptys on the host.
+  han_read(n) { return uartRead(W.hanFd, n); },
+  han_write(hex) { return uartWrite(W.hanFd, hex); },
+  wan_read(n) { return uartRead(W.wanFd, n); },
+  wan_write(hex) { return uartWrite(W.wanFd, hex); },
   set_relay(on) { hook(); Atomics.store(ctl, SLOT.RELAY, on ? 1 : 0); },
   wan() { hook(); return Atomics.load(ctl, SLOT.WAN) === 1; },
   take_buttons() { hook(); return Atomics.exchange(ctl, SLOT.BUTTONS, 0); },

@@ -198,9 +198,9 @@ def test_han_pty_echoes_frames_through_a_program_on_the_board(board):
     han = serial.Serial(board.han_port, timeout=2)
     try:
         raw.start("""
-            from boards.virtual import Han
+            from boards.virtual import Uart
             import _vboard, time
-            h = Han(_vboard)
+            h = Uart(_vboard.han_read, _vboard.han_write)
             while True:
                 d = h.read(64)
                 if d:
@@ -220,6 +220,31 @@ def test_han_pty_echoes_frames_through_a_program_on_the_board(board):
         raw.t.follow(timeout=5)
     finally:
         han.close()
+        raw.close()
+
+
+def test_wan_link_is_a_third_pty_the_firmware_reaches_as_board_wan(board):
+    raw = Raw(board.repl_port)
+    wan = serial.Serial(board.wan_port, timeout=2)
+    try:
+        assert board.wan_port not in (board.han_port, board.repl_port)
+        raw.start("""
+            import boards, time
+            b = boards.load().Board()
+            while True:
+                d = b.wan.read(64)
+                if d:
+                    b.wan.write(bytes(reversed(d)))
+                else:
+                    time.sleep_ms(1)
+            """)
+        time.sleep(0.2)
+        wan.write(b"uplink\x00")
+        assert wan.read(7) == b"\x00knilpu"
+        raw.t.serial.write(b"\x03")
+        raw.t.follow(timeout=5)
+    finally:
+        wan.close()
         raw.close()
 
 
