@@ -20,7 +20,7 @@ env.AddCustomTarget(  # noqa: F821
 env.AddCustomTarget(  # noqa: F821
     name="han-status",
     dependencies=None,
-    actions=[_topup("han", "status", "--port", "$UPLOAD_PORT")],
+    actions=[_topup("han", "status", "--port", env.GetProjectOption("custom_han_port", ""))],  # noqa: F821
     title="HAN status",
     description="Ask the meter for its status over the HAN (topup han status)",
 )
