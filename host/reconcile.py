@@ -99,11 +99,6 @@ class Verifier:
             return False
 
 
-def _check(verify, r, public, kid):
-    """1 if receipt `r` is signed by the meter key `public` (whose kid is `kid`), else 0."""
-    return 1 if r.kid == kid and verify(public, r.tbs, r.sig) else 0
-
-
 # --- import ---------------------------------------------------------------------------
 
 class ImportResult:
@@ -120,83 +115,101 @@ class ImportResult:
 
 
 def _device_keys(conn):
+    """{device: (public key, kid)} for devices with a key, {device: None} for the others."""
     keys = {}
     for device, public in conn.execute("SELECT device, public_key FROM devices"):
-        keys[bytes(device)] = (bytes(public), kid_for(public)) if public is not None else None
+        keys[device] = (public, kid_for(public)) if public is not None else None
     return keys
 
 
-def _existing(conn, hashes):
+def _existing(conn, receipts):
+    """Hashes already stored, among those of `receipts` (one range query per device)."""
+    span = {}
+    for r in receipts:
+        lo_hi = span.get(r.device)
+        if lo_hi is None:
+            span[r.device] = [r.index, r.index]
+        elif r.index < lo_hi[0]:
+            lo_hi[0] = r.index
+        elif r.index > lo_hi[1]:
+            lo_hi[1] = r.index
     found = set()
-    hashes = list(hashes)
-    for i in range(0, len(hashes), 500):
-        chunk = hashes[i:i + 500]
-        q = "SELECT hash FROM receipts WHERE hash IN (%s)" % ",".join("?" * len(chunk))
-        found.update(bytes(h) for (h,) in conn.execute(q, chunk))
+    for device, (lo, hi) in span.items():
+        found.update(h for (h,) in conn.execute(
+            "SELECT hash FROM receipts WHERE device = ? AND idx BETWEEN ? AND ?",
+            (device, lo, hi)))
     return found
 
 
-_INSERT = ("INSERT OR IGNORE INTO receipts (hash, device, idx, kind, prev, meter_time, "
-           "balance_before, balance_after, sequence, voucher_ref, amount, rejections, kid, raw,"
-           " imported, source, checked_key, sig_ok) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT = ("INSERT OR IGNORE INTO receipts (device, idx, hash, kind, prev, meter_time, "
+           "balance_before, balance_after, sequence, voucher_ref, amount, rejections, raw, "
+           "checked_kid, sig_ok, batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, %d)")
 
 
 def import_parsed(conn, batches, now=None, progress=None):
     """Store receipts already parsed: `batches` is [(source, [receipts_io.Parsed])].
 
-    Signatures of new receipts are checked before the transaction; the insert is one
-    transaction for all batches. Returns an ImportResult.
+    Signatures of receipts not yet stored are checked before the transaction; then one
+    transaction stores everything new, with one `imports` row per source that brought
+    something new. Nothing new: nothing is written at all. Returns an ImportResult.
     """
     now = int(time.time()) if now is None else int(now)
     res = ImportResult()
     sha = hashlib.sha256
-    pending = {}  # hash -> (source, Parsed), first occurrence
-    per_file = []
+    seen = set()
+    fresh = []  # [(source, count in source, [Parsed not stored and not seen before])]
     for source, items in batches:
-        hs = []
+        todo = []
         for r in items:
             h = r.hash = sha(r.raw).digest()
-            hs.append(h)
-            if h not in pending:
-                pending[h] = (source, r)
-        per_file.append((source, hs))
+            if h not in seen:
+                seen.add(h)
+                todo.append(r)
+        fresh.append((source, len(items), todo))
         res.total += len(items)
-    stored = _existing(conn, pending)
+    stored = _existing(conn, [r for _, _, todo in fresh for r in todo])
     keys = _device_keys(conn)
     verify = Verifier()
-    rows = []
-    todo = [(h, s, r) for h, (s, r) in pending.items() if h not in stored]
-    for n, (h, source, r) in enumerate(todo):
-        key = keys.get(r.device)
-        if key is None:
-            checked, ok = None, None
-            res.unverified += 1
-        else:
-            checked = key[0]
-            ok = _check(verify, r, key[0], key[1])
-            res.bad += 1 - ok
-        rows.append((h, r.device, r.index, r.kind, r.prev, r.time, r.before, r.after,
-                     r.sequence, r.ref, r.amount,
-                     None if r.rejections is None else json.dumps(r.rejections, sort_keys=True),
-                     r.kid, r.raw, now, source, checked, ok))
-        if progress and n % 1000 == 999:
-            progress(n + 1, len(todo))
-    if rows:
+    work = []
+    done, total = 0, sum(len(t) for _, _, t in fresh)
+    for source, count, todo in fresh:
+        rows = []
+        for r in todo:
+            if r.hash in stored:
+                continue
+            key = keys.get(r.device)
+            if key is None:
+                kid = ok = None
+                res.unverified += 1
+            else:
+                kid = key[1]
+                ok = 1 if r.kid == kid and verify(key[0], r.tbs, r.sig) else 0
+                res.bad += 1 - ok
+            rows.append((r.device, r.index, r.hash, r.kind, r.prev, r.time, r.before, r.after,
+                         r.sequence, r.ref, r.amount,
+                         None if r.rejections is None
+                         else json.dumps(r.rejections, sort_keys=True),
+                         r.raw, kid, ok))
+            done += 1
+            if progress and done % 1000 == 0:
+                progress(done, total)
+        work.append((source, count, rows))
+    new = {}
+    if any(rows for _, _, rows in work):
         with transaction(conn):
-            before = conn.total_changes
-            conn.executemany(_INSERT, rows)
-            res.new = conn.total_changes - before
+            for source, count, rows in work:
+                if not rows:
+                    continue
+                batch = conn.execute("INSERT INTO imports (at, source, receipts, new) "
+                                     "VALUES (?, ?, ?, 0)", (now, source, count)).lastrowid
+                before = conn.total_changes
+                conn.executemany(_INSERT % batch, rows)
+                n = new[source] = conn.total_changes - before
+                conn.execute("UPDATE imports SET new = ? WHERE batch = ?", (n, batch))
+                res.new += n
     if progress:
-        progress(len(todo), len(todo))
-    new_hashes = {row[0] for row in rows}
-    for source, hs in per_file:
-        fresh = set()
-        for h in hs:
-            if h in new_hashes:
-                fresh.add(h)
-        res.files.append((source, len(hs), len(fresh)))
-        new_hashes -= fresh
+        progress(total, total)
+    res.files = [(source, count, new.get(source, 0)) for source, count, _ in work]
     return res
 
 
@@ -277,23 +290,23 @@ class _R:
                  "sequence", "ref", "amount", "valid")
 
 
-def _reverify(conn):
-    """Check signatures not yet checked with the device's current key. Returns the count."""
-    rows = conn.execute(
-        "SELECT r.id, r.raw, d.public_key FROM receipts r JOIN devices d ON d.device = r.device"
-        " WHERE d.public_key IS NOT NULL AND (r.checked_key IS NULL OR"
-        " r.checked_key != d.public_key)").fetchall()
+def _reverify(conn, keys):
+    """Check the signatures not yet checked with the device's current key (a key
+    registered, or changed, after the import). Returns how many were checked."""
     verify = Verifier()
     updates = []
-    kids = {}
-    for rid, raw, public in rows:
-        public = bytes(public)
-        kid = kids.get(public)
-        if kid is None:
-            kid = kids[public] = kid_for(public)
-        r = receipts_io.parse(bytes(raw))
-        updates.append((public, _check(verify, r, public, kid), rid))
-    conn.executemany("UPDATE receipts SET checked_key = ?, sig_ok = ? WHERE id = ?", updates)
+    for device, key in keys.items():
+        if key is None:
+            continue
+        public, kid = key
+        for idx, h, raw in conn.execute(
+                "SELECT idx, hash, raw FROM receipts WHERE device = ? AND "
+                "(checked_kid IS NULL OR checked_kid != ?)", (device, kid)).fetchall():
+            r = receipts_io.parse(raw)
+            ok = 1 if r.kid == kid and verify(public, r.tbs, r.sig) else 0
+            updates.append((kid, ok, device, idx, h))
+    conn.executemany("UPDATE receipts SET checked_kid = ?, sig_ok = ? WHERE device = ? AND "
+                     "idx = ? AND hash = ?", updates)
     return len(updates)
 
 
@@ -386,161 +399,245 @@ def reconcile(conn, now=None, expired_policy="refund", at=None):
     at = int(time.time()) if at is None else int(at)
     res = Result(now, expired_policy)
     with transaction(conn):
-        _reverify(conn)
-        _reconcile(conn, res)
+        keys = _device_keys(conn)
+        _reverify(conn, keys)
+        _reconcile(conn, res, keys)
         conn.execute("DELETE FROM anomalies")
         conn.executemany("INSERT INTO anomalies (id, kind, device, receipt_index, receipt, "
                          "sequence, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
                          [a.row() for a in res.anomalies])
-        last = conn.execute("SELECT coalesce(max(id), 0) FROM receipts").fetchone()[0]
+        last = conn.execute("SELECT coalesce(max(batch), 0) FROM imports").fetchone()[0]
         cur = conn.execute("INSERT INTO reconciliations (at, as_of, expired_policy, receipts, "
-                           "last_receipt, vouchers, anomalies) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           "last_batch, vouchers, anomalies) VALUES (?, ?, ?, ?, ?, ?, ?)",
                            (at, now, expired_policy, res.receipts, last, res.vouchers,
                             len(res.anomalies)))
         res.run = cur.lastrowid
     return res
 
 
-def _reconcile(conn, res):
-    anomalies = []
-    devices = {bytes(d): (bytes(p) if p is not None else None)
-               for d, p in conn.execute("SELECT device, public_key FROM devices")}
-    revoked = {bytes(k): t for k, t in
-               conn.execute("SELECT kid, revoked FROM keys WHERE revoked IS NOT NULL")}
+# Reconciliation reads the stored receipts in SQL, where the common case costs no Python
+# per row: a meter whose chain SQL finds regular (indices 0..n-1, one receipt each, every
+# signature valid, every prev the hash of the receipt before, balances continuous) has no
+# chain anomaly; only an irregular meter's receipts are loaded and walked in Python
+# (`_chain`). Statuses are written by one INSERT ... SELECT; only top-ups that do not
+# match a voucher, or vouchers applied more than once or for another amount, come back to
+# Python to be described. tests/host/test_reconcile_model.py holds this to a plain
+# Python model of the same rules.
 
-    # Receipts, per device, in index order (hash order within an index).
-    per_device = {}
-    n = 0
-    for row in conn.execute(
-            "SELECT hash, device, idx, kind, prev, meter_time, balance_before, balance_after, "
-            "sequence, voucher_ref, amount, sig_ok, checked_key FROM receipts "
-            "ORDER BY device, idx, hash"):
+# Devices whose chain has a receipt that does not follow the one before it, a balance
+# that rose between receipts, or balances that disagree with the receipt's kind (gaps,
+# forks and signatures are seen in the per-device counts).
+_IRREGULAR = """
+SELECT DISTINCT r.device FROM receipts r
+LEFT JOIN receipts p ON p.device = r.device AND p.idx = r.idx - 1 AND p.hash = r.prev
+WHERE (r.idx = 0 AND r.prev != :genesis)
+   OR (r.idx > 0 AND (p.idx IS NULL OR r.balance_before > p.balance_after))
+   OR r.balance_after != r.balance_before + CASE WHEN r.kind = 1 THEN 1000 * r.amount ELSE 0 END
+"""
+
+# Verified top-up receipts: from a meter with a key, signature checked with that key
+# (`_reverify` has just brought every such receipt's check up to date).
+_VT = """vt AS (
+    SELECT r.device, r.idx, r.hash, r.sequence, r.voucher_ref, r.amount, r.meter_time,
+           r.balance_after
+    FROM receipts r JOIN devices d ON d.device = r.device
+    WHERE d.public_key IS NOT NULL AND r.kind = 1 AND r.sig_ok = 1)"""
+
+# Redeemed: the first verified receipt (in index order) applying the voucher's bytes on
+# the voucher's own meter. Rows go in in receipt order; OR IGNORE keeps the first.
+_REDEEMED = """
+WITH %s
+INSERT OR IGNORE INTO voucher_status (device, sequence, status, closed_at, receipt,
+                                      receipt_index, balance_after)
+SELECT v.device, v.sequence, 'redeemed', vt.meter_time, vt.hash, vt.idx, vt.balance_after
+FROM vt JOIN vouchers v ON v.device = vt.device AND v.sequence = vt.sequence
+                       AND v.ref = vt.voucher_ref
+ORDER BY vt.device, vt.idx, vt.hash
+""" % _VT
+
+# Every other voucher: void, stale, expired or outstanding (closed_at of stale ones is
+# filled in by _stale_since).
+_NOT_REDEEMED = """
+WITH %s, highest AS (SELECT device, max(sequence) AS h FROM vt GROUP BY device)
+INSERT OR IGNORE INTO voucher_status (device, sequence, status, closed_at)
+SELECT v.device, v.sequence,
+       CASE WHEN k.revoked IS NOT NULL THEN 'void'
+            WHEN v.sequence < h.h - %d THEN 'stale'
+            WHEN v.expires <= :now THEN 'expired'
+            ELSE 'outstanding' END,
+       CASE WHEN k.revoked IS NOT NULL THEN k.revoked
+            WHEN v.sequence < h.h - %d THEN NULL
+            WHEN v.expires <= :now THEN v.expires END
+FROM vouchers v JOIN keys k ON k.kid = v.kid
+LEFT JOIN highest h ON h.device = v.device
+""" % (_VT, WINDOW, WINDOW)
+
+# (device, sequence) pairs with more than one verified top-up: applied twice, forks,
+# or a sequence reused by another voucher.
+_SHARED_SEQUENCE = """
+WITH %s
+SELECT device, sequence FROM vt GROUP BY device, sequence HAVING count(*) > 1
+""" % _VT
+
+# Verified top-ups that match no voucher by (device, sequence, reference), or match one
+# issued for another amount.
+_UNMATCHED = """
+WITH %s
+SELECT vt.device, vt.idx, vt.hash, vt.sequence, vt.voucher_ref, vt.amount, v.ref FROM vt
+LEFT JOIN vouchers v ON v.device = vt.device AND v.sequence = vt.sequence
+WHERE v.ref IS NULL OR v.ref != vt.voucher_ref OR v.amount != vt.amount
+ORDER BY vt.device, vt.idx, vt.hash
+""" % _VT
+
+_RECEIPT_COLUMNS = ("hash, device, idx, kind, prev, meter_time, balance_before, "
+                    "balance_after, sequence, voucher_ref, amount, sig_ok")
+
+
+def _load(conn, where, args):
+    out = []
+    for row in conn.execute("SELECT %s FROM receipts WHERE %s ORDER BY device, idx, hash"
+                            % (_RECEIPT_COLUMNS, where), args):
         r = _R()
         (r.hash, r.device, r.index, r.kind, r.prev, r.time, r.before, r.after, r.sequence,
-         r.ref, r.amount, ok, checked) = row
-        dev = r.device
-        public = devices.get(dev, False)
-        r.valid = ok == 1 and public is not False and public is not None and checked == public
-        per_device.setdefault(dev, []).append(r)
-        n += 1
-    res.receipts = n
+         r.ref, r.amount, ok) = row
+        r.valid = ok == 1
+        out.append(r)
+    return out
 
-    topups = []        # verified top-up receipts, device by device in index order
-    highest = {}       # device -> [(running highest sequence, meter time)] in index order
-    for dev in sorted(per_device):
-        rs = per_device[dev]
+
+def _reconcile(conn, res, devices):
+    anomalies = []
+    stats = conn.execute("SELECT device, count(*), count(DISTINCT idx), min(idx), max(idx), "
+                         "sum(sig_ok IS 1) FROM receipts GROUP BY device").fetchall()
+    res.receipts = sum(s[1] for s in stats)
+    irregular = {d for (d,) in conn.execute(_IRREGULAR, {"genesis": pr.GENESIS})}
+
+    # Chains: meters, one by one.
+    for dev, n, distinct, lo, hi, ok in stats:
+        plural = "" if n == 1 else "s"
         if dev not in devices:
             anomalies.append(Anomaly(
-                "unknown_device", dev, rs[0].index, None, None,
+                "unknown_device", dev, lo, None, None,
                 "%d receipt%s (%s) from a meter not registered here; register it with its "
-                "public key and reconcile again" % (len(rs), "" if len(rs) == 1 else "s",
-                                                    _span(rs[0].index, rs[-1].index))))
-            continue
-        if devices[dev] is None:
+                "public key and reconcile again" % (n, plural, _span(lo, hi))))
+        elif devices[dev] is None:
             anomalies.append(Anomaly(
-                "no_device_key", dev, rs[0].index, None, None,
+                "no_device_key", dev, lo, None, None,
                 "%d receipt%s (%s) cannot be verified: no public key is registered for this "
-                "meter" % (len(rs), "" if len(rs) == 1 else "s",
-                           _span(rs[0].index, rs[-1].index))))
-            continue
-        valid = []
-        for r in rs:
-            if r.valid:
-                valid.append(r)
-            else:
-                anomalies.append(Anomaly("bad_signature", dev, r.index, r.hash, r.sequence,
-                                         "receipt %d does not verify with the meter's "
-                                         "registered key" % r.index))
-        _chain(dev, {r.index for r in rs}, valid, anomalies)
-        run_high, marks = 0, []
-        for r in valid:
-            if r.kind == pr.TOPUP:
-                topups.append(r)
-                if r.sequence > run_high:
-                    run_high = r.sequence
-                    marks.append((run_high, r.time))
-        if marks:
-            highest[dev] = marks
+                "meter" % (n, plural, _span(lo, hi))))
+        elif ok != n or distinct != n or lo != 0 or hi != n - 1 or dev in irregular:
+            rs = _load(conn, "device = ?", (dev,))
+            valid = []
+            for r in rs:
+                if r.valid:
+                    valid.append(r)
+                else:
+                    anomalies.append(Anomaly("bad_signature", dev, r.index, r.hash, r.sequence,
+                                             "receipt %d does not verify with the meter's "
+                                             "registered key" % r.index))
+            _chain(dev, {r.index for r in rs}, valid, anomalies)
 
-    # Vouchers and the matching of top-up receipts to them.
-    vouchers = {}
-    order = []
-    for row in conn.execute("SELECT device, sequence, kid, amount, issued, expires, ref "
-                            "FROM vouchers ORDER BY device, sequence"):
-        key = (row[0], row[1])
-        vouchers[key] = row
-        order.append(key)
-    res.vouchers = len(order)
-    redeemed = {}  # (device, sequence) -> first receipt applying it
-    by_ref = None
-    for r in topups:
-        key = (r.device, r.sequence)
-        v = vouchers.get(key)
-        if v is not None and v[6] == r.ref:
-            first = redeemed.get(key)
+    # Statuses of every issued voucher.
+    conn.execute("DELETE FROM voucher_status")
+    conn.execute(_REDEEMED)
+    conn.execute(_NOT_REDEEMED, {"now": res.as_of})
+    _stale_since(conn)
+
+    # Top-ups that match no voucher, or one issued for another amount; and vouchers
+    # whose sequence more than one top-up carries.
+    unmatched = []
+    odd = set(conn.execute(_SHARED_SEQUENCE).fetchall())
+    for row in conn.execute(_UNMATCHED):
+        if row[6] == row[4]:  # the voucher's bytes, another amount
+            odd.add((row[0], row[3]))
+        else:
+            unmatched.append(row)
+    for dev, seq in sorted(odd):
+        v = conn.execute("SELECT ref, amount FROM vouchers WHERE device = ? AND sequence = ?",
+                         (dev, seq)).fetchone()
+        if v is None:
+            continue  # never issued: reported below
+        v_ref, v_amount = v
+        first = None
+        for r in _load(conn, "device = ? AND kind = 1 AND sequence = ? AND voucher_ref = ?",
+                       (dev, seq, v_ref)):
+            if not r.valid:
+                continue
             if first is None:
-                redeemed[key] = r
-                if r.amount != v[3]:
+                first = r
+                if r.amount != v_amount:
                     anomalies.append(Anomaly(
                         "amount_mismatch", r.device, r.index, r.hash, r.sequence,
                         "receipt %d applied voucher %d for %s; it was issued for %s" % (
-                            r.index, r.sequence, format_pence(r.amount), format_pence(v[3]))))
+                            r.index, r.sequence, format_pence(r.amount),
+                            format_pence(v_amount))))
             elif first.index != r.index:
                 anomalies.append(Anomaly(
                     "applied_twice", r.device, r.index, r.hash, r.sequence,
                     "voucher %d applied again by receipt %d (first by receipt %d)" % (
                         r.sequence, r.index, first.index)))
-            continue
-        if by_ref is None:
-            by_ref = {row[6]: row for row in vouchers.values()}
-        other = by_ref.get(r.ref)
-        if other is not None and other[0] != r.device:
+
+    # Top-ups that match no voucher: whose is it?
+    by_ref = {}
+    refs = sorted({u[4] for u in unmatched})
+    for i in range(0, len(refs), 500):
+        chunk = refs[i:i + 500]
+        for dev, seq, ref in conn.execute(
+                "SELECT device, sequence, ref FROM vouchers WHERE ref IN (%s)"
+                % ",".join("?" * len(chunk)), chunk):
+            by_ref[ref] = (dev, seq)
+    for dev, idx, h, seq, ref, amount, issued_ref in unmatched:
+        other = by_ref.get(ref)
+        if other is not None and other[0] != dev:
             anomalies.append(Anomaly(
-                "device_mismatch", r.device, r.index, r.hash, r.sequence,
+                "device_mismatch", dev, idx, h, seq,
                 "receipt %d applied a voucher issued for meter %s (sequence %d)" % (
-                    r.index, format_eui64(other[0]), other[1])))
-        elif other is not None or v is not None:
+                    idx, format_eui64(other[0]), other[1])))
+        elif other is not None or issued_ref is not None:
             anomalies.append(Anomaly(
-                "ref_mismatch", r.device, r.index, r.hash, r.sequence,
+                "ref_mismatch", dev, idx, h, seq,
                 "receipt %d applied voucher reference %s… under sequence %d; the voucher "
-                "issued %s" % (r.index, r.ref.hex()[:12], r.sequence,
-                               "with that sequence is %s…" % v[6].hex()[:12] if v is not None
+                "issued %s" % (idx, ref.hex()[:12], seq,
+                               "with that sequence is %s…" % issued_ref.hex()[:12]
+                               if issued_ref is not None
                                else "with that reference has sequence %d" % other[1])))
         else:
             anomalies.append(Anomaly(
-                "not_issued", r.device, r.index, r.hash, r.sequence,
+                "not_issued", dev, idx, h, seq,
                 "receipt %d applied sequence %d for %s, which was never issued" % (
-                    r.index, r.sequence, format_pence(r.amount))))
+                    idx, seq, format_pence(amount))))
 
-    # A status for every issued voucher.
-    status_rows = []
     count, pence = res.count, res.pence
-    asof = res.as_of
-    for key in order:
-        dev, seq, kid, amount, issued, expires, ref = vouchers[key]
-        r = redeemed.get(key)
-        if r is not None:
-            row = (dev, seq, "redeemed", r.time, r.hash, r.index, r.after)
-        elif kid in revoked:
-            row = (dev, seq, "void", revoked[kid], None, None, None)
-        else:
-            marks = highest.get(dev)
-            if marks is not None and seq < marks[-1][0] - WINDOW:
-                # The first receipt whose sequence put this one below the window.
-                j = bisect.bisect_right(marks, (seq + WINDOW, float("inf")))
-                row = (dev, seq, "stale", marks[j][1], None, None, None)
-            elif expires is not None and expires <= asof:
-                row = (dev, seq, "expired", expires, None, None, None)
-            else:
-                row = (dev, seq, "outstanding", None, None, None, None)
-        status_rows.append(row)
-        count[row[2]] += 1
-        pence[row[2]] += amount
-    conn.execute("DELETE FROM voucher_status")
-    conn.executemany("INSERT INTO voucher_status (device, sequence, status, closed_at, receipt,"
-                     " receipt_index, balance_after) VALUES (?, ?, ?, ?, ?, ?, ?)", status_rows)
+    for status, n, total in conn.execute(
+            "SELECT s.status, count(*), sum(v.amount) FROM voucher_status s JOIN vouchers v "
+            "ON v.device = s.device AND v.sequence = s.sequence GROUP BY s.status"):
+        count[status] = n
+        pence[status] = total
+    res.vouchers = sum(count.values())
 
     anomalies.sort(key=lambda a: (a.device or b"", a.index if a.index is not None else -1,
                                   a.kind, a.detail, a.id))
     seen = set()
     res.anomalies = [a for a in anomalies if not (a.id in seen or seen.add(a.id))]
+
+
+def _stale_since(conn):
+    """closed_at of stale vouchers: the meter time of the first verified top-up (in index
+    order) whose sequence put the voucher below the window."""
+    per_device = {}
+    for dev, seq in conn.execute("SELECT device, sequence FROM voucher_status "
+                                 "WHERE status = 'stale'"):
+        per_device.setdefault(dev, []).append(seq)
+    updates = []
+    for dev, seqs in per_device.items():
+        marks, high = [], 0
+        for seq, t in conn.execute("SELECT sequence, meter_time FROM receipts WHERE device = ? "
+                                   "AND kind = 1 AND sig_ok = 1 ORDER BY idx, hash", (dev,)):
+            if seq > high:
+                high = seq
+                marks.append((high, t))
+        for seq in seqs:
+            j = bisect.bisect_right(marks, (seq + WINDOW, float("inf")))
+            updates.append((marks[j][1], dev, seq))
+    conn.executemany("UPDATE voucher_status SET closed_at = ? WHERE device = ? AND "
+                     "sequence = ?", updates)
