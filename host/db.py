@@ -56,28 +56,42 @@ CREATE TABLE vouchers (
 # Version 2: receipts back from meters and the stored result of reconciliation
 # (host/reconcile.py). A version-1 database is upgraded in place when it is opened.
 SCHEMA_V2 = """
-CREATE TABLE receipts (
-    id             INTEGER PRIMARY KEY,
-    hash           BLOB NOT NULL UNIQUE CHECK (length(hash) = 32), -- SHA-256 of raw (the chain hash)
-    device         BLOB NOT NULL CHECK (length(device) = 8),      -- not a foreign key: unknown meters are kept
-    idx            INTEGER NOT NULL CHECK (idx >= 0),              -- receipt index
-    kind           INTEGER NOT NULL CHECK (kind IN (1, 2, 3)),
-    prev           BLOB NOT NULL CHECK (length(prev) = 32),
-    meter_time     INTEGER NOT NULL,
-    balance_before INTEGER NOT NULL,                               -- milli-pence
-    balance_after  INTEGER NOT NULL,                               -- milli-pence
-    sequence       INTEGER,                                        -- kind 1
-    voucher_ref    BLOB,                                           -- kind 1
-    amount         INTEGER,                                        -- pence; kinds 1 and 2
-    rejections     TEXT,                                           -- kind 3: JSON {reason: count}
-    kid            BLOB NOT NULL CHECK (length(kid) = 8),
-    raw            BLOB NOT NULL,                                  -- the COSE_Sign1 bytes as received
-    imported       INTEGER NOT NULL,                               -- Unix time of the import
-    source         TEXT,                                           -- file name or channel
-    checked_key    BLOB,        -- the device public key the signature was checked with
-    sig_ok         INTEGER CHECK (sig_ok IN (0, 1))  -- NULL: not checked (no key registered)
+CREATE TABLE imports (
+    batch    INTEGER PRIMARY KEY,
+    at       INTEGER NOT NULL,            -- Unix time of the import
+    source   TEXT NOT NULL,               -- file name, or the channel (HAN read-out, head end)
+    receipts INTEGER NOT NULL,            -- receipts in the source
+    new      INTEGER NOT NULL             -- of which stored by this import
 );
-CREATE INDEX receipts_device_idx ON receipts (device, idx);
+
+-- One row per distinct receipt (by its bytes). Clustered by (device, index): a meter's
+-- chain is one range, in order, and receipts arrive mostly in that order. Two different
+-- receipts at one index (a fork) are two rows. Import time and source: imports.batch.
+CREATE TABLE receipts (
+    device         BLOB NOT NULL,         -- not a foreign key: unknown meters are kept
+    idx            INTEGER NOT NULL,      -- receipt index
+    hash           BLOB NOT NULL,         -- SHA-256 of raw: what the next receipt's prev holds
+    kind           INTEGER NOT NULL,      -- 1 top-up, 2 emergency credit, 3 rejections
+    prev           BLOB NOT NULL,
+    meter_time     INTEGER NOT NULL,
+    balance_before INTEGER NOT NULL,      -- milli-pence
+    balance_after  INTEGER NOT NULL,      -- milli-pence
+    sequence       INTEGER,               -- kind 1
+    voucher_ref    BLOB,                  -- kind 1
+    amount         INTEGER,               -- pence; kinds 1 and 2
+    rejections     TEXT,                  -- kind 3: JSON {reason code: count}
+    raw            BLOB NOT NULL,         -- the COSE_Sign1 bytes as received
+    batch          INTEGER NOT NULL,      -- imports.batch
+    checked_kid    BLOB,                  -- kid of the device key the signature was checked with
+    sig_ok         INTEGER,               -- 1 valid, 0 not; NULL not checked (no key registered)
+    PRIMARY KEY (device, idx, hash)
+) WITHOUT ROWID;
+
+CREATE VIEW receipt_log AS
+    SELECT r.device, r.idx, r.hash, r.kind, r.prev, r.meter_time, r.balance_before,
+           r.balance_after, r.sequence, r.voucher_ref, r.amount, r.rejections, r.raw,
+           i.at AS imported, i.source, r.sig_ok
+    FROM receipts r JOIN imports i ON i.batch = r.batch;
 
 CREATE TABLE voucher_status (
     device        BLOB NOT NULL,
@@ -107,7 +121,7 @@ CREATE TABLE reconciliations (
     as_of          INTEGER NOT NULL,  -- the time expiry was judged at
     expired_policy TEXT NOT NULL CHECK (expired_policy IN ('refund', 'void')),
     receipts       INTEGER NOT NULL,
-    last_receipt   INTEGER NOT NULL,  -- the highest receipts.id it saw (0: none)
+    last_batch     INTEGER NOT NULL,  -- the last imports.batch it saw (0: none)
     vouchers       INTEGER NOT NULL,
     anomalies      INTEGER NOT NULL
 );

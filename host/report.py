@@ -38,12 +38,12 @@ class Summary:
 
     def __init__(self, conn):
         run = conn.execute("SELECT run, at, as_of, expired_policy, receipts, vouchers, anomalies,"
-                           " last_receipt FROM reconciliations ORDER BY run DESC LIMIT 1"
+                           " last_batch FROM reconciliations ORDER BY run DESC LIMIT 1"
                            ).fetchone()
         if run is None:
             raise TopupError("no reconciliation yet (run `topup reconcile` first)")
         (self.run, self.at, self.as_of, self.policy, self.receipts, self.vouchers,
-         self.anomaly_count, last_receipt) = run
+         self.anomaly_count, last_batch) = run
         self.conn = conn
         self.count = dict.fromkeys(STATUSES, 0)
         self.pence = dict.fromkeys(STATUSES, 0)
@@ -63,7 +63,7 @@ class Summary:
         for a in self.anomalies:
             self.by_kind[a[1]] = self.by_kind.get(a[1], 0) + 1
         self.imported_since = conn.execute(
-            "SELECT count(*) FROM receipts WHERE id > ?", (last_receipt,)).fetchone()[0]
+            "SELECT count(*) FROM receipts WHERE batch > ?", (last_batch,)).fetchone()[0]
         self.stored_receipts = conn.execute("SELECT count(*) FROM receipts").fetchone()[0]
 
     @property

@@ -58,7 +58,7 @@ def test_clean_reconcile_has_no_anomalies_and_right_statuses(world, tmp_path):
                              "voucher_status WHERE device = ? AND sequence = 1", (A,)).fetchone()
     first = pr.parse(world.a.receipts[0])
     assert row == (first.time, 0, first.balance_after, first.hash)
-    stored = world.conn.execute("SELECT count(*), sum(sig_ok), count(checked_key) FROM receipts"
+    stored = world.conn.execute("SELECT count(*), sum(sig_ok), count(checked_kid) FROM receipts"
                                 ).fetchone()
     assert stored == (10, 10, 10)
 
@@ -70,7 +70,7 @@ def test_receipts_are_stored_with_their_fields(world, tmp_path):
     reconcile.import_files(world.conn, [path], now=T0 + 9 * DAY)
     rows = world.conn.execute(
         "SELECT device, idx, kind, prev, meter_time, balance_before, balance_after, sequence, "
-        "voucher_ref, amount, rejections, raw, hash, imported, source FROM receipts "
+        "voucher_ref, amount, rejections, raw, hash, imported, source FROM receipt_log "
         "WHERE device = ? ORDER BY idx", (A,)).fetchall()
     assert [r[1] for r in rows] == list(range(8))
     for row, raw in zip(rows, world.a.receipts):
