@@ -1,5 +1,60 @@
-"""pytest plugin for the HIL rig (registered under `pytest11`): board options, the `hil`
-marker, and fixtures that hand a test a flashed, provisioned board. Filled in below."""
+"""pytest plugin for the HIL rig (registered under `pytest11`): board options, markers, and
+the fixtures that hand a test a flashed, provisioned board.  Board set-up lives here, in one
+place; the tests only say what they need.
+
+Options (each with an environment-variable fallback):
+
+    --board virtual|PORT   the board under test (TOPUP_BOARD; default: virtual)
+    --han-port PORT        a real board's HAN serial port (TOPUP_HAN_PORT)
+    --rig FILE             a bench's rig description file (TOPUP_RIG; docs/bench-rig.md)
+
+Markers:
+
+    @pytest.mark.hil                      runs against the board under test
+    @pytest.mark.rig("power_cut", ...)    skip unless the bench has these controls
+                                          (hil.transport: power_cut flash_cut wan button
+                                          pulses clock relay reboot)
+    @pytest.mark.meter(initial_credit=..., max_voucher=..., max_credit=..., ec_amount=...,
+                       ec_threshold=..., unit_rate=..., standing=...)
+                                          how the `board` fixture provisions the meter
+                                          (pence, and milli-pence for the tariff)
+
+Fixtures:
+
+    hil_transport   (session) the transport, started and flashed once per session
+    issuer          a throwaway supplier database: an active issuer key, the test meter
+                    registered; issues through host.issuer or the real `topup` CLI
+    board           the transport, factory-reset and provisioned for this test (the meter
+                    key registered with `issuer`), WAN down, clock frozen (virtual board)
+    han             a HAN client on the board's HAN port
+
+A control the bench lacks (hil.transport.Unsupported) skips the test with the reason.
+"""
+import os
+
+import pytest
+
+BOARD_ENV = "TOPUP_BOARD"
+HAN_PORT_ENV = "TOPUP_HAN_PORT"
+RIG_ENV = "TOPUP_RIG"
+
+TEST_DEVICE = bytes.fromhex("70b3d5f0000000a1")   # the meter the suite provisions
+OTHER_DEVICE = bytes.fromhex("70b3d5f0000000a2")  # a neighbour's meter (wrong-device vouchers)
+PASSPHRASE = "hil rig passphrase"
+
+# The meter's set-up unless a test's `meter` marker says otherwise (pence; tariff in mp).
+DEFAULT_METER = {
+    "initial_credit": 1000,      # £10.00
+    "max_voucher": 5000,         # £50.00
+    "max_credit": 20000,         # £200.00
+    "ec_amount": 500,            # £5.00
+    "ec_threshold": 100,         # £1.00
+    "unit_rate": 24500,          # 24.5 p/kWh
+    "standing": 60000,           # 60 p/day (a bench without clock control: 1 mp/day, below)
+}
+# firmware/meter/config.py keys
+_LIMIT_KEYS = {"max_voucher": 5, "max_credit": 6, "ec_amount": 7, "ec_threshold": 8,
+               "unit_rate": 9, "standing": 10}
 
 
 def pytest_addoption(parser):
@@ -14,3 +69,239 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "hil: runs against the board under test (virtual or real)")
+    config.addinivalue_line("markers", "rig(*capabilities): skip unless the bench has these controls "
+                                       "(power_cut flash_cut wan button pulses clock relay reboot)")
+    config.addinivalue_line("markers", "meter(**settings): how the board fixture provisions the meter "
+                                       "(initial_credit, max_voucher, max_credit, ec_amount, "
+                                       "ec_threshold in pence; unit_rate mp/kWh; standing mp/day)")
+
+
+def board_option(config):
+    """(board, han_port, rig path) from the options or their environment variables."""
+    board = config.getoption("--board") or os.environ.get(BOARD_ENV) or "virtual"
+    han_port = config.getoption("--han-port") or os.environ.get(HAN_PORT_ENV)
+    rig = config.getoption("--rig") or os.environ.get(RIG_ENV)
+    return board, han_port, rig
+
+
+def pytest_report_header(config):
+    board, han_port, rig = board_option(config)
+    if board == "virtual":
+        return "board under test: the virtual board"
+    return "board under test: %s (HAN %s, rig %s)" % (board, han_port or "?", rig or "none")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    from hil.transport import Unsupported
+    try:
+        return (yield)
+    except Unsupported as e:
+        pytest.skip(str(e))
+
+
+# --- the transport, once per session ------------------------------------------------------------
+@pytest.fixture(scope="session")
+def hil_transport(request, tmp_path_factory):
+    """The board under test, started and flashed once for the session."""
+    from hil.transport import TransportError, open_transport
+    board, han_port, rig = board_option(request.config)
+    if board == "virtual":
+        import shutil
+        from hil import virtual
+        if not shutil.which("node") or not virtual._package_entry().exists():
+            pytest.skip("the virtual board needs Node.js and the MicroPython npm package (make setup)")
+    try:
+        t = open_transport(board, han_port=han_port, rig=rig,
+                           workdir=tmp_path_factory.mktemp("virtual-board"))
+        t.start()
+    except TransportError as e:
+        pytest.fail("board under test: %s" % e, pytrace=False)
+    try:
+        t.flash()
+        yield t
+    finally:
+        t.close()
+
+
+# --- the supplier ---------------------------------------------------------------------------------
+class Issuer:
+    """A throwaway supplier database with an active key and the test meter registered.
+
+    issue(amount)      vouchers through host.issuer (the issuer's own checks and reservation)
+    issue_cli(amount)  vouchers through the real `topup issue` command (text form, parsed back)
+    cli(*args)         any `topup` command on this database (click's CliRunner; .exit_code, .stdout)
+    sign(seq, amount)  a voucher signed with the real key OUTSIDE the issuer (bad-input tests)
+    verify_receipt(r)  a receipt checked against the meter key registered here
+    """
+
+    def __init__(self, path, device=TEST_DEVICE, max_voucher=None, max_credit=None):
+        import nacl.pwhash
+        from host import db, keystore, registry
+        self.path = str(path)
+        self.device = device
+        self.eui = registry.format_eui64(device)
+        self.env = {"TOPUP_DB": self.path, "TOPUP_PASSPHRASE": PASSPHRASE}
+        self.conn = db.create(self.path)
+        saved = keystore.OPSLIMIT, keystore.MEMLIMIT
+        # A throwaway key: argon2id at its minimum (stored with the key, so the CLI opens it fast).
+        keystore.OPSLIMIT, keystore.MEMLIMIT = nacl.pwhash.argon2id.OPSLIMIT_MIN, nacl.pwhash.argon2id.MEMLIMIT_MIN
+        try:
+            keystore.new_key(self.conn, PASSPHRASE)
+        finally:
+            keystore.OPSLIMIT, keystore.MEMLIMIT = saved
+        self.signer = keystore.unlock_active(self.conn, PASSPHRASE)
+        kw = {}
+        if max_voucher is not None:
+            kw["max_voucher"] = max_voucher
+        if max_credit is not None:
+            kw["max_credit"] = max_credit
+        registry.add_device(self.conn, device, **kw)
+
+    def close(self):
+        self.conn.close()
+
+    # the registry
+    @property
+    def record(self):
+        from host import registry
+        return registry.get_device(self.conn, self.device)
+
+    def trust(self):
+        """The issuer public keys a meter provisioned from this database trusts."""
+        from host import keystore
+        return list(keystore.trusted(self.conn).values())
+
+    def register_meter_key(self, public):
+        from host import registry
+        registry.set_public_key(self.conn, self.device, public)
+
+    def meter_keys(self):
+        from protocol import cose
+        pub = self.record.public_key
+        return {cose.kid_for(pub): pub} if pub else {}
+
+    def verify_receipt(self, raw):
+        """Verify a receipt with the registered meter key (libsodium); return it parsed."""
+        from host.verify import nacl_verify
+        from protocol import receipt
+        return receipt.verify(raw, self.meter_keys(), nacl_verify)
+
+    # issuing
+    def issue(self, amount, count=1, expires_in=None, device=None):
+        """[voucher bytes] of `amount` pence, through the issuer (sequence reserved first)."""
+        from host import issuer
+        return [v.cose for v in issuer.issue(self.conn, self.signer, device or self.device, amount,
+                                              count, expires_in=expires_in)]
+
+    def cli(self, *args, input=None):
+        from click.testing import CliRunner
+        from host.cli import cli
+        return CliRunner().invoke(cli, [str(a) for a in args], env=self.env, input=input,
+                                  catch_exceptions=False)
+
+    def issue_cli(self, amount, count=1, *extra):
+        """[voucher bytes] from `topup issue EUI64 AMOUNT --count N` (text form on stdout)."""
+        from protocol import voucher
+        r = self.cli("issue", self.eui, amount, "--count", count, *extra)
+        if r.exit_code:
+            raise AssertionError("topup issue failed (%d): %s" % (r.exit_code, r.stderr))
+        lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+        assert len(lines) == count, r.stdout
+        return [voucher.from_text(ln) for ln in lines]
+
+    def sign(self, sequence, amount, device=None, expires=None, issued=None):
+        import time
+        from protocol import voucher
+        return voucher.encode(self.signer.kid, self.signer.sign, device or self.device, sequence,
+                              amount, int(time.time()) if issued is None else issued, expires)
+
+
+@pytest.fixture
+def issuer(tmp_path, request):
+    m = request.node.get_closest_marker("meter")
+    settings = dict(DEFAULT_METER, **(m.kwargs if m else {}))
+    iss = Issuer(tmp_path / "supplier.db", max_voucher=settings["max_voucher"],
+                 max_credit=settings["max_credit"])
+    yield iss
+    iss.close()
+
+
+# --- the board ------------------------------------------------------------------------------------
+class BoardUnderTest:
+    """The session's transport, provisioned for one test.  Everything the transport offers
+    (han(), rig controls, power cuts, capabilities …) plus what this meter was given:
+    device, public_key, settings (DEFAULT_METER merged with the `meter` marker), opening_mp.
+    `reprovision()` starts the meter afresh (factory reset, same settings): the model-based
+    test calls it once per example."""
+
+    def __init__(self, transport, issuer, settings):
+        self.transport = transport
+        self.issuer = issuer
+        self.settings = settings
+        self.device = issuer.device
+        self.public_key = None
+
+    def __getattr__(self, name):
+        return getattr(self.transport, name)
+
+    @property
+    def opening_mp(self):
+        return self.settings["initial_credit"] * 1000
+
+    @property
+    def limits(self):
+        return {_LIMIT_KEYS[k]: v for k, v in self.settings.items() if k in _LIMIT_KEYS}
+
+    def reprovision(self):
+        from hil.transport import WAN
+        t = self.transport
+        if hasattr(t, "ensure_up"):
+            t.ensure_up()
+        if t.has(WAN):
+            t.set_wan(False)
+        self.public_key = t.provision(self.device, self.issuer.trust(), self.limits,
+                                      self.settings["initial_credit"], factory_reset=True)
+        self.issuer.register_meter_key(self.public_key)
+        return self
+
+
+def meter_settings(request, transport):
+    from hil.transport import CLOCK
+    m = request.node.get_closest_marker("meter")
+    settings = dict(DEFAULT_METER)
+    if not transport.has(CLOCK):
+        # The board's clock runs: 1 mp/day accrues nothing within a test, so the figures a
+        # test expects stay exact.  A test that sets `standing` itself needs the clock.
+        settings["standing"] = 1
+    if m:
+        unknown = set(m.kwargs) - set(DEFAULT_METER)
+        if unknown:
+            raise pytest.UsageError("meter marker: unknown settings %s" % sorted(unknown))
+        settings.update(m.kwargs)
+    return settings
+
+
+@pytest.fixture
+def board(request, hil_transport, issuer):
+    """A flashed board, factory-reset and provisioned as this test's meter; WAN down."""
+    from hil.transport import CLOCK, Unsupported
+    rig = request.node.get_closest_marker("rig")
+    m = request.node.get_closest_marker("meter")
+    try:
+        if rig:
+            hil_transport.require(*rig.args)
+        if m and "standing" in m.kwargs:
+            hil_transport.require(CLOCK)
+    except Unsupported as e:
+        pytest.skip(str(e))
+    b = BoardUnderTest(hil_transport, issuer, meter_settings(request, hil_transport))
+    b.reprovision()
+    return b
+
+
+@pytest.fixture
+def han(board):
+    client = board.han()
+    yield client
+    client.close()
