@@ -688,6 +688,39 @@ def report_cmd(state, csv_path, html_path):
     return 0
 
 
+@cli.command("headend")
+@click.option("--port", "-p", envvar="TOPUP_WAN_PORT", required=True, metavar="PORT",
+              help="The meters' WAN link: a serial port or pyserial URL (env TOPUP_WAN_PORT).")
+@click.option("--idle-exit", type=float, metavar="SECONDS",
+              help="Stop after this long with nothing received (default: run until Ctrl-C).")
+@click.pass_obj
+def headend_cmd(state, port, idle_exit):
+    """Receive the receipts meters push when their WAN is back; store and acknowledge them."""
+    import time
+    import serial
+    from . import headend
+    conn = state.conn
+    try:
+        link = serial.serial_for_url(port, baudrate=115200, timeout=0.05)
+    except (serial.SerialException, OSError) as e:
+        raise TopupError("cannot open WAN port %s: %s" % (port, e)) from None
+    con = _console()
+    server = headend.HeadEnd(conn, link, "wan:%s" % port, log=con.print)
+    con.print("head end listening on %s (Ctrl-C stops)" % port)
+    last = time.monotonic()
+    try:
+        while idle_exit is None or time.monotonic() - last < idle_exit:
+            if server.poll():
+                last = time.monotonic()
+            else:
+                time.sleep(0.01)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        link.close()
+    con.print("%d push(es), %d new receipt(s) stored" % (server.pushes, server.stored))
+
+
 def _add_engineer_commands():
     # flash, provision, sim, han: the engineer's and the rig's side (hil/).
     from hil.commands import COMMANDS
