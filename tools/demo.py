@@ -1,28 +1,34 @@
 #!/usr/bin/env python3
-"""The supplier side of offline-topup, end to end, narrated for a newcomer (`make demo`).
+"""offline-topup end to end, narrated for a newcomer (`make demo`).
 
-Every step runs the real `topup` command line (host.cli.main) in a temporary directory:
-create a database, make an issuer key, register a meter, issue a voucher, deliver it as
-text and QR code, verify it, and watch a tampered copy and a wrong meter get refused.
+Every step runs the real `topup` command line (host.cli.main): a supplier database and
+issuer key; a virtual meter board (the official MicroPython VM, see hil/) flashed and
+provisioned exactly as an engineer does a real one; the WAN down; a voucher issued, shown
+as a QR code, handed to the meter over the HAN; credit applied; the receipt read back;
+the WAN back, receipts pushed to the head end; and the supplier's reconciliation.
+Everything is left in ./demo-out/ (the HTML report among it).
 """
 import argparse
 import os
 import shlex
 import shutil
 import sys
-import tempfile
+import threading
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
 
 from rich.console import Console  # noqa: E402
 from rich.panel import Panel  # noqa: E402
 
+from hil.virtual import VirtualBoard, VirtualBoardError  # noqa: E402
 from host.cli import main as topup  # noqa: E402
 from protocol import voucher as pv  # noqa: E402
 
-METER = "00-11-22-33-44-55-66-77"
-NEIGHBOUR = "00-11-22-33-44-55-66-88"
+METER = "70-B3-D5-F0-00-00-00-A1"
+OUT = os.path.join(ROOT, "demo-out")
 con = Console(highlight=False)
 
 
@@ -45,11 +51,11 @@ def run(*args, expect=0):
     sys.stdout.flush()
     sys.stderr.flush()
     if code != expect:
-        raise DemoFailed("`topup %s` exited %d, expected %d" % (" ".join(args), code, expect))
+        raise DemoFailed("`topup %s` exited %d, expected %d" % (" ".join(map(str, args)), code, expect))
     return code
 
 
-def demo(work):
+def demo(work, board):
     os.environ["TOPUP_DB"] = os.path.join(work, "supplier.db")
     os.environ["TOPUP_PASSPHRASE"] = "demo passphrase - use a real one"
     os.chdir(work)
@@ -57,100 +63,122 @@ def demo(work):
     con.print(Panel.fit(
         "A prepayment meter whose smart-metering WAN is down cannot be topped up remotely. "
         "The supplier issues a [bold]signed offline voucher[/] instead: a short code or QR "
-        "the customer types or scans into the in-home display, which hands it to the meter. "
-        "The meter checks the Ed25519 signature, the meter id, the limits and the sequence "
-        "number, and adds the credit with no network at all. This is the supplier's side.",
-        title="offline-topup: the supplier side", border_style="cyan"))
+        "the customer types or scans into the in-home device (PPMID), which hands it to the "
+        "meter over the Home Area Network. The meter checks the Ed25519 signature, its own "
+        "id, the limits and the sequence number, adds the credit with no network at all, "
+        "and signs a receipt that the supplier reconciles later.",
+        title="offline-topup, end to end", border_style="cyan"))
     con.print("Working in %s; the database is $TOPUP_DB, the key passphrase "
               "$TOPUP_PASSPHRASE (or a prompt)." % work)
 
-    step("1. Create the supplier database",
-         "One SQLite file (WAL, synchronous=FULL) holds keys, meters and every voucher issued.")
+    step("1. The supplier: a database, an issuer key, a registered meter",
+         "One SQLite file holds keys, meters, vouchers and receipts. The private key is "
+         "sealed with the passphrase (argon2id + secret box); meters trust its public half.")
     run("init")
-
-    step("2. Make an issuer key",
-         "An Ed25519 key pair. The private half is sealed with the passphrase (argon2id + "
-         "secret box); the meter trusts the public half, named by its 8-byte kid.")
     run("key", "new")
-    run("key", "list")
+    run("device", "add", METER, "--max-voucher", "50", "--max-credit", "250", "--label", "Demo flat")
 
-    step("3. Register a meter",
-         "Meters are known by their EUI-64. The limits are the meter's own: a larger voucher "
-         "would be refused by the meter, so the issuer refuses to make one.")
-    run("device", "add", METER, "--max-voucher", "50", "--max-credit", "250",
-        "--label", "Demo flat")
-    run("device", "show", METER)
+    step("2. A meter board on the bench",
+         "A virtual board: the official MicroPython VM behind a USB-serial-like REPL port, a "
+         "HAN port for the in-home device and a WAN port for the head end, and a raw flash "
+         "partition kept in a file. The same firmware files go onto an ESP32.")
+    con.print("REPL %s   HAN %s   WAN %s" % (board.repl_port, board.han_port, board.wan_port))
 
-    step("4. Issue a £10.50 voucher, valid for 30 days",
+    step("3. The engineer flashes and provisions it",
+         "`topup flash` compiles the firmware with mpy-cross for the board's MicroPython, "
+         "copies it with mpremote and checks every file by SHA-256. `topup provision` runs the "
+         "firmware's own provisioning: identity, trusted issuer keys, limits, tariff, opening "
+         "credit; the meter makes its receipt key from its random source, and the public half "
+         "is registered here.")
+    run("flash", "--port", board.repl_port)
+    run("provision", "--port", board.repl_port, "--device", METER, "--initial-credit", "2.00")
+    time.sleep(0.5)  # the meter application starts after the soft reset
+
+    step("4. The WAN is down",
+         "The meter has £2.00 and no way to be topped up remotely.")
+    board.set_wan(False)
+    run("han", "status", "--port", board.han_port)
+
+    step("5. The supplier issues a £10.50 voucher and sends it as a QR code",
          "The sequence number is reserved and the voucher stored (committed to disk) before "
          "it is handed out, so no crash can ever issue the same sequence twice.")
     run("issue", METER, "10.50", "--expires-in", "30", "--out", "voucher.txt")
-    text = open("voucher.txt").read().strip()
-    raw = pv.from_text(text)
-    con.print("\nThe text form (prefix OTU1: and base45 of the %d-byte COSE_Sign1), ready for "
-              "SMS or print:" % len(raw))
-    con.print("[bold yellow]%s[/]" % text, soft_wrap=True)
-
-    step("5. Deliver it as a QR code",
-         "On the terminal, and as PNG and SVG files for letters, apps and web pages.")
+    raw = pv.from_text(open("voucher.txt").read().strip())
     run("show", "voucher.txt", "--format", "qr")
     run("show", "voucher.txt", "--format", "png", "--out", "voucher.png")
-    run("show", "voucher.txt", "--format", "svg", "--out", "voucher.svg")
 
-    step("6. Verify it as the meter would",
-         "`topup verify` decodes any voucher and runs the meter's checks (SPEC.md §2.1) "
-         "with that meter's limits.")
-    run("verify", "voucher.txt", "--device", METER)
+    step("6. The in-home device hands it to the meter over the HAN",
+         "The meter verifies it (pure-Python Ed25519 on MicroPython), commits the credit and "
+         "its signed receipt to flash together, and answers with the receipt.")
+    run("han", "submit", "--port", board.han_port, "voucher.txt")
+    run("han", "status", "--port", board.han_port)
 
-    step("7. A tampered copy is refused",
-         "Flip one bit of the amount (£10.50 becomes something else): the signature no "
-         "longer matches.")
+    step("7. The reply was lost, so the device tries again",
+         "A resubmission is idempotent: the same receipt comes back and nothing changes.")
+    run("han", "submit", "--port", board.han_port, "voucher.txt")
+
+    step("8. A tampered voucher is refused",
+         "One bit of the amount flipped: the signature no longer holds; no credit moves.")
     at = raw.index(b"\x03\x19")  # the amount field: key 3, a 16-bit unsigned integer
     tampered = bytearray(raw)
     tampered[at + 3] ^= 0x01
     with open("tampered.cbor", "wb") as f:
         f.write(tampered)
-    con.print("amount %d p in the copy, %d p as signed"
-              % (pv.parse(bytes(tampered)).amount, pv.parse(raw).amount))
-    run("verify", "tampered.cbor", "--device", METER, expect=1)
+    run("han", "submit", "--port", board.han_port, "tampered.cbor", expect=1)
 
-    step("8. The right voucher on the wrong meter is refused",
-         "Each voucher names its meter; the neighbour's meter will not take it.")
-    run("device", "add", NEIGHBOUR, "--label", "Next door")
-    run("verify", "voucher.txt", "--device", NEIGHBOUR, expect=1)
+    step("9. The customer uses energy",
+         "The meter counts 1 Wh pulses at the unit rate (24.5 p/kWh) plus the standing "
+         "charge, in exact milli-pence.")
+    board.add_pulses(2000)
+    time.sleep(0.3)
+    run("han", "status", "--port", board.han_port)
 
-    step("9. Mistakes are one clear line, and change nothing",
-         "Amounts are parsed exactly into pence; a bad one is refused before anything is "
-         "issued.")
-    run("issue", METER, "1.234", expect=2)
-    run("issue", METER, "60", expect=2)
+    step("10. An engineer reads the receipts out over the HAN",
+         "Signed by the meter's own key and hash-chained; written to a file the supplier can "
+         "import.")
+    run("han", "receipts", "--port", board.han_port, "--out", "receipts.cbor")
+    run("receipts", "import", "receipts.cbor")
+
+    step("11. The WAN is back: the meter pushes its receipts to the head end",
+         "Receipts queued while the WAN was down go up on their own; the head end stores "
+         "them and acknowledges. Importing the same receipt twice changes nothing.")
+    # The head end is listening when the link comes up, as a real one always is.
+    threading.Timer(1.0, board.set_wan, [True]).start()
+    run("headend", "--port", board.wan_port, "--idle-exit", "3")
+
+    step("12. The supplier reconciles",
+         "Every receipt's signature and chain checked, every voucher matched: redeemed, "
+         "outstanding (a liability), stale or expired (a refund), void; anything that should "
+         "never happen is an anomaly.")
+    run("reconcile")
+    run("report", "--html", os.path.join(work, "report.html"), "--csv", os.path.join(work, "vouchers.csv"))
 
     con.print()
     con.print(Panel.fit(
-        "Issued, delivered, verified; tampering and the wrong meter refused. "
-        "Files: %s "
-        "Next: `topup --help`, protocol/SPEC.md for the formats." % ", ".join(
-            sorted(f for f in os.listdir(work) if not f.startswith("supplier.db"))),
+        "Issued, delivered over the HAN with the WAN down, applied once, receipted, pushed to "
+        "the head end and reconciled. The HTML report: %s\n"
+        "Next: `topup --help`, README.md, protocol/SPEC.md." % os.path.join(work, "report.html"),
         title="done", border_style="green"))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--keep", action="store_true", help="keep the working directory")
+    ap.add_argument("--out", default=OUT, help="folder for the demo's files (emptied first)")
     args = ap.parse_args(argv)
-    work = tempfile.mkdtemp(prefix="topup-demo-")
+    work = os.path.abspath(args.out)
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
     cwd = os.getcwd()
+    board = VirtualBoard(os.path.join(work, "board"))
     try:
-        demo(work)
-    except DemoFailed as e:
+        board.start()
+        demo(work, board)
+    except (DemoFailed, VirtualBoardError) as e:
         con.print("[bold red]demo failed:[/] %s" % e)
         return 1
     finally:
+        board.stop()
         os.chdir(cwd)
-        if args.keep:
-            con.print("kept %s" % work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
