@@ -160,8 +160,8 @@ def test_sql_reconcile_equals_python_model(tmp_path_factory, ops, tamper, revoke
                     continue  # stale for this meter
                 m.apply(v.cose, t)
             elif op == "reapply":  # the meter's last top-up again
-                refs = [pr.parse(r).voucher for r in m.receipts]
-                again = [x for x in vs if refs and x.ref == [r for r in refs if r][-1]]
+                refs = [r for r in (pr.parse(x).voucher for x in m.receipts) if r]
+                again = [x for x in vs if refs and x.ref == refs[-1]]
                 if again:
                     m.apply(again[0].cose, t, check_window=False)
             elif op == "wrong_amount":
