@@ -67,40 +67,39 @@ class _Defer(Exception):
     pass
 
 
-def _uint(b, i):
-    ai = b[i]
+def _num(b, i):
+    """(value, next offset) of the shortest-form integer (major type 0 or 1) at b[i]."""
+    ib = b[i]
+    ai = ib & 0x1F
     if ai < 24:
-        return ai, i + 1
-    if ai == 24:
+        v = ai
+        i += 1
+    elif ai == 24:
         v = b[i + 1]
         if v < 24:
             raise _Defer
-        return v, i + 2
-    if ai == 25:
+        i += 2
+    elif ai == 25:
         v = b[i + 1] << 8 | b[i + 2]
         if v < 0x100:
             raise _Defer
-        return v, i + 3
-    if ai == 26:
+        i += 3
+    elif ai == 26:
         v = int.from_bytes(b[i + 1:i + 5], "big")
         if v < 0x10000:
             raise _Defer
-        return v, i + 5
-    if ai == 27:
+        i += 5
+    elif ai == 27:
         v = int.from_bytes(b[i + 1:i + 9], "big")
         if v < 0x100000000:
             raise _Defer
-        return v, i + 9
-    raise _Defer
-
-
-def _int(b, i):
-    if b[i] < 0x20:
-        return _uint(b, i)
-    if b[i] < 0x3C:
-        # Same argument rules as a uint, under major type 1.
-        v, j = _uint(bytes((b[i] - 0x20,)) + b[i + 1:i + 9], 0)
-        return -1 - v, i + j
+        i += 9
+    else:
+        raise _Defer
+    if ib < 0x20:
+        return v, i
+    if ib < 0x40:
+        return -1 - v, i
     raise _Defer
 
 
@@ -121,33 +120,33 @@ def fast_parse(raw):
         head = pl[0]
         if pl[1] != 1 or pl[2] != 0x48 or pl[11] != 2:
             return None
-        index, i = _uint(pl, 12)
+        index, i = _num(pl, 12)
         if pl[i] != 3:
             return None
         kind = pl[i + 1]
         if not ((kind == 1 and head == 0xAA) or (kind == 2 and head == 0xA8)) or pl[i + 2] != 4:
             return None  # kind 3 (rare) goes the generic way
-        time, i = _uint(pl, i + 3)
+        time, i = _num(pl, i + 3)
         if pl[i] != 5 or pl[i + 1] != 0x58 or pl[i + 2] != 0x20 or pl[i + 35] != 6:
             return None
         prev = pl[i + 3:i + 35]
-        before, i = _int(pl, i + 36)
+        before, i = _num(pl, i + 36)
         if pl[i] != 7:
             return None
-        after, i = _int(pl, i + 1)
+        after, i = _num(pl, i + 1)
         sequence = ref = None
         if kind == 1:
             if pl[i] != 8:
                 return None
-            sequence, i = _uint(pl, i + 1)
+            sequence, i = _num(pl, i + 1)
             if pl[i] != 9 or pl[i + 1] != 0x50:
                 return None
             ref = pl[i + 2:i + 18]
             i += 18
         if pl[i] != 10:
             return None
-        amount, i = _uint(pl, i + 1)
-        if i != len(pl) or amount == 0:
+        amount, i = _num(pl, i + 1)
+        if i != len(pl) or amount <= 0 or index < 0 or time < 0 or (kind == 1 and sequence < 0):
             return None
     except (IndexError, _Defer):
         return None
