@@ -98,6 +98,7 @@ CREATE TABLE voucher_status (
     sequence      INTEGER NOT NULL,
     status        TEXT NOT NULL
                   CHECK (status IN ('outstanding', 'redeemed', 'stale', 'expired', 'void')),
+    amount        INTEGER NOT NULL,  -- the voucher's amount in pence (copied for the totals)
     closed_at     INTEGER,      -- when it stopped being a liability (redeemed, stale, expiry, revocation)
     receipt       BLOB,         -- redeemed: hash of the receipt
     receipt_index INTEGER,      -- redeemed: its index

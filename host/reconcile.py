@@ -146,33 +146,19 @@ _INSERT = ("INSERT OR IGNORE INTO receipts (device, idx, hash, kind, prev, meter
            "checked_kid, sig_ok, batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, %d)")
 
 
-def verify_many(checks, progress=None):
-    """[bool] for [(public key, message, signature)], in order. (PyNaCl's libsodium calls
-    hold the GIL, so threads would not check signatures side by side.)"""
-    verify = Verifier()
-    out = []
-    n = len(checks)
-    for i, (public, msg, sig) in enumerate(checks):
-        out.append(verify(public, msg, sig))
-        if progress and i % 1000 == 999:
-            progress(i + 1, n)
-    if progress:
-        progress(n, n)
-    return out
-
-
 def import_parsed(conn, batches, now=None, progress=None):
     """Store receipts already parsed: `batches` is [(source, [receipts_io.Parsed])].
 
-    Signatures of receipts not yet stored are checked before the transaction; then one transaction stores everything new, with one `imports` row per
-    source that brought something new. Nothing new: nothing is written at all.
-    `progress(done, total)` follows the signature checks. Returns an ImportResult.
+    Signatures of receipts not yet stored are checked before the transaction; then one
+    transaction stores everything new, with one `imports` row per source that brought
+    something new. Nothing new: nothing is written at all. `progress(done, total)`
+    follows the signature checks. Returns an ImportResult.
     """
     now = int(time.time()) if now is None else int(now)
     res = ImportResult()
     sha = hashlib.sha256
     seen = set()
-    fresh = []  # [(source, count in source, [Parsed not stored and not seen before])]
+    fresh = []  # [(source, count in source, [Parsed not seen before in this import])]
     for source, items in batches:
         todo = []
         for r in items:
@@ -184,32 +170,39 @@ def import_parsed(conn, batches, now=None, progress=None):
         res.total += len(items)
     stored = _existing(conn, [r for _, _, todo in fresh for r in todo])
     keys = _device_keys(conn)
-    checks = []
-    for _, _, todo in fresh:
-        todo[:] = [r for r in todo if r.hash not in stored]
-        for r in todo:
-            key = keys.get(r.device)
-            if key is not None and r.kid == key[1]:
-                checks.append((key[0], r.tbs, r.sig))
-    results = iter(verify_many(checks, progress))
+    # One pass: check the signature (PyNaCl's libsodium calls hold the GIL, so threads
+    # would not check signatures side by side) and build the row.
+    verify = Verifier()
+    total = sum(len(todo) for _, _, todo in fresh) - len(stored)
+    done = 0
     work = []
     for source, count, todo in fresh:
         rows = []
+        append = rows.append
         for r in todo:
+            if r.hash in stored:
+                continue
             key = keys.get(r.device)
             if key is None:
                 kid = ok = None
                 res.unverified += 1
             else:
                 kid = key[1]
-                ok = 1 if r.kid == kid and next(results) else 0
-                res.bad += 1 - ok
-            rows.append((r.device, r.index, r.hash, r.kind, r.prev, r.time, r.before, r.after,
-                         r.sequence, r.ref, r.amount,
-                         None if r.rejections is None
-                         else json.dumps(r.rejections, sort_keys=True),
-                         r.raw, kid, ok))
+                if r.kid == kid and verify(key[0], r.tbs, r.sig):
+                    ok = 1
+                else:
+                    ok = 0
+                    res.bad += 1
+            append((r.device, r.index, r.hash, r.kind, r.prev, r.time, r.before, r.after,
+                    r.sequence, r.ref, r.amount,
+                    None if r.rejections is None else json.dumps(r.rejections, sort_keys=True),
+                    r.raw, kid, ok))
+            done += 1
+            if progress and done % 1000 == 0:
+                progress(done, total)
         work.append((source, count, rows))
+    if progress:
+        progress(done, done)
     new = {}
     if any(rows for _, _, rows in work):
         with transaction(conn):
@@ -461,9 +454,10 @@ _VT = """vt AS (
 # the voucher's own meter. Rows go in in receipt order; OR IGNORE keeps the first.
 _REDEEMED = """
 WITH %s
-INSERT OR IGNORE INTO voucher_status (device, sequence, status, closed_at, receipt,
+INSERT OR IGNORE INTO voucher_status (device, sequence, status, amount, closed_at, receipt,
                                       receipt_index, balance_after)
-SELECT v.device, v.sequence, 'redeemed', vt.meter_time, vt.hash, vt.idx, vt.balance_after
+SELECT v.device, v.sequence, 'redeemed', v.amount, vt.meter_time, vt.hash, vt.idx,
+       vt.balance_after
 FROM vt JOIN vouchers v ON v.device = vt.device AND v.sequence = vt.sequence
                        AND v.ref = vt.voucher_ref
 ORDER BY vt.device, vt.idx, vt.hash
@@ -473,18 +467,27 @@ ORDER BY vt.device, vt.idx, vt.hash
 # filled in by _stale_since).
 _NOT_REDEEMED = """
 WITH %s, highest AS (SELECT device, max(sequence) AS h FROM vt GROUP BY device)
-INSERT OR IGNORE INTO voucher_status (device, sequence, status, closed_at)
+INSERT OR IGNORE INTO voucher_status (device, sequence, status, amount, closed_at)
 SELECT v.device, v.sequence,
        CASE WHEN k.revoked IS NOT NULL THEN 'void'
             WHEN v.sequence < h.h - %d THEN 'stale'
             WHEN v.expires <= :now THEN 'expired'
             ELSE 'outstanding' END,
+       v.amount,
        CASE WHEN k.revoked IS NOT NULL THEN k.revoked
             WHEN v.sequence < h.h - %d THEN NULL
             WHEN v.expires <= :now THEN v.expires END
 FROM vouchers v JOIN keys k ON k.kid = v.kid
 LEFT JOIN highest h ON h.device = v.device
 """ % (_VT, WINDOW, WINDOW)
+
+# Top-ups, and those matching their voucher's bytes and amount. If every top-up matches
+# and each redeemed a voucher of its own, there is nothing more to look at.
+_MATCH_COUNTS = """
+WITH %s
+SELECT count(*), coalesce(sum(v.ref IS vt.voucher_ref AND v.amount IS vt.amount), 0) FROM vt
+LEFT JOIN vouchers v ON v.device = vt.device AND v.sequence = vt.sequence
+""" % _VT
 
 # (device, sequence) pairs with more than one verified top-up: applied twice, forks,
 # or a sequence reused by another voucher.
@@ -553,15 +556,19 @@ def _reconcile(conn, res, devices):
 
     # Statuses of every issued voucher.
     conn.execute("DELETE FROM voucher_status")
+    before = conn.total_changes
     conn.execute(_REDEEMED)
+    redeemed = conn.total_changes - before
     conn.execute(_NOT_REDEEMED, {"now": res.as_of})
     _stale_since(conn)
 
     # Top-ups that match no voucher, or one issued for another amount; and vouchers
     # whose sequence more than one top-up carries.
     unmatched = []
-    odd = set(conn.execute(_SHARED_SEQUENCE).fetchall())
-    for row in conn.execute(_UNMATCHED):
+    topups, matching = conn.execute(_MATCH_COUNTS).fetchone()
+    clean = topups == matching == redeemed
+    odd = set() if clean else set(conn.execute(_SHARED_SEQUENCE).fetchall())
+    for row in () if clean else conn.execute(_UNMATCHED):
         if row[6] == row[4]:  # the voucher's bytes, another amount
             odd.add((row[0], row[3]))
         else:
@@ -623,8 +630,7 @@ def _reconcile(conn, res, devices):
 
     count, pence = res.count, res.pence
     for status, n, total in conn.execute(
-            "SELECT s.status, count(*), sum(v.amount) FROM voucher_status s JOIN vouchers v "
-            "ON v.device = s.device AND v.sequence = s.sequence GROUP BY s.status"):
+            "SELECT status, count(*), sum(amount) FROM voucher_status GROUP BY status"):
         count[status] = n
         pence[status] = total
     res.vouchers = sum(count.values())

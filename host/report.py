@@ -48,9 +48,7 @@ class Summary:
         self.count = dict.fromkeys(STATUSES, 0)
         self.pence = dict.fromkeys(STATUSES, 0)
         for status, n, total in conn.execute(
-                "SELECT s.status, count(*), coalesce(sum(v.amount), 0) FROM voucher_status s "
-                "JOIN vouchers v ON v.device = s.device AND v.sequence = s.sequence "
-                "GROUP BY s.status"):
+                "SELECT status, count(*), sum(amount) FROM voucher_status GROUP BY status"):
             self.count[status] = n
             self.pence[status] = total
         self.anomalies = [
@@ -93,9 +91,8 @@ class Summary:
         for dev, label in self.conn.execute("SELECT device, label FROM devices"):
             out[bytes(dev)] = [label, {}, 0]
         for dev, status, n, total in self.conn.execute(
-                "SELECT s.device, s.status, count(*), sum(v.amount) FROM voucher_status s "
-                "JOIN vouchers v ON v.device = s.device AND v.sequence = s.sequence "
-                "GROUP BY s.device, s.status"):
+                "SELECT device, status, count(*), sum(amount) FROM voucher_status "
+                "GROUP BY device, status"):
             out.setdefault(bytes(dev), [None, {}, 0])[1][status] = (n, total)
         for a in self.anomalies:
             if a[2] is not None:
@@ -128,8 +125,7 @@ class Summary:
         """[(day start, count, pence)] of redeemed vouchers by meter day, no gaps."""
         per = {}
         for closed, amount in self.conn.execute(
-                "SELECT s.closed_at, v.amount FROM voucher_status s JOIN vouchers v "
-                "ON v.device = s.device AND v.sequence = s.sequence WHERE s.status = 'redeemed'"):
+                "SELECT closed_at, amount FROM voucher_status WHERE status = 'redeemed'"):
             d = closed // DAY
             n, p = per.get(d, (0, 0))
             per[d] = (n + 1, p + amount)
