@@ -226,7 +226,7 @@ def test_power_cut_by_kill_mid_traffic_credit_is_old_or_new_never_twice(meter):
     vouchers = meter.issue(100, count=8)
     landed = []
     for i, raw in enumerate(vouchers):
-        ok, res = meter.power_cut("kill", action=("submit", raw), delay=0.004 * i)
+        ok, res = meter.power_cut("kill", action=("submit", raw), delay=0.008 * i)
         landed.append(ok)
         # the PPMID retries whatever it did not see answered: applied exactly once
         outcome, _ = meter.submit(raw)
