@@ -384,13 +384,13 @@ class _Output:
             self.stream.close()
 
 
-def _progress_bar(total):
+def _progress_bar(total, what="issuing"):
     """A rich progress bar on stderr when it is a terminal, else None."""
     if total < 2 or not sys.stderr.isatty():
         return None, None
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeRemainingColumn)
-    bar = Progress(TextColumn("issuing"), BarColumn(), MofNCompleteColumn(),
+    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(),
                    TimeRemainingColumn(), console=_console(stderr=True), transient=True)
     task = bar.add_task("issue", total=total)
 
@@ -607,7 +607,14 @@ def receipts_import(state, files):
     from .receipts_io import read_file
     conn = state.conn
     batches = [(f, read_file(f)) for f in files]
-    res = recon.import_parsed(conn, batches)
+    bar, progress = _progress_bar(sum(len(b) for _, b in batches), "checking signatures")
+    try:
+        if bar is not None:
+            bar.start()
+        res = recon.import_parsed(conn, batches, progress=progress)
+    finally:
+        if bar is not None:
+            bar.stop()
     for source, total, new in res.files:
         click.echo("%s: %d receipt%s, %d new, %d already stored"
                    % (source, total, "" if total == 1 else "s", new, total - new))

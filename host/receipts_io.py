@@ -219,9 +219,10 @@ def _skip(data, pos, depth=0):
 
 def split_cbor(data, path="<data>"):
     """[(raw receipt bytes, item number from 1, byte offset)] from a CBOR sequence."""
+    if not isinstance(data, bytes):
+        data = bytes(data)
     items = []
     pos, n, end = 0, 0, len(data)
-    mv = memoryview(data)
     while pos < end:
         n += 1
         ib = data[pos]
@@ -245,7 +246,7 @@ def split_cbor(data, path="<data>"):
             if start + length > end:
                 raise ReceiptFileError(path, "truncated: the receipt needs %d bytes, the file "
                                        "has %d left" % (length, end - start), n, pos)
-            items.append((bytes(mv[start:start + length]), n, pos))
+            items.append((data[start:start + length], n, pos))
             pos = start + length
         elif ib == 0xD2:  # a bare COSE_Sign1, tag 18
             try:
@@ -255,7 +256,7 @@ def split_cbor(data, path="<data>"):
                                        n, pos) from None
             except ValueError as e:
                 raise ReceiptFileError(path, "not a receipt: %s" % e, n, pos) from None
-            items.append((bytes(mv[pos:stop]), n, pos))
+            items.append((data[pos:stop], n, pos))
             pos = stop
         else:
             raise ReceiptFileError(path, "expected a receipt (a CBOR byte string), found "
@@ -309,9 +310,10 @@ def parse_items(data, path="<data>"):
     items = split_jsonl(data, path) if fmt == "jsonl" else split_cbor(data, path)
     what = "line" if fmt == "jsonl" else "item"
     out = []
+    fast = fast_parse
     for raw, n, offset in items:
         try:
-            r = parse(raw)
+            r = fast(raw) or parse(raw)
         except Rejected as e:
             raise ReceiptFileError(path, "not a valid receipt (%s)" % (e.detail or e), n,
                                    offset, what=what) from None
