@@ -404,7 +404,7 @@ class Harness:
 
     def power_cut(self, kind, n=0, action=None, delay=0.0):
         """A power cut — kind "kill" (at `delay` s into the action) or "flash" (after `n` more
-        flash operations) — while `action` runs: None, ("submit", raw) or ("pulses", n).
+        flash operations) — while `action` runs: None, ("submit", raw), ("pulses", n) or ("button",).
         The board must come back as the model with the action either landed or not (a
         submit that was answered must have landed); the model follows the board's choice.
         Return (landed, CutResult)."""
@@ -432,6 +432,17 @@ class Harness:
                 def during(han):                       # the cut is armed: pulses, then a checkpoint
                     self.board.add_pulses(count)
                     return han.status()
+        elif action[0] == "button":
+            landed.button()
+            if kind == "kill":
+                self.board.press_button()
+
+                def during(han):
+                    return han.status()
+            else:
+                def during(han):
+                    self.board.press_button()
+                    return han.status()
         else:
             raise ValueError(action)
         if kind == "kill":
@@ -443,7 +454,9 @@ class Harness:
             from hil.han_client import HanTimeout
             if not isinstance(res.error, HanTimeout):
                 raise res.error
-        answered = res.result is not None or isinstance(res.error, HanError)
+        # Only a submit's answer proves its commit (a status answer may come before the step).
+        answered = action is not None and action[0] == "submit" and (
+            res.result is not None or isinstance(res.error, HanError))
         if not res.cut:
             self.model = landed                      # no cut: the action simply ran
             self.settle()

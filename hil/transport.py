@@ -183,9 +183,12 @@ class Transport:
 
     # -- the engineer's path ---------------------------------------------------------------
     def flash(self, **kw):
-        """Put the meter firmware on the board (hil.flashing.flash); wait until it runs."""
+        """Put the meter firmware on the board (hil.flashing.flash); return its summary once
+        the firmware answers on the HAN (provisioned or not)."""
         from hil.flashing import flash
         summary = flash(self.repl_port, **kw)
+        if kw.get("reset", True):
+            self.wait_meter()
         return summary
 
     def provision(self, device, issuer_keys, limits=None, initial_credit=0, factory_reset=True):

@@ -8,9 +8,11 @@ meter key registered at provisioning, the chain intact, no voucher applied twice
 Tests that need a control the bench lacks skip with the reason (`rig` marker)."""
 import time
 
+import nacl.signing
 import pytest
 
-from protocol import errors, receipt as receipt_format, voucher as pv
+from hil.pytest_plugin import OTHER_DEVICE
+from protocol import cose, errors, receipt as receipt_format, voucher as pv
 
 pytestmark = pytest.mark.hil
 
@@ -89,7 +91,6 @@ def test_resubmission_returns_the_same_receipt_and_changes_nothing(meter, han):
 @pytest.mark.meter(initial_credit=1000, max_voucher=5000, max_credit=6000)
 def test_bad_vouchers_are_rejected_with_their_reason_and_no_credit_change(board, meter):
     iss = board.issuer
-    from hil.pytest_plugin import OTHER_DEVICE
     # a sequence used, then vouchers that must each be refused for one reason
     vouchers = meter.issue(500, count=70)
     for raw in (vouchers[69], vouchers[10]):           # sequence 70; 11 still inside the window
@@ -100,8 +101,7 @@ def test_bad_vouchers_are_rejected_with_their_reason_and_no_credit_change(board,
     tampered[-10] ^= 0x01                             # a bit of the signature
     payload_flip = bytearray(good)
     payload_flip[good.index(b"\x02\x15") + 1] = 0x16   # the signed sequence 21 → 22
-    stranger = __import__("nacl.signing", fromlist=["SigningKey"]).SigningKey(bytes(range(101, 133)))
-    from protocol import cose
+    stranger = nacl.signing.SigningKey(bytes(range(101, 133)))   # a key this meter does not trust
     foreign = pv.encode(cose.kid_for(bytes(stranger.verify_key)), lambda m: stranger.sign(m).signature,
                         board.device, 71, 100, int(time.time()))
     cases = [
@@ -264,9 +264,47 @@ def test_power_cut_during_a_metering_checkpoint_loses_only_unsaved_metering(mete
     meter.check(full=True)
 
 
-@pytest.mark.rig("flash_cut")
-def test_power_cut_during_emergency_credit_and_rejections(board, meter):
-    # a rejected voucher's cut: no credit change either way
-    bad = board.issuer.sign(5, 99999)
-    meter.power_cut("flash", n=0, action=("submit", bad))
+@pytest.mark.rig("flash_cut", "button")
+@pytest.mark.meter(initial_credit=50)
+def test_power_cut_at_every_flash_write_of_emergency_credit_and_of_a_rejection(board, meter):
+    for n in range(4):                                # the emergency-credit receipt and state
+        landed, res = meter.power_cut("flash", n=n, action=("button",))
+        if not res.cut:
+            break
+    st = meter.settle()
+    assert st["emergency_mp"] == 500000 and meter.books.receipts[st["receipt_count"] - 1].kind == 2
+    bad = board.issuer.sign(5, 99999)                  # refused: no flash write, no credit change
+    landed, res = meter.power_cut("flash", n=0, action=("submit", bad))
+    assert not res.cut
+    meter.check(full=True)
+
+
+@pytest.mark.rig("power_cut")
+@pytest.mark.meter(initial_credit=0, max_credit=100000)
+def test_topups_through_flash_ring_reclaims_with_power_cuts(board, meter):
+    """Enough top-ups for the store's ring of erase blocks to wrap and reclaim blocks (live
+    receipts copied forward, the oldest block erased), with power cuts among them — a flash cut where the
+    bench has one, else a kill: every receipt still verifies, the chain is unbroken, and the
+    credit is the sum of what was applied."""
+    vb = getattr(board.transport, "board", None)        # the virtual board's flash counters
+    erases0 = vb.counters()["erases"] if vb is not None else None
+    vouchers = meter.issue(1, count=240)
+    for i, raw in enumerate(vouchers):
+        if i % 37 == 36:
+            if board.has("flash_cut"):
+                landed, _ = meter.power_cut("flash", n=i % 5, action=("submit", raw))
+            else:
+                landed, _ = meter.power_cut("kill", action=("submit", raw), delay=0.01 * (i % 5))
+            if not landed:
+                assert meter.submit(raw)[0] == "applied"
+        else:
+            assert meter.submit(raw)[0] == "applied"
+        if i % 8 == 7:
+            meter.settle()
+    st = meter.settle()
+    assert st["balance_mp"] == 240 * 1000 and st["highest_sequence"] == pv.parse(vouchers[-1]).sequence
+    assert st["receipt_count"] == 240 and len(meter.books.applied) == 240
+    if erases0 is not None:
+        assert vb.counters()["erases"] - erases0 >= 4, "no block of the ring was reclaimed"
+    meter.reboot()
     meter.check(full=True)

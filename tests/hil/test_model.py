@@ -33,7 +33,7 @@ from tests.soak import examples
 
 pytestmark = pytest.mark.hil
 
-EXAMPLES = 8
+EXAMPLES = 16
 STEPS = 30
 
 amounts = st.integers(1, 2500)
@@ -145,10 +145,12 @@ class MeterMachine(RuleBasedStateMachine):
             return ("submit", self.held.pop(0))
         if what == "pulses" and self.has("pulses"):
             return ("pulses", n)
+        if what == "button" and self.has("button"):
+            return ("button",)
         return None
 
     @precondition(lambda self: self.has("power_cut"))
-    @rule(what=st.sampled_from(["idle", "submit", "held", "pulses"]), delay=st.floats(0, 0.08),
+    @rule(what=st.sampled_from(["idle", "submit", "held", "pulses", "button"]), delay=st.floats(0, 0.08),
           amount=amounts, n=pulse_counts)
     def power_cut_kill(self, what, delay, amount, n):
         landed, res = self.h.power_cut("kill", action=self._action(what, amount, n), delay=delay)
@@ -157,7 +159,7 @@ class MeterMachine(RuleBasedStateMachine):
         self._count()
 
     @precondition(lambda self: self.has("flash_cut"))
-    @rule(what=st.sampled_from(["submit", "held", "pulses"]), n=st.integers(0, 4), amount=amounts,
+    @rule(what=st.sampled_from(["submit", "held", "pulses", "button"]), n=st.integers(0, 4), amount=amounts,
           pulses=st.integers(800, 40000))
     def power_cut_flash(self, what, n, amount, pulses):
         action = self._action(what, amount, pulses)
