@@ -66,7 +66,7 @@ class Unsupported(TransportError):
 
     def __init__(self, capability, bench):
         self.capability = capability
-        super().__init__("%s bench cannot do this: needs %s" % (bench, _WHY.get(capability, capability)))
+        super().__init__("%s cannot do this: needs %s" % (bench, _WHY.get(capability, capability)))
 
 
 class CutResult:
@@ -165,7 +165,7 @@ class Transport:
                 raise Unsupported(c, self.describe())
 
     def describe(self):
-        return "this %s" % self.kind
+        return "this %s bench" % self.kind
 
     # -- lifecycle (subclasses) -----------------------------------------------------------
     def start(self):
@@ -345,11 +345,6 @@ class VirtualTransport(Transport):
     def relay(self):
         return self.board.relay
 
-    def pending_inputs(self):
-        """Pulses and button presses the firmware has not taken yet (virtual board only)."""
-        s = self.board.status()
-        return s["pulses_pending"] + s["buttons_pending"]
-
     def power_cut_kill(self, during=None, delay=0.0):
         """Cut the power (SIGKILL) — `delay` seconds after starting `during(han)` on a thread,
         if given: a request in flight — then power on again; return once the meter answers.
@@ -367,7 +362,8 @@ class VirtualTransport(Transport):
     def power_cut_after(self, n, during=None, timeout=10.0):
         """Arm a cut that lets `n` more flash erase/program operations complete and tears the
         next one; run `during(han)` (a HanClient that gives up as soon as the power goes);
-        then make sure the board is powered again and the meter answers.
+        then make sure the board is powered again and the meter answers.  Without `during`,
+        wait up to `timeout` for whatever the meter writes next (a checkpoint due, say).
 
         Return a CutResult: cut (True if the power went), result / error of `during`.
         """
@@ -384,9 +380,11 @@ class VirtualTransport(Transport):
                     b.wait_event("poweroff", 1)
                     res.cut = True
                     break
-                if flight is None or flight.done.is_set():
+                if flight is not None and flight.done.is_set():
                     break
                 if time.monotonic() > deadline:
+                    if flight is None:
+                        break                    # nothing was written: no cut
                     raise TransportError("power_cut_after(%d): neither a cut nor an answer in %.0f s"
                                          % (n, timeout))
                 time.sleep(0.005)

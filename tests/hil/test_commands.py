@@ -179,3 +179,114 @@ def test_topup_sim_prints_its_ports_serves_mpremote_and_stops_on_sigint(issuer, 
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+# --- the bench's rig file (no board needed) -------------------------------------------------------
+def _fake_rig(tmp_path, **extra):
+    """Rig commands that append what they were asked to a log file."""
+    log = tmp_path / "rig.log"
+
+    def cmd(word):
+        return [sys.executable, "-c", "import sys; open(%r, 'a').write(' '.join(sys.argv[1:]) + '\\n')"
+                % str(log), word]
+    rig = {"power": {"off": cmd("off"), "on": cmd("on")}, "wan": {"up": cmd("wan-up"), "down": cmd("wan-down")},
+           "button": cmd("button"), "pulses": cmd("pulses") + ["{n}"],
+           "relay": [sys.executable, "-c", "print('on')"]}
+    rig.update(extra)
+    path = tmp_path / "rig.json"
+    import json
+    path.write_text(json.dumps(rig))
+    return path, log
+
+
+def test_rig_file_drives_the_bench_lines_and_names_what_is_missing(tmp_path):
+    from hil.transport import SerialTransport, TransportError, Unsupported, load_rig
+    path, log = _fake_rig(tmp_path)
+    t = SerialTransport("/dev/ttyUSB0", han_port="/dev/ttyUSB1", rig=load_rig(path))
+    assert t.capabilities == {"power_cut", "wan", "button", "pulses", "relay", "reboot"}
+    t.set_wan(True)
+    t.set_wan(False)
+    t.press_button(2)
+    t.add_pulses(1234)
+    assert t.relay() is True
+    assert log.read_text().split("\n")[:-1] == ["wan-up", "wan-down", "button", "button", "pulses 1234"]
+    for call, words in ((lambda: t.advance_clock(60), "setting the meter clock"),
+                        (lambda: t.power_cut_after(0), "the n-th flash write")):
+        with pytest.raises(Unsupported) as e:
+            call()
+        assert "the serial board on /dev/ttyUSB0 cannot do this: needs" in str(e.value) and words in str(e.value)
+    bare = SerialTransport("/dev/ttyUSB0", han_port="/dev/ttyUSB1")
+    assert bare.capabilities == {"reboot"} and bare.relay() is None
+    with pytest.raises(Unsupported, match=r'rig file: "pulses"'):
+        bare.add_pulses(1)
+    failing = SerialTransport("/dev/ttyUSB0", han_port="/dev/ttyUSB1",
+                              rig={"button": [sys.executable, "-c", "import sys; sys.exit('no relay board')"]})
+    with pytest.raises(TransportError, match="rig command button .* exited 1: no relay board"):
+        failing.press_button()
+    with pytest.raises(TransportError, match="needs its HAN port"):
+        SerialTransport("/dev/ttyUSB0")
+    with pytest.raises(TransportError, match="no such port: /dev/ttyUSB0"):
+        SerialTransport("/dev/ttyUSB0", han_port=str(path)).start()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "is not JSON"),
+    ("[]", "must hold a JSON object"),
+    ('{"power": {"off": ["x"]}}', 'power must be {"off": [...], "on": [...]}'),
+    ('{"pulses": ["pulse"]}', "must contain {n}"),
+    ('{"button": "press"}', "button must be a command"),
+    ('{"fan": ["x"]}', "unknown entry 'fan'"),
+])
+def test_bad_rig_files_are_refused_before_anything_runs(tmp_path, content, message):
+    from hil.transport import TransportError, load_rig
+    path = tmp_path / "rig.json"
+    path.write_text(content)
+    with pytest.raises(TransportError, match=re.escape(message)):
+        load_rig(path)
+
+
+def test_the_example_rig_file_is_valid():
+    from hil.transport import SerialTransport, load_rig
+    rig = load_rig(Path(__file__).resolve().parents[2] / "docs" / "rig.example.json")
+    t = SerialTransport("/dev/ttyUSB0", han_port="/dev/ttyUSB1", rig=rig)
+    assert t.capabilities == {"power_cut", "wan", "button", "pulses", "relay", "reboot"}
+
+
+def test_the_suite_runs_unchanged_against_a_board_on_serial_ports(tmp_path):
+    """The serial transport end to end: a board known only by its REPL and HAN ports (here a
+    virtual board's ptys, run as a separate program, as `topup sim` or a USB board would be),
+    no rig file: the tests that need only the HAN, flashing, provisioning and a reboot pass;
+    the others are skipped, each naming the control the bench lacks."""
+    import shutil
+    from hil import virtual
+    if not shutil.which("node") or not virtual._package_entry().exists():
+        pytest.skip("needs Node.js and the MicroPython npm package (make setup)")
+    if os.environ.get("TOPUP_BOARD", "virtual") != "virtual":
+        pytest.skip("already running against a serial board")
+    p = subprocess.Popen([sys.executable, "-m", "hil.virtual", "--workdir", str(tmp_path / "vb")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    try:
+        ports = {}
+        while len(ports) < 2:
+            line = p.stdout.readline()
+            assert line, p.stderr.read()
+            m = re.match(r"(REPL|HAN)\s+(\S+)", line)
+            if m:
+                ports[m.group(1)] = m.group(2)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOPUP_")}
+        r = subprocess.run([sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider",
+                            "tests/hil/test_integrity.py", "--board", ports["REPL"], "--han-port", ports["HAN"],
+                            "-k", "cli or out_of_order or resubmission or bad_vouchers or reboot or pulses"],
+                           capture_output=True, text=True, env=env, timeout=300,
+                           cwd=str(Path(__file__).resolve().parents[2]))
+        assert r.returncode == 0, r.stdout[-3000:]
+        assert re.search(r"\b5 passed\b", r.stdout) and re.search(r"\b[1-9]\d* skipped\b", r.stdout), r.stdout[-2000:]
+        assert "the serial board on %s cannot do this: needs injecting energy pulses" % ports["REPL"] in r.stdout
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

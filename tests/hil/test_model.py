@@ -175,6 +175,10 @@ class MeterMachine(RuleBasedStateMachine):
     def board_matches_model(self):
         self.h.settle()
 
+    def teardown(self):
+        for r in self.h.books.receipts.values():
+            self.stats["receipts_kind_%d" % r.kind] = self.stats.get("receipts_kind_%d" % r.kind, 0) + 1
+
 
 @pytest.mark.meter(initial_credit=500, max_voucher=2500, max_credit=20000)
 def test_random_traffic_and_power_cuts_keep_the_books(board, han):
