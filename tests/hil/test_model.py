@@ -33,7 +33,7 @@ from tests.soak import examples
 
 pytestmark = pytest.mark.hil
 
-EXAMPLES = 16
+EXAMPLES = 12
 STEPS = 30
 
 amounts = st.integers(1, 2500)
@@ -149,19 +149,16 @@ class MeterMachine(RuleBasedStateMachine):
             return ("button",)
         return None
 
-    @precondition(lambda self: self.has("power_cut"))
-    @rule(what=st.sampled_from(["idle", "submit", "held", "pulses", "button"]), delay=st.floats(0, 0.08),
-          amount=amounts, n=pulse_counts)
-    def power_cut_kill(self, what, delay, amount, n):
-        landed, res = self.h.power_cut("kill", action=self._action(what, amount, n), delay=delay)
+    # Power cuts are split into several rules so that they make up a good share of the steps.
+    def _kill(self, what, delay, amount=1, n=1):
+        action = self._action(what, amount, n)
+        landed, res = self.h.power_cut("kill", action=action, delay=delay)
         self.stats["kill"] += 1
-        self.stats["landed" if landed else "lost"] += 1
+        if action is not None:
+            self.stats["landed" if landed else "lost"] += 1
         self._count()
 
-    @precondition(lambda self: self.has("flash_cut"))
-    @rule(what=st.sampled_from(["submit", "held", "pulses", "button"]), n=st.integers(0, 4), amount=amounts,
-          pulses=st.integers(800, 40000))
-    def power_cut_flash(self, what, n, amount, pulses):
+    def _flash(self, what, n, amount=1, pulses=1):
         action = self._action(what, amount, pulses)
         if action is None:
             return
@@ -170,6 +167,41 @@ class MeterMachine(RuleBasedStateMachine):
             self.stats["flash_cut"] += 1
             self.stats["landed" if landed else "lost"] += 1
         self._count()
+
+    @precondition(lambda self: self.has("power_cut"))
+    @rule(delay=st.floats(0, 0.08))
+    def kill_idle(self, delay):
+        self._kill("idle", delay)
+
+    @precondition(lambda self: self.has("power_cut"))
+    @rule(delay=st.floats(0, 0.08), amount=amounts, held=st.booleans())
+    def kill_during_submit(self, delay, amount, held):
+        self._kill("held" if held and self.held else "submit", delay, amount=amount)
+
+    @precondition(lambda self: self.has("power_cut") and self.has("pulses"))
+    @rule(delay=st.floats(0, 0.08), n=pulse_counts)
+    def kill_during_pulses(self, delay, n):
+        self._kill("pulses", delay, n=n)
+
+    @precondition(lambda self: self.has("power_cut") and self.has("button"))
+    @rule(delay=st.floats(0, 0.08))
+    def kill_during_button(self, delay):
+        self._kill("button", delay)
+
+    @precondition(lambda self: self.has("flash_cut"))
+    @rule(n=st.integers(0, 3), amount=amounts, held=st.booleans())
+    def flash_cut_during_submit(self, n, amount, held):
+        self._flash("held" if held and self.held else "submit", n, amount=amount)
+
+    @precondition(lambda self: self.has("flash_cut") and self.has("pulses"))
+    @rule(n=st.integers(0, 1), pulses=st.integers(800, 40000))
+    def flash_cut_during_checkpoint(self, n, pulses):
+        self._flash("pulses", n, pulses=pulses)
+
+    @precondition(lambda self: self.has("flash_cut") and self.has("button"))
+    @rule(n=st.integers(0, 3))
+    def flash_cut_during_button(self, n):
+        self._flash("button", n)
 
     @invariant()
     def board_matches_model(self):
