@@ -33,7 +33,7 @@ from tests.soak import examples
 
 pytestmark = pytest.mark.hil
 
-EXAMPLES = 12
+EXAMPLES = 8
 STEPS = 30
 
 amounts = st.integers(1, 2500)
