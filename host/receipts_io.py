@@ -11,8 +11,10 @@
 # the registered device keys: a bad signature is an anomaly to keep, not a corrupt file).
 import base64
 import binascii
+import hashlib
 import json
 import os
+import re
 import tempfile
 
 from protocol import cose, receipt as pr
@@ -52,112 +54,83 @@ class Parsed:
 
 # --- the fast path --------------------------------------------------------------------
 # A meter writes one exact layout (deterministic CBOR, SPEC.md §1 and §4). This parser
-# reads that layout directly, checking as it goes, and answers None for anything else —
-# which then goes to the generic strict decoder (protocol.receipt.parse), which either
-# accepts it with the same fields or says precisely what is wrong. The tests hold the two
-# to that: for any input, fast_parse is None or equals the generic answer.
+# reads that layout directly — one regular expression for the whole receipt, integers in
+# their shortest form included — and answers None for anything else, which then goes to
+# the generic strict decoder (protocol.receipt.parse): that either accepts it with the
+# same fields or says precisely what is wrong. The tests hold the two to that: for any
+# input, fast_parse is None or equals the generic answer (and `parse_rows` of a file
+# equals parsing its items one by one).
 
 _PROT_HEAD = b"\x4d\xa2\x01\x27\x04\x48"  # bstr(13) {1: -8, 4: bstr(8) ...
 assert cose.protected_header(bytes(8)) == _PROT_HEAD[1:] + bytes(8)
 _TBS_PREFIX = b"\x84\x6aSignature1"
+_TBS_HEAD = _TBS_PREFIX + _PROT_HEAD  # Sig_structure up to the kid
 _EMPTY_AAD = b"\x40"
 
 
-class _Defer(Exception):
-    pass
+def _int_re(small, heads):
+    """A CBOR integer token in shortest form: `small` the one-byte values, `heads` the
+    initial bytes of the 1-, 2-, 4- and 8-byte forms (each too big for the next smaller)."""
+    h1, h2, h4, h8 = heads
+    return (b"(" + small + b"|" + h1 + rb"[\x18-\xff]|" + h2 + rb"[\x01-\xff].|" + h4 +
+            rb"(?:[\x01-\xff].|\x00[\x01-\xff])..|" + h8 +
+            rb"(?:[\x01-\xff]...|\x00[\x01-\xff]..|\x00\x00[\x01-\xff].|\x00\x00\x00[\x01-\xff])"
+            rb"....)")
 
 
-def _num(b, i):
-    """(value, next offset) of the shortest-form integer (major type 0 or 1) at b[i]."""
-    ib = b[i]
-    ai = ib & 0x1F
-    if ai < 24:
-        v = ai
-        i += 1
-    elif ai == 24:
-        v = b[i + 1]
-        if v < 24:
-            raise _Defer
-        i += 2
-    elif ai == 25:
-        v = b[i + 1] << 8 | b[i + 2]
-        if v < 0x100:
-            raise _Defer
-        i += 3
-    elif ai == 26:
-        v = int.from_bytes(b[i + 1:i + 5], "big")
-        if v < 0x10000:
-            raise _Defer
-        i += 5
-    elif ai == 27:
-        v = int.from_bytes(b[i + 1:i + 9], "big")
-        if v < 0x100000000:
-            raise _Defer
-        i += 9
-    else:
-        raise _Defer
-    if ib < 0x20:
-        return v, i
-    if ib < 0x40:
-        return -1 - v, i
-    raise _Defer
+_UINT = _int_re(rb"[\x00-\x17]", (rb"\x18", rb"\x19", rb"\x1a", rb"\x1b"))
+_POS = _int_re(rb"[\x01-\x17]", (rb"\x18", rb"\x19", rb"\x1a", rb"\x1b"))  # > 0
+_INT = _int_re(rb"[\x00-\x17\x20-\x37]",
+               (rb"[\x18\x38]", rb"[\x19\x39]", rb"[\x1a\x3a]", rb"[\x1b\x3b]"))
+
+# COSE_Sign1 [protected {1: -8 (EdDSA), 4: kid}, {}, payload, signature], optionally tag
+# 18; payload a bstr of 24..255 bytes holding the map {1: device, 2: index, 3: kind,
+# 4: time, 5: prev, 6: before, 7: after, [8: sequence, 9: voucher ref,] 10: amount}: ten
+# entries for a top-up (kind 1), eight for emergency credit (kind 2). Kind 3 (rare) goes
+# the generic way. Groups: 1 kid, 2 the payload bstr (head included), 3 set for a top-up,
+# 4 device, 5 index, 6 time, 7 prev, 8 before, 9 after, 10 sequence, 11 ref, 12 amount,
+# 13 signature. The payload's length byte is checked after the match.
+_RECEIPT = re.compile(
+    rb"\xd2?\x84" + re.escape(_PROT_HEAD) + rb"(.{8})\xa0"
+    rb"(\x58[\x18-\xff](?:(\xaa)|\xa8)\x01\x48(.{8})\x02" + _UINT +
+    rb"\x03(?(3)\x01|\x02)\x04" + _UINT + rb"\x05\x58\x20(.{32})\x06" + _INT + rb"\x07" + _INT +
+    rb"(?(3)\x08" + _UINT + rb"\x09\x50(.{16}))\x0a" + _POS + rb")\x58\x40(.{64})", re.S)
+assert _RECEIPT.groups == 13
+
+# A token's value is int.from_bytes(token) - _BASE[its first byte], then -1 - that for
+# a negative one (first byte 0x20..0x3b).
+_BASE = [0] * 256
+for _major in (0x00, 0x20):
+    for _ai in range(24):
+        _BASE[_major | _ai] = _major
+    for _ai, _width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        _BASE[_major | _ai] = (_major | _ai) << (8 * _width)
+del _major, _ai, _width
 
 
 def fast_parse(raw):
     """A Parsed for a receipt in the meter's exact canonical layout, or None."""
-    try:
-        p = 1 if raw[0] == 0xD2 else 0
-        if raw[p] != 0x84 or raw[p + 1:p + 7] != _PROT_HEAD or raw[p + 15] != 0xA0:
-            return None
-        q = p + 16
-        if raw[q] != 0x58:  # payload bstr, 24..255 bytes
-            return None
-        s = q + 2
-        e = s + raw[q + 1]
-        if raw[q + 1] < 24 or e + 66 != len(raw) or raw[e] != 0x58 or raw[e + 1] != 0x40:
-            return None
-        pl = raw[s:e]
-        head = pl[0]
-        if pl[1] != 1 or pl[2] != 0x48 or pl[11] != 2:
-            return None
-        index, i = _num(pl, 12)
-        if pl[i] != 3:
-            return None
-        kind = pl[i + 1]
-        if not ((kind == 1 and head == 0xAA) or (kind == 2 and head == 0xA8)) or pl[i + 2] != 4:
-            return None  # kind 3 (rare) goes the generic way
-        time, i = _num(pl, i + 3)
-        if pl[i] != 5 or pl[i + 1] != 0x58 or pl[i + 2] != 0x20 or pl[i + 35] != 6:
-            return None
-        prev = pl[i + 3:i + 35]
-        before, i = _num(pl, i + 36)
-        if pl[i] != 7:
-            return None
-        after, i = _num(pl, i + 1)
-        sequence = ref = None
-        if kind == 1:
-            if pl[i] != 8:
-                return None
-            sequence, i = _num(pl, i + 1)
-            if pl[i] != 9 or pl[i + 1] != 0x50:
-                return None
-            ref = pl[i + 2:i + 18]
-            i += 18
-        if pl[i] != 10:
-            return None
-        amount, i = _num(pl, i + 1)
-        if i != len(pl) or amount <= 0 or index < 0 or time < 0 or (kind == 1 and sequence < 0):
-            return None
-    except (IndexError, _Defer):
+    m = _RECEIPT.fullmatch(raw)
+    if m is None:
         return None
+    kid, pay, top, device, it, tt, prev, bt, at, st, ref, amt, sig = m.groups()
+    if pay[1] + 2 != len(pay):
+        return None
+    fb, base = int.from_bytes, _BASE
     r = Parsed()
     r.raw = raw
-    r.device = pl[3:11]
-    r.index, r.kind, r.time, r.prev, r.before, r.after = index, kind, time, prev, before, after
-    r.sequence, r.ref, r.amount, r.rejections = sequence, ref, amount, None
-    r.kid = raw[p + 7:p + 15]
-    r.tbs = _TBS_PREFIX + raw[p + 1:p + 15] + _EMPTY_AAD + raw[q:e]
-    r.sig = raw[e + 2:]
+    r.device, r.kid, r.prev, r.ref, r.sig = device, kid, prev, ref, sig
+    r.index = fb(it, "big") - base[it[0]]
+    r.kind = 1 if top else 2
+    r.time = fb(tt, "big") - base[tt[0]]
+    b = fb(bt, "big") - base[bt[0]]
+    r.before = -1 - b if bt[0] & 0x20 else b
+    a = fb(at, "big") - base[at[0]]
+    r.after = -1 - a if at[0] & 0x20 else a
+    r.sequence = None if st is None else fb(st, "big") - base[st[0]]
+    r.amount = fb(amt, "big") - base[amt[0]]
+    r.rejections = None
+    r.tbs = _TBS_HEAD + kid + _EMPTY_AAD + pay
     return r
 
 
@@ -217,6 +190,44 @@ def _skip(data, pos, depth=0):
     return pos
 
 
+def _cbor_item(data, pos, n, path):
+    """(start, stop) of item `n`, the receipt at byte `pos` of a CBOR sequence: the
+    content of a byte string, or a bare COSE_Sign1 (tag 18). ReceiptFileError if not."""
+    end = len(data)
+    ib = data[pos]
+    major, ai = ib >> 5, ib & 0x1F
+    if major == 2:
+        if ai < 24:
+            length, start = ai, pos + 1
+        elif ai <= 27:
+            w = 1 << (ai - 24)
+            if pos + 1 + w > end:
+                raise ReceiptFileError(path, "truncated in the length of a byte string",
+                                       n, pos)
+            length = int.from_bytes(data[pos + 1:pos + 1 + w], "big")
+            start = pos + 1 + w
+        else:
+            raise ReceiptFileError(path, "indefinite-length byte string (not allowed)",
+                                   n, pos)
+        if length > MAX_RECEIPT:
+            raise ReceiptFileError(path, "byte string of %d bytes is too long for a "
+                                   "receipt" % length, n, pos)
+        if start + length > end:
+            raise ReceiptFileError(path, "truncated: the receipt needs %d bytes, the file "
+                                   "has %d left" % (length, end - start), n, pos)
+        return start, start + length
+    if ib == 0xD2:  # a bare COSE_Sign1, tag 18
+        try:
+            return pos, _skip(data, pos)
+        except EOFError:
+            raise ReceiptFileError(path, "truncated COSE_Sign1 (the file ends inside it)",
+                                   n, pos) from None
+        except ValueError as e:
+            raise ReceiptFileError(path, "not a receipt: %s" % e, n, pos) from None
+    raise ReceiptFileError(path, "expected a receipt (a CBOR byte string), found "
+                           "initial byte 0x%02x" % ib, n, pos)
+
+
 def split_cbor(data, path="<data>"):
     """[(raw receipt bytes, item number from 1, byte offset)] from a CBOR sequence."""
     if not isinstance(data, bytes):
@@ -225,42 +236,9 @@ def split_cbor(data, path="<data>"):
     pos, n, end = 0, 0, len(data)
     while pos < end:
         n += 1
-        ib = data[pos]
-        major, ai = ib >> 5, ib & 0x1F
-        if major == 2:
-            if ai < 24:
-                length, start = ai, pos + 1
-            elif ai <= 27:
-                w = 1 << (ai - 24)
-                if pos + 1 + w > end:
-                    raise ReceiptFileError(path, "truncated in the length of a byte string",
-                                           n, pos)
-                length = int.from_bytes(data[pos + 1:pos + 1 + w], "big")
-                start = pos + 1 + w
-            else:
-                raise ReceiptFileError(path, "indefinite-length byte string (not allowed)",
-                                       n, pos)
-            if length > MAX_RECEIPT:
-                raise ReceiptFileError(path, "byte string of %d bytes is too long for a "
-                                       "receipt" % length, n, pos)
-            if start + length > end:
-                raise ReceiptFileError(path, "truncated: the receipt needs %d bytes, the file "
-                                       "has %d left" % (length, end - start), n, pos)
-            items.append((data[start:start + length], n, pos))
-            pos = start + length
-        elif ib == 0xD2:  # a bare COSE_Sign1, tag 18
-            try:
-                stop = _skip(data, pos)
-            except EOFError:
-                raise ReceiptFileError(path, "truncated COSE_Sign1 (the file ends inside it)",
-                                       n, pos) from None
-            except ValueError as e:
-                raise ReceiptFileError(path, "not a receipt: %s" % e, n, pos) from None
-            items.append((data[pos:stop], n, pos))
-            pos = stop
-        else:
-            raise ReceiptFileError(path, "expected a receipt (a CBOR byte string), found "
-                                   "initial byte 0x%02x" % ib, n, pos)
+        start, stop = _cbor_item(data, pos, n, path)
+        items.append((data[start:stop], n, pos))
+        pos = stop
     return items
 
 
@@ -297,12 +275,15 @@ def read_file(path):
     Raises ReceiptFileError (nothing imported) for an unreadable file, a truncated or
     corrupt item, or an item that is not a well-formed receipt.
     """
+    return parse_items(_read(path), str(path))
+
+
+def _read(path):
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except OSError as e:
         raise TopupError("cannot read %s: %s" % (path, e.strerror or e)) from None
-    return parse_items(data, str(path))
 
 
 def parse_items(data, path="<data>"):
@@ -312,14 +293,98 @@ def parse_items(data, path="<data>"):
     out = []
     fast = fast_parse
     for raw, n, offset in items:
-        try:
-            r = fast(raw) or parse(raw)
-        except Rejected as e:
-            raise ReceiptFileError(path, "not a valid receipt (%s)" % (e.detail or e), n,
-                                   offset, what=what) from None
+        r = fast(raw) or _parse_item(raw, path, n, offset, what)
         r.item, r.offset = n, offset
         out.append(r)
     return out
+
+
+def _parse_item(raw, path, n, offset, what="item"):
+    try:
+        return parse(raw)
+    except Rejected as e:
+        raise ReceiptFileError(path, "not a valid receipt (%s)" % (e.detail or e), n,
+                               offset, what=what) from None
+
+
+# --- rows: from file bytes straight to what the importer stores -----------------------
+# A row is a tuple: (device, kid, signed message, hash, index, hash, kind, prev, time,
+# balance before, balance after, sequence, voucher ref, amount, raw, rejections JSON).
+# The signed message is signature || Sig_structure, what libsodium's crypto_sign_open
+# takes; row[ROW_VALUES] are the receipts table's columns idx .. raw in that order (the
+# blobs as bytearrays, which sqlite3 binds without its adaptation look-up), and
+# row[ROW_REJECTIONS] the rejections column (None but for kind 3). `hash` (row[3], bytes)
+# is SHA-256 of raw.
+ROW_DEVICE, ROW_KID, ROW_SIGNED, ROW_HASH = 0, 1, 2, 3
+ROW_VALUES = slice(4, 15)
+ROW_VALUES_REJECTIONS = slice(4, 16)
+ROW_REJECTIONS = 15
+
+
+def row_of(r):
+    """The row of a Parsed (sets r.hash)."""
+    h = r.hash = hashlib.sha256(r.raw).digest()
+    return (r.device, r.kid, r.sig + r.tbs, h, r.index, bytearray(h), r.kind,
+            bytearray(r.prev), r.time, r.before, r.after, r.sequence,
+            None if r.ref is None else bytearray(r.ref), r.amount, bytearray(r.raw),
+            None if r.rejections is None else json.dumps(r.rejections, sort_keys=True))
+
+
+def parse_rows(data, path="<data>"):
+    """The rows of every receipt in a file's bytes, structure checked: the same receipts,
+    the same checks and the same ReceiptFileError as parse_items, in one pass."""
+    if detect(data) == "jsonl":
+        return [row_of(r) for r in parse_items(data, path)]
+    data = bytes(data)
+    try:
+        return _rows(data, path)
+    except ReceiptFileError:
+        # parse_items reports the first item that does not split before the first that
+        # does not parse; say what it says.
+        return [row_of(r) for r in parse_items(data, path)]
+
+
+def _rows(data, path):
+    buf = bytearray(data)  # slices of it are bytearrays
+    full = _RECEIPT.fullmatch
+    fb, base, sha = int.from_bytes, _BASE, hashlib.sha256
+    tbs_head, aad = _TBS_HEAD, _EMPTY_AAD
+    rows = []
+    append = rows.append
+    pos, n, end = 0, 0, len(data)
+    while pos < end:
+        n += 1
+        # The meter's layout in a byte string of one-byte length: matched in place.
+        if data[pos] == 0x58 and pos + 1 < end:
+            start = pos + 2
+            stop = start + data[pos + 1]
+            m = full(buf, start, stop) if stop <= end else None
+            if m is not None:
+                kid, pay, top, device, it, tt, prev, bt, at, st, ref, amt, sig = m.groups()
+                if pay[1] + 2 == len(pay):
+                    raw = buf[start:stop]
+                    h = sha(raw).digest()
+                    b = fb(bt, "big") - base[bt[0]]
+                    a = fb(at, "big") - base[at[0]]
+                    append((bytes(device), kid, b"".join((sig, tbs_head, kid, aad, pay)), h,
+                            fb(it, "big") - base[it[0]], bytearray(h), 1 if top else 2, prev,
+                            fb(tt, "big") - base[tt[0]], -1 - b if bt[0] & 0x20 else b,
+                            -1 - a if at[0] & 0x20 else a,
+                            None if st is None else fb(st, "big") - base[st[0]], ref,
+                            fb(amt, "big") - base[amt[0]], raw, None))
+                    pos = stop
+                    continue
+        # Anything else: item by item, as split_cbor and parse_items would.
+        start, stop = _cbor_item(data, pos, n, path)
+        raw = data[start:stop]
+        append(row_of(fast_parse(raw) or _parse_item(raw, path, n, pos)))
+        pos = stop
+    return rows
+
+
+def read_rows(path):
+    """parse_rows of a file; ReceiptFileError (nothing imported) as for read_file."""
+    return parse_rows(_read(path), str(path))
 
 
 # --- writing --------------------------------------------------------------------------

@@ -78,9 +78,10 @@ ANOMALY_KINDS = {
 
 class Verifier:
     """libsodium's Ed25519 verify (crypto_sign_open: strict, as PyNaCl's VerifyKey.verify)
-    called with reused buffers. `verifier(public, message, signature) -> bool`."""
+    called with reused buffers. `verifier(public, message, signature) -> bool`;
+    `verifier.signed(public, signature + message) -> bool`."""
 
-    _CAP = 4096
+    _CAP = 8192
 
     def __init__(self):
         if _lib is not None:
@@ -89,7 +90,9 @@ class Verifier:
             self._open = _lib.crypto_sign_open
 
     def __call__(self, public, msg, sig):
-        sm = sig + msg
+        return self.signed(public, sig + msg)
+
+    def signed(self, public, sm):
         if _lib is not None and len(sm) <= self._CAP:
             return self._open(self._out, self._len, sm, len(sm), public) == 0
         try:
@@ -122,17 +125,18 @@ def _device_keys(conn):
     return keys
 
 
-def _existing(conn, receipts):
-    """Hashes already stored, among those of `receipts` (one range query per device)."""
+def _existing(conn, rows):
+    """Hashes already stored, among those of `rows` (one range query per device)."""
     span = {}
-    for r in receipts:
-        lo_hi = span.get(r.device)
+    for row in rows:
+        device, i = row[ROW_DEVICE], row[ROW_INDEX]
+        lo_hi = span.get(device)
         if lo_hi is None:
-            span[r.device] = [r.index, r.index]
-        elif r.index < lo_hi[0]:
-            lo_hi[0] = r.index
-        elif r.index > lo_hi[1]:
-            lo_hi[1] = r.index
+            span[device] = [i, i]
+        elif i < lo_hi[0]:
+            lo_hi[0] = i
+        elif i > lo_hi[1]:
+            lo_hi[1] = i
     found = set()
     for device, (lo, hi) in span.items():
         found.update(h for (h,) in conn.execute(
@@ -141,9 +145,22 @@ def _existing(conn, receipts):
     return found
 
 
-_INSERT = ("INSERT OR IGNORE INTO receipts (device, idx, hash, kind, prev, meter_time, "
-           "balance_before, balance_after, sequence, voucher_ref, amount, rejections, raw, "
-           "checked_kid, sig_ok, batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, %d)")
+ROW_DEVICE, ROW_KID, ROW_SIGNED, ROW_HASH = (receipts_io.ROW_DEVICE, receipts_io.ROW_KID,
+                                             receipts_io.ROW_SIGNED, receipts_io.ROW_HASH)
+ROW_INDEX = receipts_io.ROW_VALUES.start
+ROW_REJECTIONS = receipts_io.ROW_REJECTIONS
+_VALUES, _VALUES_REJECTIONS = receipts_io.ROW_VALUES, receipts_io.ROW_VALUES_REJECTIONS
+
+# Rows are inserted in groups that share device, checked key, verdict and whether they
+# carry rejections: those are literals in the statement (sqlite3 binds fewer parameters).
+_INSERT = ("INSERT OR IGNORE INTO receipts (idx, hash, kind, prev, meter_time, "
+           "balance_before, balance_after, sequence, voucher_ref, amount, raw, rejections, "
+           "device, checked_kid, sig_ok, batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+           "%s, %s, %s, %s, %d)")
+
+
+def _blob(b):
+    return "NULL" if b is None else "X'%s'" % bytes(b).hex()
 
 
 def import_parsed(conn, batches, now=None, progress=None):
@@ -154,65 +171,78 @@ def import_parsed(conn, batches, now=None, progress=None):
     something new. Nothing new: nothing is written at all. `progress(done, total)`
     follows the signature checks. Returns an ImportResult.
     """
+    return import_rows(conn, [(source, [receipts_io.row_of(r) for r in items])
+                              for source, items in batches], now=now, progress=progress)
+
+
+def import_rows(conn, batches, now=None, progress=None):
+    """import_parsed for `batches` of [(source, [receipts_io row])]."""
     now = int(time.time()) if now is None else int(now)
     res = ImportResult()
-    sha = hashlib.sha256
     seen = set()
-    fresh = []  # [(source, count in source, [Parsed not seen before in this import])]
-    for source, items in batches:
+    fresh = []  # [(source, count in source, [rows not seen before in this import])]
+    for source, rows in batches:
         todo = []
-        for r in items:
-            h = r.hash = sha(r.raw).digest()
+        for row in rows:
+            h = row[ROW_HASH]
             if h not in seen:
                 seen.add(h)
-                todo.append(r)
-        fresh.append((source, len(items), todo))
-        res.total += len(items)
-    stored = _existing(conn, [r for _, _, todo in fresh for r in todo])
+                todo.append(row)
+        fresh.append((source, len(rows), todo))
+        res.total += len(rows)
+    stored = _existing(conn, [row for _, _, todo in fresh for row in todo])
     keys = _device_keys(conn)
     # One pass: check the signature (PyNaCl's libsodium calls hold the GIL, so threads
-    # would not check signatures side by side) and build the row.
-    verify = Verifier()
+    # would not check signatures side by side) and sort the row into its group.
+    signed = Verifier().signed
     total = sum(len(todo) for _, _, todo in fresh) - len(stored)
     done = 0
     work = []
     for source, count, todo in fresh:
-        rows = []
-        append = rows.append
-        for r in todo:
-            if r.hash in stored:
+        groups = {}  # (device, kid, sig_ok, has rejections) -> [values]
+        last_key = last = None
+        for row in todo:
+            if stored and row[ROW_HASH] in stored:
                 continue
-            key = keys.get(r.device)
+            device = row[ROW_DEVICE]
+            key = keys.get(device)
             if key is None:
                 kid = ok = None
                 res.unverified += 1
             else:
                 kid = key[1]
-                if r.kid == kid and verify(key[0], r.tbs, r.sig):
+                if row[ROW_KID] == kid and signed(key[0], row[ROW_SIGNED]):
                     ok = 1
                 else:
                     ok = 0
                     res.bad += 1
-            append((r.device, r.index, r.hash, r.kind, r.prev, r.time, r.before, r.after,
-                    r.sequence, r.ref, r.amount,
-                    None if r.rejections is None else json.dumps(r.rejections, sort_keys=True),
-                    r.raw, kid, ok))
+            rej = row[ROW_REJECTIONS] is not None
+            group_key = (device, ok, rej)
+            if group_key != last_key:
+                last = groups.get(group_key)
+                if last is None:
+                    last = groups[group_key] = (kid, [])
+                last_key = group_key
+            last[1].append(row[_VALUES_REJECTIONS] if rej else row[_VALUES])
             done += 1
             if progress and done % 1000 == 0:
                 progress(done, total)
-        work.append((source, count, rows))
+        work.append((source, count, groups))
     if progress:
         progress(done, done)
     new = {}
-    if any(rows for _, _, rows in work):
+    if any(groups for _, _, groups in work):
         with transaction(conn):
-            for source, count, rows in work:
-                if not rows:
+            for source, count, groups in work:
+                if not groups:
                     continue
                 batch = conn.execute("INSERT INTO imports (at, source, receipts, new) "
                                      "VALUES (?, ?, ?, 0)", (now, source, count)).lastrowid
                 before = conn.total_changes
-                conn.executemany(_INSERT % batch, rows)
+                for (device, ok, rej), (kid, values) in groups.items():
+                    conn.executemany(_INSERT % ("?" if rej else "NULL", _blob(device),
+                                                _blob(kid), "NULL" if ok is None else ok,
+                                                batch), values)
                 n = new[source] = conn.total_changes - before
                 conn.execute("UPDATE imports SET new = ? WHERE batch = ?", (n, batch))
                 res.new += n
@@ -222,8 +252,8 @@ def import_parsed(conn, batches, now=None, progress=None):
 
 def import_files(conn, paths, now=None, progress=None):
     """Import receipt export files (SPEC.md §6) atomically: all of them or none."""
-    batches = [(str(p), receipts_io.read_file(p)) for p in paths]
-    return import_parsed(conn, batches, now=now, progress=progress)
+    batches = [(str(p), receipts_io.read_rows(p)) for p in paths]
+    return import_rows(conn, batches, now=now, progress=progress)
 
 
 def import_raw(conn, raws, source, now=None):

@@ -521,6 +521,50 @@ def test_fast_parser_matches_generic_parser(world):
     mutate()
 
 
+def test_file_rows_match_item_by_item_parsing(world):
+    """receipts_io.parse_rows (file bytes straight to rows, what import_files uses) gives
+    the rows of parse_items' receipts, or the same ReceiptFileError, for any file."""
+    from hypothesis import given, settings, strategies as st
+    raws = normal_life(world)
+    raws.append(world.a.make(pr.TOPUP, 2**40, -2**40, 2**63, index=2**32 + 5,
+                             sequence=2**31, voucher=bytes(16), amount=2**20))
+    raws.append(world.a.make(pr.EMERGENCY, 5, -7, -7, amount=1))
+
+    def outcome(fn, data):
+        try:
+            return fn(data)
+        except receipts_io.ReceiptFileError as e:
+            return str(e)
+
+    def check(data):
+        rows = outcome(receipts_io.parse_rows, data)
+        items = outcome(receipts_io.parse_items, data)
+        if isinstance(items, str):
+            assert rows == items
+            return
+        assert rows == [receipts_io.row_of(r) for r in items]
+        for row, r in zip(rows, items):
+            assert row[receipts_io.ROW_HASH] == r.hash == pr.chain_hash(r.raw)
+            assert isinstance(row[receipts_io.ROW_DEVICE], bytes)
+    whole = receipts_io.encode_cbor(raws)
+    check(whole)
+    assert len(receipts_io.parse_rows(whole)) == len(raws)
+    check(b"".join(raws))  # bare COSE items
+    check(b"".join(receipts_io.encode_cbor([r]) if i % 2 else r for i, r in enumerate(raws)))
+    check(receipts_io.encode_jsonl(raws))
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(st.sampled_from(raws), min_size=1, max_size=4),
+           st.lists(st.tuples(st.integers(0, 1200), st.integers(0, 255)), max_size=3),
+           st.integers(0, 3), st.booleans())
+    def mutate(picked, edits, cut, bare):
+        b = bytearray(b"".join(picked) if bare else receipts_io.encode_cbor(picked))
+        for pos, val in edits:
+            b[pos % len(b)] = val
+        check(bytes(b[:len(b) - cut]))
+    mutate()
+
+
 # --- schema migration --------------------------------------------------------------
 
 def test_version_1_database_is_upgraded_in_place(tmp_path):
