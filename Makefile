@@ -46,12 +46,15 @@ bench: setup
 	$(PY) tests/bench/bench_apply.py
 	$(PY) tests/bench/bench_wear.py
 	$(PY) tests/bench/bench_issue.py
+	$(PY) tests/bench/bench_reconcile.py
+	$(PY) tests/bench/bench_rig.py
 
 # Long property runs with bounded defaults: SOAK=20 multiplies every example count.
 SOAK ?= 20
 soak: setup
 	TOPUP_SOAK=$(SOAK) $(PY) -m pytest -q tests/test_fuzz_decoders.py \
-		tests/test_ledger_workload.py tests/test_store_powercut.py tests/test_ed25519_differential.py
+		tests/test_ledger_workload.py tests/test_store_powercut.py tests/test_ed25519_differential.py \
+		tests/hil/test_model.py
 
 clean:
 	rm -rf $(VENV) node_modules .stubs .pytest_cache .hypothesis

@@ -214,10 +214,12 @@ def provision(port, device, issuer_keys, limits=None, initial_credit=0, factory_
             if "ImportError" in str(e) or "no module named" in str(e):
                 raise FlashError("the meter firmware is not on the board: run `topup flash` first") from None
             raise
+        finally:
+            # Entering the REPL stopped the meter: start it again whatever happened.
+            board.soft_reset()
         m = re.search(r"PUBLIC ([0-9a-f]{64})", out)
         if not m:
             raise FlashError("provisioning gave no public key: %r" % out.strip())
-        board.soft_reset()
     return binascii.unhexlify(m.group(1))
 
 

@@ -39,7 +39,8 @@ class HanClient:
         """A client on a serial port (a device path or any pyserial URL)."""
         import serial
         try:
-            stream = serial.serial_for_url(port, baudrate=baudrate, timeout=0.02)
+            # Non-blocking reads: request() polls, so no read waits out a timeout.
+            stream = serial.serial_for_url(port, baudrate=baudrate, timeout=0)
         except (serial.SerialException, OSError) as e:
             raise HanTimeout("cannot open HAN port %s: %s" % (port, e)) from None
         return cls(stream, timeout)

@@ -210,6 +210,41 @@ class MeterMachine(RuleBasedStateMachine):
     def teardown(self):
         for r in self.h.books.receipts.values():
             self.stats["receipts_kind_%d" % r.kind] = self.stats.get("receipts_kind_%d" % r.kind, 0) + 1
+        self.reconcile_receipts()
+
+    def reconcile_receipts(self):
+        """The receipts read back from the board go through the supplier's reconciliation:
+        zero anomalies, and exactly the vouchers the model applied are redeemed. Each example
+        re-provisions the meter (a new key, a new chain), so this example is reconciled in a
+        scratch copy of the supplier's database holding only its own vouchers."""
+        import sqlite3
+        import tempfile
+        from host import db, reconcile
+        receipts = [self.h.books.receipts[i].raw for i in sorted(self.h.books.receipts)]
+        ours = sorted(self.h.issued)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "scratch.db")
+            copy = sqlite3.connect(path)
+            self.board.issuer.conn.backup(copy)
+            copy.close()
+            conn = db.open_db(path)
+            try:
+                marks = ",".join("?" * len(ours))
+                with conn:
+                    for table in ("voucher_status", "anomalies", "receipts"):
+                        conn.execute("DELETE FROM %s" % table)
+                    conn.execute("DELETE FROM vouchers WHERE sequence NOT IN (%s)" % marks, ours)
+                if receipts:
+                    reconcile.import_raw(conn, receipts, "model run")
+                reconcile.reconcile(conn)
+                anomalies = conn.execute("SELECT kind, receipt_index, detail FROM anomalies").fetchall()
+                assert anomalies == [], anomalies
+                redeemed = {seq for (seq,) in conn.execute(
+                    "SELECT sequence FROM voucher_status WHERE status = 'redeemed'")}
+                assert redeemed == set(self.h.books.applied), (redeemed, self.h.books.applied)
+                self.stats["reconciled"] = self.stats.get("reconciled", 0) + 1
+            finally:
+                conn.close()
 
 
 @pytest.mark.meter(initial_credit=500, max_voucher=2500, max_credit=20000)
@@ -233,5 +268,6 @@ def test_random_traffic_and_power_cuts_keep_the_books(board, han):
             json.dump(stats, f)
     print("model-based run:", stats)
     assert stats["examples"] >= 1
+    assert stats.get("reconciled") == stats["examples"]
     if board.has("power_cut"):
         assert stats["kill"] > 0, "no power cut was exercised"
