@@ -8,6 +8,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from protocol import ed25519
+from tests.soak import examples
 
 L = ed25519.L
 P = ed25519.P
@@ -21,7 +22,7 @@ def nacl_verify(pk, msg, sig):
         return False
 
 
-SETTINGS = settings(max_examples=150, deadline=None,
+SETTINGS = settings(max_examples=examples(150), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
