@@ -36,12 +36,9 @@ Pulse and button counts come from `Pin.irq` handlers that only add to an int.  O
 ESP32 port pin IRQs are always *soft* (scheduled), so a burst faster than the scheduler
 queue can drain would drop counts; at 1 Wh per pulse that needs > 3.6 MW of load.
 """
-import os
-import time
+from boards.mcu import McuBoard
 
 _BLOCK = 4096
-_UNIX_2000 = 946684800  # seconds from 1970-01-01 to 2000-01-01
-_DEBOUNCE_MS = 50
 
 
 class Flash:
@@ -61,7 +58,7 @@ class Flash:
         return self._part.ioctl(op, arg)
 
 
-class Board:
+class Board(McuBoard):
     name = "esp32"
 
     def __init__(self, *, uart_id=2, tx=17, rx=16, baudrate=115200, relay_pin=26,
@@ -71,7 +68,6 @@ class Board:
         import esp32
         import machine
 
-        self._machine = machine
         found = esp32.Partition.find(esp32.Partition.TYPE_DATA, label=partition)
         if not found:
             raise OSError(2, "no data partition %r: see boards/esp32.py for the table" % partition)
@@ -81,63 +77,4 @@ class Board:
         # timeout=0: read() returns what is buffered (or None) without waiting.
         self.han = machine.UART(uart_id, baudrate=baudrate, tx=tx, rx=rx, timeout=0,
                                 timeout_char=0, rxbuf=1024)
-        self._relay = machine.Pin(relay_pin, machine.Pin.OUT, value=0)
-        self._wan = machine.Pin(wan_pin, machine.Pin.IN, machine.Pin.PULL_DOWN)
-        self._presses = 0
-        self._pulses = 0
-        self._last_press = time.ticks_ms()
-        self._button = machine.Pin(button_pin, machine.Pin.IN, machine.Pin.PULL_UP)
-        self._pulse = machine.Pin(pulse_pin, machine.Pin.IN)
-        # Bound methods are made once here, not in the IRQ.
-        self._button.irq(handler=self._on_button, trigger=machine.Pin.IRQ_FALLING)
-        self._pulse.irq(handler=self._on_pulse, trigger=machine.Pin.IRQ_RISING)
-        # The ESP32 port counts from 2000-01-01; report Unix seconds on any port.
-        self._epoch = _UNIX_2000 if time.gmtime(0)[0] == 2000 else 0
-        self._ticks_last = time.ticks_ms()
-        self._ticks_total = 0
-
-    # --- IRQ handlers: integer arithmetic only, no allocation -----------------------
-    def _on_pulse(self, _pin):
-        self._pulses += 1
-
-    def _on_button(self, _pin):
-        t = time.ticks_ms()
-        if time.ticks_diff(t, self._last_press) > _DEBOUNCE_MS:
-            self._presses += 1
-        self._last_press = t
-
-    # --- the board interface ---------------------------------------------------------
-    def set_relay(self, on):
-        self._relay.value(1 if on else 0)
-
-    def button_presses(self):
-        state = self._machine.disable_irq()
-        n = self._presses
-        self._presses = 0
-        self._machine.enable_irq(state)
-        return n
-
-    def wan_up(self):
-        return self._wan.value() == 1
-
-    def pulses(self):
-        state = self._machine.disable_irq()
-        n = self._pulses
-        self._pulses = 0
-        self._machine.enable_irq(state)
-        return n
-
-    def time(self):
-        return time.time() + self._epoch
-
-    def ticks_ms(self):
-        # time.ticks_ms() wraps (period 2**30); accumulate so the app sees a counter that
-        # never goes backwards.  Called from the main loop far more often than every
-        # 2**29 ms (6 days), the longest step ticks_diff can measure.
-        now = time.ticks_ms()
-        self._ticks_total += time.ticks_diff(now, self._ticks_last)
-        self._ticks_last = now
-        return self._ticks_total
-
-    def random(self, n):
-        return os.urandom(n)
+        self._setup_io(machine, relay_pin, wan_pin, button_pin, pulse_pin, hard_irq=False)

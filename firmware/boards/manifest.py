@@ -11,7 +11,7 @@ metadata(
 
 options.defaults(board=None, test=False)
 
-_files = ["__init__.py"]
+_files = ["__init__.py", "mcu.py"]  # mcu: what the microcontroller boards share
 if options.board:
     _files.append(options.board + ".py")
 else:

@@ -31,13 +31,12 @@ energy pulses GP12 (rising edge per Wh).  Pulse and button counters are *hard* I
 handlers that only add to an int (no allocation), so no pulse is lost to a busy scheduler.
 """
 import os
-import time
+
+from boards.mcu import McuBoard
 
 _BLOCK = 4096
 _PAGE = 256
 _LEDGER_LEN = 64 * 1024
-_UNIX_2000 = 946684800
-_DEBOUNCE_MS = 50
 
 
 class Flash:
@@ -65,7 +64,7 @@ class Flash:
         return self._dev.ioctl(op, arg)
 
 
-class Board:
+class Board(McuBoard):
     name = "pico"
 
     def __init__(self, *, uart_id=0, tx=0, rx=1, baudrate=115200, relay_pin=15, wan_pin=14,
@@ -75,7 +74,6 @@ class Board:
         import machine
         import rp2
 
-        self._machine = machine
         whole = rp2.Flash().ioctl(4, 0) * _BLOCK
         if flash_start is None:
             flash_start = whole - flash_len
@@ -89,60 +87,4 @@ class Board:
         self.flash = Flash(rp2.Flash(start=flash_start, len=flash_len))
         self.han = machine.UART(uart_id, baudrate=baudrate, tx=machine.Pin(tx),
                                 rx=machine.Pin(rx), timeout=0, timeout_char=0, rxbuf=1024)
-        self._relay = machine.Pin(relay_pin, machine.Pin.OUT, value=0)
-        self._wan = machine.Pin(wan_pin, machine.Pin.IN, machine.Pin.PULL_DOWN)
-        self._presses = 0
-        self._pulses = 0
-        self._last_press = time.ticks_ms()
-        self._button = machine.Pin(button_pin, machine.Pin.IN, machine.Pin.PULL_UP)
-        self._pulse = machine.Pin(pulse_pin, machine.Pin.IN)
-        self._button.irq(handler=self._on_button, trigger=machine.Pin.IRQ_FALLING, hard=True)
-        self._pulse.irq(handler=self._on_pulse, trigger=machine.Pin.IRQ_RISING, hard=True)
-        self._epoch = _UNIX_2000 if time.gmtime(0)[0] == 2000 else 0
-        self._ticks_last = time.ticks_ms()
-        self._ticks_total = 0
-
-    # --- IRQ handlers (hard): integer arithmetic only, no allocation ----------------
-    def _on_pulse(self, _pin):
-        self._pulses += 1
-
-    def _on_button(self, _pin):
-        t = time.ticks_ms()
-        if time.ticks_diff(t, self._last_press) > _DEBOUNCE_MS:
-            self._presses += 1
-        self._last_press = t
-
-    # --- the board interface ---------------------------------------------------------
-    def set_relay(self, on):
-        self._relay.value(1 if on else 0)
-
-    def button_presses(self):
-        state = self._machine.disable_irq()
-        n = self._presses
-        self._presses = 0
-        self._machine.enable_irq(state)
-        return n
-
-    def wan_up(self):
-        return self._wan.value() == 1
-
-    def pulses(self):
-        state = self._machine.disable_irq()
-        n = self._pulses
-        self._pulses = 0
-        self._machine.enable_irq(state)
-        return n
-
-    def time(self):
-        return time.time() + self._epoch
-
-    def ticks_ms(self):
-        # time.ticks_ms() wraps (period 2**30); accumulate into a counter that never
-        # goes backwards (the main loop calls this far more often than every 6 days).
-        now = time.ticks_ms()
-        self._ticks_total += time.ticks_diff(now, self._ticks_last)
-        self._ticks_last = now
-        return self._ticks_total
-
-    def random(self, n):
-        return os.urandom(n)
+        self._setup_io(machine, relay_pin, wan_pin, button_pin, pulse_pin, hard_irq=True)

@@ -1,0 +1,75 @@
+"""What the microcontroller boards (esp32, pico) share: the relay and WAN pins, button and
+pulse counters fed by pin IRQs, Unix time on any port epoch, a ticks counter that never
+wraps, and the hardware random source. Each board module subclasses `McuBoard`, makes its
+own UART and flash, and calls `_setup_io`. Nothing here touches hardware at import time."""
+import os
+import time
+
+_UNIX_2000 = 946684800  # seconds from 1970-01-01 to 2000-01-01
+_DEBOUNCE_MS = 50
+
+
+class McuBoard:
+    def _setup_io(self, machine, relay_pin, wan_pin, button_pin, pulse_pin, hard_irq):
+        self._machine = machine
+        self._relay = machine.Pin(relay_pin, machine.Pin.OUT, value=0)
+        self._wan = machine.Pin(wan_pin, machine.Pin.IN, machine.Pin.PULL_DOWN)
+        self._presses = 0
+        self._pulses = 0
+        self._last_press = time.ticks_ms()
+        self._button = machine.Pin(button_pin, machine.Pin.IN, machine.Pin.PULL_UP)
+        self._pulse = machine.Pin(pulse_pin, machine.Pin.IN)
+        # Bound methods are made once here, not in the IRQ. `hard` only where the port has
+        # hard pin IRQs (the ESP32 port's are always scheduled).
+        kw = {"hard": True} if hard_irq else {}
+        self._button.irq(handler=self._on_button, trigger=machine.Pin.IRQ_FALLING, **kw)
+        self._pulse.irq(handler=self._on_pulse, trigger=machine.Pin.IRQ_RISING, **kw)
+        # Some ports count from 2000-01-01; report Unix seconds on any port.
+        self._epoch = _UNIX_2000 if time.gmtime(0)[0] == 2000 else 0
+        self._ticks_last = time.ticks_ms()
+        self._ticks_total = 0
+
+    # --- IRQ handlers: integer arithmetic only, no allocation -----------------------
+    def _on_pulse(self, _pin):
+        self._pulses += 1
+
+    def _on_button(self, _pin):
+        t = time.ticks_ms()
+        if time.ticks_diff(t, self._last_press) > _DEBOUNCE_MS:
+            self._presses += 1
+        self._last_press = t
+
+    def _take(self, name):
+        state = self._machine.disable_irq()
+        n = getattr(self, name)
+        setattr(self, name, 0)
+        self._machine.enable_irq(state)
+        return n
+
+    # --- the board interface ---------------------------------------------------------
+    def set_relay(self, on):
+        self._relay.value(1 if on else 0)
+
+    def button_presses(self):
+        return self._take("_presses")
+
+    def wan_up(self):
+        return self._wan.value() == 1
+
+    def pulses(self):
+        return self._take("_pulses")
+
+    def time(self):
+        return time.time() + self._epoch
+
+    def ticks_ms(self):
+        # time.ticks_ms() wraps (period 2**30); accumulate so the app sees a counter that
+        # never goes backwards. Called from the main loop far more often than every
+        # 2**29 ms (6 days), the longest step ticks_diff can measure.
+        now = time.ticks_ms()
+        self._ticks_total += time.ticks_diff(now, self._ticks_last)
+        self._ticks_last = now
+        return self._ticks_total
+
+    def random(self, n):
+        return os.urandom(n)
