@@ -50,8 +50,8 @@ def test_compiled_module_carries_the_boards_mpy_version(tmp_path):
     src = tmp_path / "m.py"
     src.write_text("X = 1\n")
     data = flashing.compile_mpy(src, "6.3")
-    assert data[:2] == b"M\x06"          # .mpy magic and major version 6
-    assert data[2] & 3 == 3               # sub-version 3, in the low bits of the flags byte
+    assert data[:2] == b"M\x06"          # .mpy magic and version 6 (bytecode-only: no arch flags)
+    assert data[2] == 0
 
 
 def test_not_micropython_is_refused(monkeypatch):
