@@ -66,3 +66,25 @@ def test_too_old_micropython_is_refused_with_the_version_needed(monkeypatch):
 def test_unknown_bytecode_version_is_refused(monkeypatch):
     msg = _flash_with(monkeypatch, version=(1, 30, 0), mpy=0x007)
     assert "cannot compile for .mpy version 7.0" in msg
+
+
+def test_a_busy_port_is_a_clear_error(tmp_path):
+    import os
+    import tty
+
+    import serial
+
+    from host.cli import main as topup
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    port = os.ttyname(slave)
+    holder = serial.Serial(port, exclusive=True)       # another program has the port
+    try:
+        with pytest.raises(flashing.FlashError) as e:
+            flashing.flash(port)
+        assert "cannot open %s" % port in str(e.value)
+        assert topup(["--db", str(tmp_path / "x.db"), "han", "status", "--port", port]) == 2
+    finally:
+        holder.close()
+        os.close(master)
+        os.close(slave)
