@@ -50,7 +50,8 @@ class Board:
         try:
             self.t = SerialTransport(port, baudrate=baudrate)
         except Exception as e:  # mpremote raises its own and serial's errors
-            raise FlashError("cannot open %s: %s" % (port, _first_line(e))) from None
+            raise FlashError("cannot open %s: %s (no such port, or another program is using it)"
+                             % (port, _first_line(e))) from None
         try:
             self.t.enter_raw_repl(soft_reset=False, timeout_overall=timeout)
         except Exception as e:
