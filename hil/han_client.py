@@ -40,8 +40,7 @@ class HanClient:
         import serial
         try:
             # Non-blocking reads: request() polls, so no read waits out a timeout.
-            # exclusive: a port another program holds is reported, not shared.
-            stream = serial.serial_for_url(port, baudrate=baudrate, timeout=0, exclusive=True)
+            stream = serial.serial_for_url(port, baudrate=baudrate, timeout=0)
         except (serial.SerialException, OSError) as e:
             raise HanTimeout("cannot open HAN port %s: %s" % (port, e)) from None
         return cls(stream, timeout)

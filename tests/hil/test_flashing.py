@@ -74,7 +74,6 @@ def test_a_busy_port_is_a_clear_error(tmp_path):
 
     import serial
 
-    from host.cli import main as topup
     master, slave = os.openpty()
     tty.setraw(slave)
     port = os.ttyname(slave)
@@ -82,8 +81,7 @@ def test_a_busy_port_is_a_clear_error(tmp_path):
     try:
         with pytest.raises(flashing.FlashError) as e:
             flashing.flash(port)
-        assert "cannot open %s" % port in str(e.value)
-        assert topup(["--db", str(tmp_path / "x.db"), "han", "status", "--port", port]) == 2
+        assert "cannot open %s" % port in str(e.value) and "another program" in str(e.value)
     finally:
         holder.close()
         os.close(master)
