@@ -329,7 +329,8 @@ class _R:
 
 def _reverify(conn, keys):
     """Check the signatures not yet checked with the device's current key (a key
-    registered, or changed, after the import). Returns how many were checked."""
+    registered, or changed, after the import), for the devices in `keys` ({device:
+    (public key, kid) or None}). Returns how many were checked."""
     verify = Verifier()
     updates = []
     for device, key in keys.items():
@@ -436,9 +437,7 @@ def reconcile(conn, now=None, expired_policy="refund", at=None):
     at = int(time.time()) if at is None else int(at)
     res = Result(now, expired_policy)
     with transaction(conn):
-        keys = _device_keys(conn)
-        _reverify(conn, keys)
-        _reconcile(conn, res, keys)
+        _reconcile(conn, res, _device_keys(conn))
         conn.execute("DELETE FROM anomalies")
         conn.executemany("INSERT INTO anomalies (id, kind, device, receipt_index, receipt, "
                          "sequence, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -461,27 +460,40 @@ def reconcile(conn, now=None, expired_policy="refund", at=None):
 # Python to be described. tests/host/test_reconcile_model.py holds this to a plain
 # Python model of the same rules.
 
-# Devices whose chain has a receipt that does not follow the one before it, a balance
-# that rose between receipts, or balances that disagree with the receipt's kind (gaps,
-# forks and signatures are seen in the per-device counts).
-_IRREGULAR = """
-SELECT DISTINCT r.device FROM receipts r
+# Per meter, in one pass over its receipts: how many, lowest and highest index, how many
+# with a valid signature; whether all were checked with one key (min = max kid, none
+# NULL); verified top-ups (what `vt` below holds, if the meter has a key); and how many
+# receipts do not follow the one before them, raise the balance between receipts, or
+# have balances that disagree with their kind. A meter with receipts 0..n-1, all valid
+# and none of those, has a regular chain (two receipts at one index would leave an index
+# missing, and the receipt after it does not follow anything).
+_STATS = """
+SELECT r.device, count(*), min(r.idx), max(r.idx), sum(r.sig_ok IS 1), count(r.checked_kid),
+       min(r.checked_kid), max(r.checked_kid), sum(r.kind = 1 AND r.sig_ok IS 1),
+       sum((r.idx = 0 AND r.prev != :genesis)
+           OR (r.idx > 0 AND (p.idx IS NULL OR r.balance_before > p.balance_after))
+           OR r.balance_after != r.balance_before
+                                 + CASE WHEN r.kind = 1 THEN 1000 * r.amount ELSE 0 END)
+FROM receipts r
 LEFT JOIN receipts p ON p.device = r.device AND p.idx = r.idx - 1 AND p.hash = r.prev
-WHERE (r.idx = 0 AND r.prev != :genesis)
-   OR (r.idx > 0 AND (p.idx IS NULL OR r.balance_before > p.balance_after))
-   OR r.balance_after != r.balance_before + CASE WHEN r.kind = 1 THEN 1000 * r.amount ELSE 0 END
+GROUP BY r.device
 """
 
 # Verified top-up receipts: from a meter with a key, signature checked with that key
-# (`_reverify` has just brought every such receipt's check up to date).
+# (`_reverify` has just brought every such receipt's check up to date). devices.device
+# is unique: IN is the join, without looking the device up for every receipt.
 _VT = """vt AS (
     SELECT r.device, r.idx, r.hash, r.sequence, r.voucher_ref, r.amount, r.meter_time,
            r.balance_after
-    FROM receipts r JOIN devices d ON d.device = r.device
-    WHERE d.public_key IS NOT NULL AND r.kind = 1 AND r.sig_ok = 1)"""
+    FROM receipts r
+    WHERE r.kind = 1 AND r.sig_ok = 1
+      AND r.device IN (SELECT device FROM devices WHERE public_key IS NOT NULL))"""
 
 # Redeemed: the first verified receipt (in index order) applying the voucher's bytes on
 # the voucher's own meter. Rows go in in receipt order; OR IGNORE keeps the first.
+# %s: an extra condition. With "AND v.amount = vt.amount" it stores only the top-ups that
+# match their voucher's bytes and amount: if that is every verified top-up (none
+# ignored), the matching is clean and these are exactly the redeemed vouchers.
 _REDEEMED = """
 WITH %s
 INSERT OR IGNORE INTO voucher_status (device, sequence, status, amount, closed_at, receipt,
@@ -489,12 +501,12 @@ INSERT OR IGNORE INTO voucher_status (device, sequence, status, amount, closed_a
 SELECT v.device, v.sequence, 'redeemed', v.amount, vt.meter_time, vt.hash, vt.idx,
        vt.balance_after
 FROM vt JOIN vouchers v ON v.device = vt.device AND v.sequence = vt.sequence
-                       AND v.ref = vt.voucher_ref
+                       AND v.ref = vt.voucher_ref %%s
 ORDER BY vt.device, vt.idx, vt.hash
 """ % _VT
 
 # Every other voucher: void, stale, expired or outstanding (closed_at of stale ones is
-# filled in by _stale_since).
+# filled in by _stale_since). Redeemed ones are passed over before anything is joined.
 _NOT_REDEEMED = """
 WITH %s, highest AS (SELECT device, max(sequence) AS h FROM vt GROUP BY device)
 INSERT OR IGNORE INTO voucher_status (device, sequence, status, amount, closed_at)
@@ -509,15 +521,9 @@ SELECT v.device, v.sequence,
             WHEN v.expires <= :now THEN v.expires END
 FROM vouchers v JOIN keys k ON k.kid = v.kid
 LEFT JOIN highest h ON h.device = v.device
+WHERE NOT EXISTS (SELECT 1 FROM voucher_status s
+                  WHERE s.device = v.device AND s.sequence = v.sequence)
 """ % (_VT, WINDOW, WINDOW)
-
-# Top-ups, and those matching their voucher's bytes and amount. If every top-up matches
-# and each redeemed a voucher of its own, there is nothing more to look at.
-_MATCH_COUNTS = """
-WITH %s
-SELECT count(*), coalesce(sum(v.ref IS vt.voucher_ref AND v.amount IS vt.amount), 0) FROM vt
-LEFT JOIN vouchers v ON v.device = vt.device AND v.sequence = vt.sequence
-""" % _VT
 
 # (device, sequence) pairs with more than one verified top-up: applied twice, forks,
 # or a sequence reused by another voucher.
@@ -552,15 +558,25 @@ def _load(conn, where, args):
     return out
 
 
+def _stats(conn):
+    return conn.execute(_STATS, {"genesis": pr.GENESIS}).fetchall()
+
+
 def _reconcile(conn, res, devices):
     anomalies = []
-    stats = conn.execute("SELECT device, count(*), count(DISTINCT idx), min(idx), max(idx), "
-                         "sum(sig_ok IS 1) FROM receipts GROUP BY device").fetchall()
+    stats = _stats(conn)
+    # Signatures checked with another key than the meter's current one, or not at all.
+    stale = {dev: devices[dev] for dev, n, _, _, _, checked, lo_kid, hi_kid, _, _ in stats
+             if devices.get(dev) is not None
+             and not (checked == n and lo_kid == hi_kid == devices[dev][1])}
+    if stale:
+        _reverify(conn, stale)
+        stats = _stats(conn)
     res.receipts = sum(s[1] for s in stats)
-    irregular = {d for (d,) in conn.execute(_IRREGULAR, {"genesis": pr.GENESIS})}
+    topups = sum(s[8] for s in stats if devices.get(s[0]) is not None)
 
     # Chains: meters, one by one.
-    for dev, n, distinct, lo, hi, ok in stats:
+    for dev, n, lo, hi, ok, _, _, _, _, irregular in stats:
         plural = "" if n == 1 else "s"
         if dev not in devices:
             anomalies.append(Anomaly(
@@ -572,7 +588,7 @@ def _reconcile(conn, res, devices):
                 "no_device_key", dev, lo, None, None,
                 "%d receipt%s (%s) cannot be verified: no public key is registered for this "
                 "meter" % (n, plural, _span(lo, hi))))
-        elif ok != n or distinct != n or lo != 0 or hi != n - 1 or dev in irregular:
+        elif ok != n or lo != 0 or hi != n - 1 or irregular:
             rs = _load(conn, "device = ?", (dev,))
             valid = []
             for r in rs:
@@ -587,16 +603,17 @@ def _reconcile(conn, res, devices):
     # Statuses of every issued voucher.
     conn.execute("DELETE FROM voucher_status")
     before = conn.total_changes
-    conn.execute(_REDEEMED)
-    redeemed = conn.total_changes - before
+    conn.execute(_REDEEMED % "AND v.amount = vt.amount")
+    clean = conn.total_changes - before == topups
+    if not clean:
+        conn.execute("DELETE FROM voucher_status")
+        conn.execute(_REDEEMED % "")
     conn.execute(_NOT_REDEEMED, {"now": res.as_of})
     _stale_since(conn)
 
     # Top-ups that match no voucher, or one issued for another amount; and vouchers
     # whose sequence more than one top-up carries.
     unmatched = []
-    topups, matching = conn.execute(_MATCH_COUNTS).fetchone()
-    clean = topups == matching == redeemed
     odd = set() if clean else set(conn.execute(_SHARED_SEQUENCE).fetchall())
     for row in () if clean else conn.execute(_UNMATCHED):
         if row[6] == row[4]:  # the voucher's bytes, another amount
