@@ -327,7 +327,8 @@ class _Output:
         else:  # cbor / png / svg to files
             if out is None:
                 out = "."
-            if count == 1 and not os.path.isdir(out):
+            # One voucher to a file; a trailing "/" (or an existing folder) means a folder.
+            if count == 1 and not os.path.isdir(out) and not out.endswith(os.sep):
                 self.file = out
                 self._check_parent(out)
             else:
@@ -369,12 +370,18 @@ class _Output:
             for v in batch:
                 path = self.file or os.path.join(
                     self.dir, "%s-%d.%s" % (registry.format_eui64(v.device), v.sequence, fmt))
-                if fmt == "png":
-                    delivery.write_png(v.cose, path)
-                elif fmt == "svg":
-                    delivery.write_svg(v.cose, path)
-                else:
-                    delivery.write_cbor(v.cose, path)
+                try:
+                    if fmt == "png":
+                        delivery.write_png(v.cose, path)
+                    elif fmt == "svg":
+                        delivery.write_svg(v.cose, path)
+                    else:
+                        delivery.write_cbor(v.cose, path)
+                except OSError as e:
+                    # The voucher is issued and stored: say how to deliver it again.
+                    raise TopupError("voucher %d issued and stored, but cannot write %s: %s "
+                                     "(deliver it with `topup show`)"
+                                     % (v.sequence, path, e.strerror or e)) from None
                 self.written.append(path)
         if self.stream is not None:
             self.stream.flush()

@@ -372,3 +372,10 @@ def test_show_delivers_an_existing_voucher_again(store, tmp_path, monkeypatch):
     store.ok("show", text, "-f", "png")
     assert (tmp_path / ("%s-1.png" % DEVICE)).read_bytes()[:4] == b"\x89PNG"
     assert "not a voucher" in one_line_error(store("show", "OTU1:AAAA"))
+
+
+def test_one_png_to_a_folder_named_with_a_trailing_slash(store, tmp_path):
+    out = tmp_path / "qr"
+    store.ok("issue", DEVICE, "10", "-f", "png", "-o", str(out) + os.sep)
+    [png] = os.listdir(out)
+    assert png.endswith("-1.png") and (out / png).read_bytes()[:4] == b"\x89PNG"
