@@ -345,7 +345,7 @@ def parse_rows(data, path="<data>"):
 
 
 def _rows(data, path):
-    buf = bytearray(data)  # slices of it are bytearrays
+    buf = bytearray(data)  # its slices are bytearrays (match groups are bytes)
     full = _RECEIPT.fullmatch
     fb, base, sha = int.from_bytes, _BASE, hashlib.sha256
     tbs_head, aad = _TBS_HEAD, _EMPTY_AAD
@@ -358,7 +358,7 @@ def _rows(data, path):
         if data[pos] == 0x58 and pos + 1 < end:
             start = pos + 2
             stop = start + data[pos + 1]
-            m = full(buf, start, stop) if stop <= end else None
+            m = full(data, start, stop) if stop <= end else None
             if m is not None:
                 kid, pay, top, device, it, tt, prev, bt, at, st, ref, amt, sig = m.groups()
                 if pay[1] + 2 == len(pay):
@@ -366,11 +366,12 @@ def _rows(data, path):
                     h = sha(raw).digest()
                     b = fb(bt, "big") - base[bt[0]]
                     a = fb(at, "big") - base[at[0]]
-                    append((bytes(device), kid, b"".join((sig, tbs_head, kid, aad, pay)), h,
-                            fb(it, "big") - base[it[0]], bytearray(h), 1 if top else 2, prev,
-                            fb(tt, "big") - base[tt[0]], -1 - b if bt[0] & 0x20 else b,
-                            -1 - a if at[0] & 0x20 else a,
-                            None if st is None else fb(st, "big") - base[st[0]], ref,
+                    append((device, kid, b"".join((sig, tbs_head, kid, aad, pay)), h,
+                            fb(it, "big") - base[it[0]], bytearray(h), 1 if top else 2,
+                            bytearray(prev), fb(tt, "big") - base[tt[0]],
+                            -1 - b if bt[0] & 0x20 else b, -1 - a if at[0] & 0x20 else a,
+                            None if st is None else fb(st, "big") - base[st[0]],
+                            None if ref is None else bytearray(ref),
                             fb(amt, "big") - base[amt[0]], raw, None))
                     pos = stop
                     continue
