@@ -611,14 +611,14 @@ def receipts_import(state, files):
     checked against its meter's registered key and all are stored in one transaction.
     Receipts already stored are skipped: importing twice changes nothing.
     """
-    from .receipts_io import read_file
+    from .receipts_io import read_rows
     conn = state.conn
-    batches = [(f, read_file(f)) for f in files]
+    batches = [(f, read_rows(f)) for f in files]
     bar, progress = _progress_bar(sum(len(b) for _, b in batches), "checking signatures")
     try:
         if bar is not None:
             bar.start()
-        res = recon.import_parsed(conn, batches, progress=progress)
+        res = recon.import_rows(conn, batches, progress=progress)
     finally:
         if bar is not None:
             bar.stop()
