@@ -121,9 +121,11 @@ def sim(workdir, wan, flash_firmware):
             _board_errors(do_flash, board.repl_port)
         click.echo("REPL port  %s" % board.repl_port)
         click.echo("HAN port   %s" % board.han_port)
+        click.echo("WAN port   %s" % board.wan_port)
         click.echo("workdir    %s" % workdir)
         click.echo("try:       mpremote connect %s exec \"print(1)\"" % board.repl_port)
         click.echo("           topup han status --port %s" % board.han_port)
+        click.echo("           topup headend --port %s" % board.wan_port)
         click.echo("Ctrl-C stops the board.", err=True)
         while board.running:
             time.sleep(0.5)
