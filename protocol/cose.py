@@ -65,7 +65,7 @@ def decode(data):
         raise Rejected(MALFORMED, "protected header is not a map")
     if unprotected:
         raise Rejected(BAD_HEADER, "unprotected header must be empty")
-    if len(header) != 2 or header.get(HDR_ALG) != ALG_EDDSA or isinstance(header.get(HDR_ALG), bool):
+    if len(header) != 2 or header.get(HDR_ALG) != ALG_EDDSA:
         raise Rejected(BAD_HEADER, "protected header must be exactly {alg: EdDSA (-8), kid}")
     kid = header.get(HDR_KID)
     if not isinstance(kid, bytes) or len(kid) != KID_LEN:

@@ -11,7 +11,6 @@ const testDirs = (process.argv.length > 2 ? process.argv.slice(2) : DEFAULT_DIRS
 // tests/protocol holds the shared test helpers (_support.py), so it always goes in.
 const copyDirs = [...new Set(["protocol", "firmware", "tests/protocol", ...testDirs])]
   .filter((d) => fs.existsSync(path.join(REPO, d)));
-const mp = await loadVM({ dirs: copyDirs });
 
 const modules = [];
 for (const dir of testDirs) {
@@ -19,6 +18,12 @@ for (const dir of testDirs) {
     if (/^test_.*\.py$/.test(name)) modules.push(`${dir}/${name.slice(0, -3)}`.replaceAll("/", "."));
   }
 }
+
+if (modules.length === 0) {
+  console.error("no dual-VM test modules found");
+  process.exit(1);
+}
+const mp = await loadVM({ dirs: copyDirs });
 
 const driver = `
 import sys, time
@@ -45,8 +50,6 @@ for _modname in ${JSON.stringify(modules)}:
 print()
 print("MicroPython %s: %d passed, %d failed" % (".".join(str(v) for v in sys.implementation.version[:3]), _passed, len(_failed)))
 _ok = not _failed
-if _failed:
-    raise SystemExit(1)
 `;
 try {
   mp.runPython(driver);
@@ -54,9 +57,4 @@ try {
   process.stderr.write(String(err.message || err) + "\n");
   process.exit(1);
 }
-const ok = mp.globals.get("_ok");
-if (modules.length === 0) {
-  console.error("no dual-VM test modules found");
-  process.exit(1);
-}
-process.exit(ok ? 0 : 1);
+process.exit(mp.globals.get("_ok") ? 0 : 1);

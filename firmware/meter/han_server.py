@@ -1,7 +1,7 @@
 # The meter's side of the HAN (SPEC.md §5). The HAN is untrusted: every request is
 # answered or dropped, nothing raised out of here can stop the main loop, and only a
 # valid signed voucher changes credit.
-from protocol import errors, han
+from protocol import cbor, errors, han
 from protocol.errors import Rejected
 from meter import config as cfg
 
@@ -93,7 +93,6 @@ class HanServer:
 def _peek_id(body):
     # A body that is not [type, id, payload] may still carry a usable id: answer it if so.
     try:
-        from protocol import cbor
         msg = cbor.decode(body)
         if isinstance(msg, list) and len(msg) >= 2 and isinstance(msg[1], int) and 0 <= msg[1] <= 0xFFFF:
             return msg[1]
