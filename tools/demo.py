@@ -119,7 +119,7 @@ def demo(work, board):
 
     step("8. A tampered voucher is refused",
          "One bit of the amount flipped: the signature no longer holds; no credit moves.")
-    at = raw.index(b"\x03\x19")  # the amount field: key 3, a 16-bit unsigned integer
+    at = raw.index(b"\x03\x19", 17)  # the amount field (key 3, 16-bit), past the random kid
     tampered = bytearray(raw)
     tampered[at + 3] ^= 0x01
     with open("tampered.cbor", "wb") as f:

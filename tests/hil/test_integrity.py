@@ -100,7 +100,7 @@ def test_bad_vouchers_are_rejected_with_their_reason_and_no_credit_change(board,
     tampered = bytearray(good)
     tampered[-10] ^= 0x01                             # a bit of the signature
     payload_flip = bytearray(good)
-    payload_flip[good.index(b"\x02\x15") + 1] = 0x16   # the signed sequence 21 → 22
+    payload_flip[good.index(b"\x02\x15", 17) + 1] = 0x16   # the signed sequence 21 → 22
     stranger = nacl.signing.SigningKey(bytes(range(101, 133)))   # a key this meter does not trust
     foreign = pv.encode(cose.kid_for(bytes(stranger.verify_key)), lambda m: stranger.sign(m).signature,
                         board.device, 71, 100, int(time.time()))

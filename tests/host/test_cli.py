@@ -282,7 +282,7 @@ def test_verify_tampered_copy_is_bad_signature(store):
 
 def test_verify_amount_tampered_is_bad_signature(store):
     raw = pv.from_text(issue_one(store, "1"))
-    at = raw.index(b"\x03\x18\x64")  # amount 100 p
+    at = raw.index(b"\x03\x18\x64", 17)  # amount 100 p, in the payload (after the kid)
     forged = raw[:at] + b"\x03\x18\xc8" + raw[at + 3:]  # 200 p, signature unchanged
     assert pv.parse(forged).amount == 200
     assert _reason(store("verify", pv.to_text(forged))) == "BAD_SIGNATURE"
@@ -338,7 +338,11 @@ def test_verify_malformed(store, text):
 
 def test_verify_bad_header(store):
     raw = pv.from_text(issue_one(store))
-    untagged_unprotected = raw.replace(b"\xa0", b"\xa1\x01\x01", 1)
+    # The empty unprotected map follows the protected header's byte string (d2 84 4d <13 bytes>);
+    # a bare replace of the first 0xa0 could hit a random kid byte instead.
+    at = 3 + (raw[2] & 0x1F)
+    assert raw[at] == 0xA0
+    untagged_unprotected = raw[:at] + b"\xa1\x01\x01" + raw[at + 1:]
     assert _reason(store("verify", pv.to_text(untagged_unprotected))) == "BAD_HEADER"
 
 
