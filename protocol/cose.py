@@ -19,15 +19,17 @@ def protected_header(kid):
     return cbor.encode({HDR_ALG: ALG_EDDSA, HDR_KID: bytes(kid)})
 
 
-def sig_structure(protected, payload):
-    # External AAD is empty (SPEC.md §2). `protected` is the header bytes as received.
-    return cbor.encode(["Signature1", protected, b"", payload])
+def sig_structure(protected, payload, aad=b""):
+    # External AAD is empty for vouchers and receipts (SPEC.md §2); other signed messages
+    # name themselves in it, so that no signature can be taken for another kind's
+    # (SPEC.md §5.1). `protected` is the header bytes as received.
+    return cbor.encode(["Signature1", protected, aad, payload])
 
 
-def encode(kid, payload, sign):
+def encode(kid, payload, sign, aad=b""):
     """Build a tagged COSE_Sign1. `sign(message) -> 64-byte signature` is the key."""
     protected = protected_header(kid)
-    signature = sign(sig_structure(protected, payload))
+    signature = sign(sig_structure(protected, payload, aad))
     return cbor.encode(cbor.Tag(TAG_SIGN1, [protected, {}, payload, signature]))
 
 
@@ -41,11 +43,11 @@ class Sign1:
         self.signature = signature
         self.tagged = tagged
 
-    def to_be_signed(self):
-        return sig_structure(self.protected, self.payload)
+    def to_be_signed(self, aad=b""):
+        return sig_structure(self.protected, self.payload, aad)
 
-    def verify(self, public_key, verify_sig):
-        return verify_sig(public_key, self.to_be_signed(), self.signature)
+    def verify(self, public_key, verify_sig, aad=b""):
+        return verify_sig(public_key, self.to_be_signed(aad), self.signature)
 
 
 def decode(data):

@@ -2,7 +2,7 @@
 #
 #   public_key(seed32) -> pk32
 #   sign(seed32, msg) -> sig64            deterministic, byte-identical to libsodium
-#   verify(pk, msg, sig) -> bool          never raises; libsodium's (PyNaCl's) verdict
+#   verify(pk, msg, sig) -> bool          libsodium's (PyNaCl's) verdict; raises only MemoryError
 #
 # Verification semantics are libsodium's strict, cofactorless ones:
 #   * S must be canonical (S < L);
@@ -438,9 +438,13 @@ def sign(seed, msg):
 
 def verify(public, msg, sig):
     """True iff sig is a valid Ed25519 signature of msg under public, with libsodium's
-    strict cofactorless rules.  Never raises: any bad input gives False."""
+    strict cofactorless rules.  Any bad input gives False; the one exception that passes
+    through is MemoryError, because running out of memory says nothing about the signature
+    (a meter answers BUSY and the voucher can be retried, SPEC.md §2.1)."""
     try:
         return _verify(public, msg, sig)
+    except MemoryError:
+        raise
     except Exception:
         return False
 

@@ -6,7 +6,8 @@ from hashlib import sha256
 TOPUP = 1
 EMERGENCY = 2
 REJECTIONS = 3
-KINDS = (TOPUP, EMERGENCY, REJECTIONS)
+FAULT = 4
+KINDS = (TOPUP, EMERGENCY, REJECTIONS, FAULT)
 
 HASH_LEN = 32
 GENESIS = bytes(HASH_LEN)  # `prev` of receipt 0
@@ -22,11 +23,13 @@ K_SEQUENCE = 8
 K_VOUCHER = 9
 K_AMOUNT = 10
 K_REJECTIONS = 11
+K_FAULTS = 12
 
 _FIELDS_FOR_KIND = {
     TOPUP: (K_SEQUENCE, K_VOUCHER, K_AMOUNT),
     EMERGENCY: (K_AMOUNT,),
     REJECTIONS: (K_REJECTIONS,),
+    FAULT: (K_FAULTS,),
 }
 _ALWAYS = (K_DEVICE, K_INDEX, K_KIND, K_TIME, K_PREV, K_BEFORE, K_AFTER)
 
@@ -46,6 +49,7 @@ class Receipt:
         self.voucher = fields.get(K_VOUCHER)
         self.amount = fields.get(K_AMOUNT)
         self.rejections = fields.get(K_REJECTIONS)
+        self.faults = fields.get(K_FAULTS)
         self.kid = kid
         self.raw = raw
         self.hash = chain_hash(raw)
@@ -93,13 +97,13 @@ def check_fields(fields):
             raise Rejected(MALFORMED, "top-up receipt needs sequence and a 16-byte voucher ref")
     if kind in (TOPUP, EMERGENCY) and (not _uint(fields[K_AMOUNT]) or fields[K_AMOUNT] == 0):
         raise Rejected(MALFORMED, "receipt amount must be positive")
-    if kind == REJECTIONS:
-        counts = fields[K_REJECTIONS]
+    if kind == REJECTIONS or kind == FAULT:
+        counts = fields[K_REJECTIONS if kind == REJECTIONS else K_FAULTS]
         if not isinstance(counts, dict):
-            raise Rejected(MALFORMED, "rejections must be a map")
-        for reason, count in counts.items():
-            if not _uint(reason) or not _uint(count):
-                raise Rejected(MALFORMED, "rejection counts must be unsigned")
+            raise Rejected(MALFORMED, "counts must be a map")
+        for code, count in counts.items():
+            if not _uint(code) or not _uint(count):
+                raise Rejected(MALFORMED, "counts must be unsigned")
 
 
 def encode_payload(fields):

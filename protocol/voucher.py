@@ -78,6 +78,9 @@ def decode_payload(payload):
     for key in _REQUIRED:
         if key not in fields:
             raise Rejected(MALFORMED, "payload field %d missing" % key)
+    # A present `expires` must be a uint: `null` is not "no expiry" (SPEC.md §2).
+    if K_EXPIRES in fields and not _uint(fields[K_EXPIRES]):
+        raise Rejected(MALFORMED, "expires must be Unix seconds after issued")
     values = (fields[K_DEVICE], fields[K_SEQUENCE], fields[K_AMOUNT], fields[K_ISSUED],
               fields.get(K_EXPIRES))
     check_fields(*values)
