@@ -9,6 +9,7 @@ from tests.soak import examples
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from protocol import base45, cbor, cose, errors, han, receipt, voucher
+from tests import oracle
 
 VECTORS = os.path.join(os.path.dirname(__file__), "..", "protocol", "vectors")
 with open(os.path.join(VECTORS, "vouchers.json")) as f:
@@ -101,6 +102,33 @@ def test_pure_python_verifier_agrees_with_libsodium_on_mutations(data):
         except errors.Rejected as e:
             return errors.name(e.reason)
     assert verdict() == verdict(verify_sig=_nacl_verify)
+
+
+def _code_verdict(data):
+    try:
+        voucher.verify(data, TRUSTED, DEVICE, 1790000000, 10000)
+        return "OK"
+    except errors.Rejected as e:
+        return errors.name(e.reason)
+
+
+@FUZZ
+@given(mutated())
+def test_verifier_agrees_with_the_independent_oracle_on_mutations(data):
+    # tests/oracle.py states SPEC §1-§2.1 again, on PyNaCl, importing nothing from protocol/
+    assert _code_verdict(data) == oracle.voucher_verdict(data, TRUSTED, DEVICE, 1790000000, 10000)
+
+
+@FUZZ
+@given(st.binary(max_size=160))
+def test_verifier_agrees_with_the_independent_oracle_on_random_bytes(data):
+    assert _code_verdict(data) == oracle.voucher_verdict(data, TRUSTED, DEVICE, 1790000000, 10000)
+
+
+def test_oracle_and_verifier_agree_on_every_vector():
+    for v in VOUCHERS["valid"] + VOUCHERS["invalid"]:
+        raw = bytes.fromhex(v["hex"])
+        assert _code_verdict(raw) == oracle.voucher_verdict(raw, TRUSTED, DEVICE, 1790000000, 10000), v
 
 
 # Values inside the deterministic subset; map keys kept to one-byte encodings so that
