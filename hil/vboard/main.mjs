@@ -6,7 +6,7 @@
 // Main thread: reads the REPL pty master into the shared input ring, runs the rig's control
 // channel (JSON lines: requests on stdin, replies and events on stdout), and owns the VM worker
 // (worker.mjs): starts it at power-on, terminates it at a rig power-off or when a Ctrl-C is not
-// honoured within WATCHDOG_MS (a Python loop that never calls out cannot be interrupted).
+// honoured (a Python loop that never calls out cannot be interrupted): see the watchdog below.
 // stdin closing (the launcher died) ends the process.
 import tty from "node:tty";
 import readline from "node:readline";
@@ -94,7 +94,6 @@ async function stopWorker() {
 
 // ------------------------------------------------------------------------------ REPL input
 const inQueue = [];   // chunks not yet in the ring (it was full)
-let watchdog = null;
 const repl = new tty.ReadStream(replFd);
 
 function pump() {
@@ -119,28 +118,89 @@ function pump() {
   }
 }
 
-function armWatchdog() {
-  if (!worker || !Atomics.load(ctl, SLOT.BUSY)) return;
-  if (watchdog) clearTimeout(watchdog);   // the latest Ctrl-C counts
-  const gen = Atomics.load(ctl, SLOT.IDLE_GEN);
-  const wgen = workerGen;
-  watchdog = setTimeout(async () => {
-    watchdog = null;
-    if (wgen !== workerGen || !Atomics.load(ctl, SLOT.BUSY)) return;
-    if (Atomics.load(ctl, SLOT.IDLE_GEN) !== gen) return;
-    // The VM did not come back to the REPL: it is in a loop that never calls out.
-    const wasRaw = Atomics.load(ctl, SLOT.RAW) === 1;
-    await stopWorker();
-    send({ event: "watchdog" });
-    startWorker("interrupted", wasRaw);
-  }, WATCHDOG_MS);
+// The watchdog.  It follows the ring position of the latest Ctrl-C byte (IN_HEAD counts bytes,
+// so byte k of the input stream sits at ring position k, chunks still in inQueue included) and
+// looks every WATCHDOG_MS until the VM has taken that byte (IN_TAIL past it).  It restarts the
+// VM only when two looks a period apart both find it busy, on the same run (IDLE_GEN) and not
+// reading input (IN_TAIL): a loop that never calls out.  It does not matter when the Ctrl-C
+// arrives: if the VM has not yet started the code it was sent (a loaded machine), the watchdog
+// keeps looking instead of giving up, and a slow VM is never restarted on one look.
+let watch = null;   // { pos, gen, last: look(), timer }
+
+function look() {
+  return {
+    busy: Atomics.load(ctl, SLOT.BUSY),
+    idle: Atomics.load(ctl, SLOT.IDLE_GEN),
+    tail: Atomics.load(ctl, SLOT.IN_TAIL),
+  };
+}
+
+function taken(pos) {
+  return ((Atomics.load(ctl, SLOT.IN_TAIL) - pos) | 0) > 0;
+}
+
+function armWatchdog(pos) {
+  if (!worker) return;
+  // An earlier Ctrl-C the VM has not taken either: follow the latest, the clock runs on.
+  if (watch && watch.gen === workerGen && !taken(watch.pos)) { watch.pos = pos; return; }
+  if (watch) clearTimeout(watch.timer);
+  watch = { pos, gen: workerGen, last: look(), timer: null };
+  watch.timer = setTimeout(checkWatchdog, WATCHDOG_MS);
+}
+
+async function checkWatchdog() {
+  const w = watch;
+  if (!w) return;
+  if (w.gen !== workerGen || !worker || taken(w.pos)) { watch = null; return; }
+  const prev = w.last, now = look();
+  w.last = now;
+  if (!(prev.busy && now.busy && prev.idle === now.idle && prev.tail === now.tail)) {
+    w.timer = setTimeout(checkWatchdog, WATCHDOG_MS);   // not stuck (yet): look again
+    return;
+  }
+  watch = null;
+  // The VM did not come back to the REPL: it is in a loop that never calls out.
+  const wasRaw = Atomics.load(ctl, SLOT.RAW) === 1;
+  await stopWorker();
+  dropCtrlC(w.pos);
+  send({ event: "watchdog" });
+  startWorker("interrupted", wasRaw);
+}
+
+// The restart honours the Ctrl-C: take it, and any before it, out of the input (the worker is
+// gone, nobody reads the ring), or the new VM would get one while it starts up and crash with a
+// KeyboardInterrupt.  A board's UART does not buffer Ctrl-C either; other bytes typed stay for
+// the REPL.
+function dropCtrlC(pos) {
+  const head = Atomics.load(ctl, SLOT.IN_HEAD);
+  const tail = Atomics.load(ctl, SLOT.IN_TAIL);
+  if (((pos - tail) | 0) < 0) return;                      // already gone (input cleared)
+  if (head !== tail) {                                      // in the ring: compact towards head
+    const end = ((head - pos) | 0) > 0 ? pos : (head - 1) | 0;
+    let dst = end;
+    for (let p = end; ; p = (p - 1) | 0) {
+      const b = ring[p & MASK];
+      if (b !== 3) { ring[dst & MASK] = b; dst = (dst - 1) | 0; }
+      if (p === tail) break;
+    }
+    Atomics.store(ctl, SLOT.IN_TAIL, (dst + 1) | 0);
+  }
+  if (((pos - head) | 0) >= 0 && inQueue.length) {          // still queued
+    const q = Buffer.concat(inQueue);
+    const k = ((pos - head) | 0) + 1;
+    inQueue.length = 0;
+    inQueue.push(Buffer.concat([q.subarray(0, k).filter((b) => b !== 3), q.subarray(k)]));
+  }
 }
 
 repl.on("data", (chunk) => {
   if (!Atomics.load(ctl, SLOT.POWERED)) return;    // an unpowered board hears nothing
+  let base = Atomics.load(ctl, SLOT.IN_HEAD);       // stream position of chunk[0]
+  for (const c of inQueue) base = (base + c.length) | 0;
   inQueue.push(chunk);
   pump();
-  if (chunk.includes(3)) armWatchdog();
+  const i = chunk.lastIndexOf(3);
+  if (i >= 0) armWatchdog((base + i) | 0);
 });
 repl.on("error", (e) => process.stderr.write(`vboard: REPL pty: ${e.message}\n`));
 

@@ -120,7 +120,10 @@ function takeInput() {
 }
 
 function hook() {
-  if (ringHasData()) takeInput();
+  // Only while Python code of the board runs: a VM that is starting (MEMFS calls Date.now, so
+  // this hook, while it loads the board's files) would die of a KeyboardInterrupt raised in its
+  // own set-up; the byte waits for boot.py, main.py or the REPL instead.
+  if (executing && ringHasData()) takeInput();
   if (outLen) flush();
 }
 

@@ -71,7 +71,7 @@ class Raw:
             self.t.close()
 
 
-def read_until(ser, ending, timeout=5.0):
+def read_until(ser, ending, timeout=15.0):     # a deadline: returns at `ending`
     data = b""
     deadline = time.monotonic() + timeout
     while not data.endswith(ending) and time.monotonic() < deadline:
@@ -79,8 +79,9 @@ def read_until(ser, ending, timeout=5.0):
     return data
 
 
-def interrupt_to_prompt(port, timeout=5.0):
-    """Ctrl-C a running program from pyserial; return (output, seconds)."""
+def interrupt_to_prompt(port, timeout=15.0):
+    """Ctrl-C a running program from pyserial; return (output, seconds).  The timeout is only
+    a deadline (a VM that has just been reset may still be loading on a busy machine)."""
     with serial.Serial(port, timeout=0.05) as s:
         t = time.monotonic()
         s.write(b"\x03")
@@ -157,9 +158,14 @@ def test_soft_and_hard_reset_run_boot_and_main(tmp_path):
             assert b"True 5" in read_until(s, b">>> ")          # SOFT_RESET
         # mpremote's soft reset (raw REPL): boot.py runs, main.py does not, as on a board
         assert mpremote(b.repl_port, "exec", "print('MAIN_RAN' in globals(), BOOT_CAUSE)").strip() == "False 5"
-        # hard reset through machine.reset(), as `mpremote reset` does it
+        # hard reset through machine.reset(), as `mpremote reset` does it: it soft-resets on
+        # connecting, then sleeps 100 ms and resets.  A Ctrl-C before that reset would stop it,
+        # so wait for the second VM start rather than a fixed time a busy machine may exceed.
+        n = b.status()["boots"]
         mpremote(b.repl_port, "reset")
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while b.status()["boots"] < n + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         out, _ = interrupt_to_prompt(b.repl_port)
         assert b"KeyboardInterrupt" in out
         with serial.Serial(b.repl_port, timeout=0.05) as s:
@@ -168,34 +174,46 @@ def test_soft_and_hard_reset_run_boot_and_main(tmp_path):
         assert b.status()["boots"] >= boots + 3
 
 
+RESTARTED = b"the VM was restarted"     # in the watchdog's KeyboardInterrupt (worker.mjs)
+
+
 def test_ctrl_c_interrupts_loops(board):
+    # The timeouts are deadlines, not expectations: on a loaded machine a VM restart (the wasm
+    # loaded again) can take seconds.  What each case proves is in the asserts.
     raw = Raw(board.repl_port)
     try:
-        # a loop that calls into JS (the board, the clock): interrupted at once
+        # a loop that calls into JS (the board, the clock): a KeyboardInterrupt in that VM, no
+        # watchdog restart, promptly (some 10 ms; the bound leaves room for a loaded machine)
         raw.start("from boards.virtual import Board\nimport time\nwhile True:\n    time.ticks_ms()")
         time.sleep(0.2)
         t = time.monotonic()
         raw.t.serial.write(b"\x03")
-        out, err = raw.t.follow(timeout=5)
-        assert b"KeyboardInterrupt" in err and time.monotonic() - t < 0.5
-        # a pure loop never calls out: the watchdog restarts the VM after ~1 s, the REPL answers
+        out, err = raw.t.follow(timeout=30)
+        took = time.monotonic() - t
+        assert b"KeyboardInterrupt" in err and RESTARTED not in err, err
+        assert took < 2, took
+        assert not any(e.get("event") == "watchdog" for e in board.events())
+        # a pure loop never calls out: the watchdog restarts the VM once it has seen it busy
+        # for a whole period (1 s) without taking the Ctrl-C, whenever the Ctrl-C came; the
+        # REPL answers afterwards
         raw.start("while True:\n    pass")
         time.sleep(0.2)
         t = time.monotonic()
         raw.t.serial.write(b"\x03")
-        out, err = raw.t.follow(timeout=5)
+        out, err = raw.t.follow(timeout=30)
         took = time.monotonic() - t
-        assert b"KeyboardInterrupt" in err and 0.9 < took < 3, took
+        assert b"KeyboardInterrupt" in err and RESTARTED in err, err
+        assert 0.9 < took < 30, took               # the watchdog waited its period
         assert raw("print(6 * 7)").strip() == "42"
     finally:
         raw.close()
-    assert any(e.get("event") == "watchdog" for e in board.events())
+    board.wait_event("watchdog", timeout=10)       # the control channel may lag the pty
 
 
 # --- HAN -------------------------------------------------------------------------------------
 def test_han_pty_echoes_frames_through_a_program_on_the_board(board):
     raw = Raw(board.repl_port)
-    han = serial.Serial(board.han_port, timeout=2)
+    han = serial.Serial(board.han_port, timeout=10)     # a deadline, for a loaded machine
     try:
         raw.start("""
             from boards.virtual import Uart
@@ -208,7 +226,8 @@ def test_han_pty_echoes_frames_through_a_program_on_the_board(board):
                 else:
                     time.sleep_ms(1)
             """)
-        time.sleep(0.2)
+        han.write(b"\x00")                     # the program runs (a loaded machine starts it late):
+        assert han.read(1) == b"\x00"          # the timing below is the echo's alone
         frames = [bytes([i % 256]) * (1 + i * 7) + b"\x00" for i in range(20)]
         t = time.monotonic()
         for f in frames:
@@ -225,7 +244,7 @@ def test_han_pty_echoes_frames_through_a_program_on_the_board(board):
 
 def test_wan_link_is_a_third_pty_the_firmware_reaches_as_board_wan(board):
     raw = Raw(board.repl_port)
-    wan = serial.Serial(board.wan_port, timeout=2)
+    wan = serial.Serial(board.wan_port, timeout=10)     # a deadline, for a loaded machine
     try:
         assert board.wan_port not in (board.han_port, board.repl_port)
         raw.start("""
@@ -311,7 +330,7 @@ def test_cut_after_tears_exactly_that_operation_and_the_board_is_off(tmp_path):
             f.writeblocks(2, b'\\x00' * 256, 512)    # op 2: page 2, torn: power is lost here
             print('still running')
             """)
-        b.wait_power_off(5)
+        b.wait_power_off(15)
         s = b.status()
         assert not s["powered"] and s["programs"] - base["programs"] == 3 and s["torn"] == 1
         assert s["cut_after"] is None
@@ -385,11 +404,11 @@ def test_the_firmware_runs_on_the_virtual_board(tmp_path):
                       (REPO / "protocol", "protocol")):
         shutil.copytree(src, fsd / "lib" / name, ignore=shutil.ignore_patterns("__pycache__", "vectors"))
     with VirtualBoard(wd) as b:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30                         # a loaded machine boots slowly
         while b.relay is None and time.monotonic() < deadline:   # Meter() sets the relay
             time.sleep(0.05)
         assert b.relay is False                                  # unprovisioned: no supply
-        with serial.Serial(b.han_port, timeout=3) as h:
+        with serial.Serial(b.han_port, timeout=10) as h:
             d = han.Deframer()
             h.write(han.encode_message(han.STATUS, 7, {}))
             bodies = []
