@@ -6,7 +6,7 @@ import time
 
 import click
 
-from host import delivery, keystore, registry
+from host import delivery, keystore, receipts_io, reconcile, registry
 from host.errors import TopupError
 from host.money import parse_pence
 from protocol import errors, receipt as receipt_format
@@ -67,12 +67,19 @@ def flash(port, source, no_reset):
               help="Unit rate in milli-pence per kWh (default 24500 = 24.5 p/kWh).")
 @click.option("--standing-charge", type=click.IntRange(0, 10**8), metavar="MP_PER_DAY",
               help="Standing charge in milli-pence per day (default 60000).")
-@click.option("--factory-reset", is_flag=True, help="Wipe a provisioned board's ledger and key first.")
+@click.option("--factory-reset", is_flag=True,
+              help="Wipe a provisioned board's ledger and key first (it keeps its sequence "
+                   "floor and receipt count; receipts the supplier lacks are read out first).")
 @click.pass_obj
 def provision(state, port, device, initial_credit, ec_amount, ec_threshold, unit_rate,
               standing_charge, factory_reset):
     """Provision a flashed board as a registered device: identity, trust list (this
-    database's issuer keys), limits and tariff; register the meter's receipt key."""
+    database's issuer keys), limits, tariff and clock; register the meter's new receipt key
+    as a new key epoch (its first receipt index and sequence floor).
+
+    The meter is told the highest sequence issued for it (every voucher up to it is then
+    refused: `topup reconcile` counts the unredeemed ones stale, refund due) and the next
+    receipt index; it keeps the larger of each and of what a factory reset carried."""
     from hil.flashing import provision as do_provision
     eui = registry.parse_eui64(device)
     conn = state.conn
@@ -92,10 +99,55 @@ def provision(state, port, device, initial_credit, ec_amount, ec_threshold, unit
     initial = 0 if initial_credit in ("0", "0.00") else parse_pence(initial_credit, what="initial credit")
     if initial > dev.max_credit:
         raise TopupError("initial credit is over the device's maximum credit")
-    public = _board_errors(do_provision, port, eui, keys, limits, initial, factory_reset)
-    registry.set_public_key(conn, eui, public)
-    click.echo("provisioned %s on %s; trusts %d issuer key(s); receipt key %s registered"
-               % (registry.format_eui64(eui), port, len(keys), public.hex()))
+    now = int(time.time())
+    floor = registry.issued_floor(conn, eui)
+
+    def rescue(raws, why):
+        """Before the factory reset: store what the meter holds that the supplier may not."""
+        if why is not None:
+            click.echo("topup: warning: could not read the meter's receipts before the reset "
+                       "(%s); any it had not uploaded are lost" % why, err=True)
+            return None
+        mine, skipped = [], 0
+        for raw in raws:
+            try:
+                r = receipts_io.parse(raw)
+            except errors.Rejected:
+                skipped += 1
+                continue
+            if r.device == eui:
+                mine.append(raw)
+            else:
+                skipped += 1
+        new = 0
+        if mine:
+            new = reconcile.import_raw(conn, mine, "%s: read out before a factory reset" % port).new
+        if raws:
+            click.echo("read out %d receipt(s) before the factory reset: %d new, stored%s"
+                       % (len(mine), new, "; %d not this meter's or not receipts, left"
+                          % skipped if skipped else ""))
+        return registry.next_first_index(conn, eui)
+
+    public = _board_errors(do_provision, port, eui, keys, limits, initial, factory_reset,
+                           now=now, floor=floor, first_index=registry.next_first_index(conn, eui),
+                           before_reset=rescue if factory_reset else None)
+    if public.reset is not None:
+        click.echo("factory reset: the meter carried sequence floor %d and receipt index %d"
+                   % public.reset)
+    try:
+        record = registry.set_public_key(conn, eui, public, now=now)
+    except TopupError as e:
+        raise TopupError("the board is provisioned but its key could not be registered: %s"
+                         % e) from None
+    epoch = registry.device_keys(conn, eui)[-1]
+    click.echo("provisioned %s on %s; trusts %d issuer key(s); receipt key %s registered "
+               "(key epoch %d: receipts from #%d; sequences up to %d refused, next issued %d)"
+               % (registry.format_eui64(eui), port, len(keys), public.hex(), epoch.epoch,
+                  public.first_index, public.floor, record.next_sequence))
+    if public.floor:
+        click.echo("note: vouchers up to sequence %d can no longer be applied on this meter; "
+                   "`topup reconcile` counts those never redeemed stale (refund due)"
+                   % public.floor, err=True)
 
 
 @click.command()
@@ -173,17 +225,45 @@ _timeout = click.option("--timeout", type=float, default=5.0, show_default=True,
 @_port
 @_timeout
 def han_status(port, timeout):
-    """The meter's identity, balance, supply and WAN state, window and receipt count."""
+    """The meter's identity, balance, supply and WAN state, window, receipt count, clock,
+    sequence floor and flash health."""
+    from protocol import han as han_format
     with _client(port, timeout) as c:
-        st = _han_call(c.status)
-    click.echo("device            %s" % (registry.format_eui64(st["device"]) if st["device"] else "(not provisioned)"))
-    click.echo("firmware          %s" % st["firmware"])
-    click.echo("balance           %s" % _mp(st["balance_mp"]))
-    click.echo("emergency credit  %s" % ("in use (%s)" % _mp(st["emergency_mp"]) if st["emergency_mp"] else "not in use"))
-    click.echo("supply            %s" % ("on" if st["supply_on"] else "OFF"))
-    click.echo("WAN               %s" % ("up" if st["wan_up"] else "down"))
-    click.echo("highest sequence  %d" % st["highest_sequence"])
-    click.echo("receipts          %d" % st["receipt_count"])
+        raw = _han_call(c.request, han_format.STATUS, {})
+    for line in status_lines(raw):
+        click.echo(line)
+
+
+def status_lines(raw):
+    """A status response (SPEC.md §5, {field: value}) in plain words, one line per field;
+    fields an older meter does not send are left out."""
+    from host.reconcile import describe_faults
+    g = raw.get
+    out = [
+        ("device", registry.format_eui64(g(1)) if g(1) else "(not provisioned)"),
+        ("firmware", g(2)),
+        ("balance", _mp(g(3) or 0)),
+        ("emergency credit", "in use (%s)" % _mp(g(8)) if g(8) else "not in use"),
+        ("supply", "on" if g(4) else "OFF"),
+        ("WAN", "up" if g(5) else "down"),
+        ("highest sequence", "%d" % (g(6) or 0)),
+        ("receipts", "%d" % (g(7) or 0)),
+    ]
+    if g(12) is not None:
+        out.append(("sequence floor", "%d (every voucher up to it is refused as stale)" % g(12)
+                    if g(12) else "0"))
+    if g(10) is not None:
+        out.append(("meter time", "%s (%d)%s" % (delivery.utc(g(10)), g(10),
+                                                 ", resumed from its floor at start-up: the "
+                                                 "board clock was not believable" if g(11)
+                                                 else "")))
+    if g(9) is not None:
+        out.append(("flash faults", "none" if not any((g(9) or {}).values())
+                    else "found at start-up: %s" % describe_faults(g(9))))
+    if g(13) is not None:
+        out.append(("ledger", "DAMAGED: every credit change is refused until an engineer "
+                              "provisions the meter again" if g(13) else "ok"))
+    return ["%-17s %s" % (k, v) for k, v in out]
 
 
 @han.command("submit")
@@ -214,18 +294,30 @@ def han_receipts(port, timeout, start, out):
     """Read the meter's receipts (the engineer's read-out)."""
     with _client(port, timeout) as c:
         raws = _han_call(c.receipts, start)
-    kinds = {1: "top-up", 2: "emergency", 3: "rejections"}
     for raw in raws:
-        r = receipt_format.parse(raw)
-        what = {1: "seq %s, %s" % (r.sequence, _mp((r.amount or 0) * 1000)),
-                2: _mp((r.amount or 0) * 1000),
-                3: ", ".join("%s×%d" % (errors.name(k), v) for k, v in sorted((r.rejections or {}).items()))}[r.kind]
-        click.echo("%4d  %-10s  %-28s balance %s → %s" % (r.index, kinds[r.kind], what,
-                                                          _mp(r.balance_before), _mp(r.balance_after)))
+        click.echo(receipt_line(receipt_format.parse(raw)))
     if out:
         from host.receipts_io import write_receipts
         write_receipts(out, raws)
         click.echo("wrote %d receipts to %s" % (len(raws), out))
+
+
+_KINDS = {1: "top-up", 2: "emergency", 3: "rejections", 4: "faults"}
+
+
+def receipt_line(r):
+    """One receipt (protocol.receipt.Receipt) as a line of `topup han receipts`."""
+    from host.reconcile import describe_faults
+    if r.kind == 1:
+        what = "seq %s, %s" % (r.sequence, _mp((r.amount or 0) * 1000))
+    elif r.kind == 2:
+        what = _mp((r.amount or 0) * 1000)
+    elif r.kind == 3:
+        what = ", ".join("%s×%d" % (errors.name(k), v) for k, v in sorted((r.rejections or {}).items()))
+    else:
+        what = "flash: %s" % describe_faults(r.faults or {})
+    return "%4d  %-10s  %-28s balance %s → %s" % (r.index, _KINDS.get(r.kind, "kind %d" % r.kind),
+                                                   what, _mp(r.balance_before), _mp(r.balance_after))
 
 
 def _mp(mp):

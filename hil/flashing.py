@@ -3,7 +3,9 @@
 `flash` compiles the firmware with the mpy-cross that matches the board's bytecode
 version, copies it with mpremote's transport, removes stale files from the folders it
 owns, and checks every file that landed by SHA-256. `provision` runs the firmware's own
-provisioning entry point on the board and returns the meter's receipt public key.
+provisioning entry point on the board (after an optional factory reset, before which it
+can read out the receipts still on the meter's flash) and returns the meter's receipt
+public key with the index of its first receipt and its sequence floor.
 The same code drives a board on /dev/ttyUSB0 and the virtual board's REPL pty.
 """
 import binascii
@@ -193,35 +195,109 @@ for _d in %(managed)r:
 """
 
 
-def provision(port, device, issuer_keys, limits=None, initial_credit=0, factory_reset=False):
-    """Run the firmware's provisioning on the board; return the meter's public key.
+# The meter's receipts still on its flash, from the current key's first receipt, one per
+# line as hex (read before a factory reset: those the supplier does not hold yet would be
+# lost with the ledger). A store that cannot be mounted or read says why instead.
+_READ_RECEIPTS = """
+import binascii
+try:
+    import boards
+    from meter import config as _cfg
+    from meter.store import Store as _Store
+    _s = _Store(boards.load().Board().flash)
+    _s.mount()
+    _n = _s.receipt_count
+    try:
+        _first = _cfg.decode(_s.config).get(_cfg.C_FIRST_RECEIPT, 0)
+    except Exception:
+        _first = max(0, _n - 256)
+    for _i in range(_first, _n):
+        _r = _s.receipt(_i)
+        if _r is not None:
+            print('RECEIPT', binascii.hexlify(_r).decode())
+    print('RECEIPTS', _n)
+except Exception as _e:
+    print('UNREADABLE', repr(_e))
+"""
+
+
+def read_receipts(board):
+    """(receipts on the meter's flash as bytes, None) or ([], why not)."""
+    out = board.run(_READ_RECEIPTS)
+    m = re.search(r"^UNREADABLE (.*)$", out, re.M)
+    if m:
+        return [], m.group(1).strip()
+    if not re.search(r"^RECEIPTS \d+", out, re.M):
+        return [], "unexpected answer %r" % out.strip()[-200:]
+    return [binascii.unhexlify(h) for h in re.findall(r"^RECEIPT ([0-9a-f]+)\s*$", out, re.M)], None
+
+
+def _meter_key(public, first_index, floor):
+    from host.registry import MeterKey
+    return MeterKey(public, first_index, floor)
+
+
+def provision(port, device, issuer_keys, limits=None, initial_credit=0, factory_reset=False,
+              now=None, floor=0, first_index=0, before_reset=None):
+    """Run the firmware's provisioning on the board; return the meter's receipt key as a
+    host.registry.MeterKey: the 32-byte public key with the index of its first receipt and
+    the meter's sequence floor, as the meter printed them (`PUBLIC … FIRST … FLOOR …`).
 
     device: 8 bytes; issuer_keys: 32-byte public keys the meter will trust;
-    limits: {config key: value} (see firmware/meter/config.py); initial_credit: pence.
+    limits: {config key: value} (see firmware/meter/config.py); initial_credit: pence;
+    now: Unix time for the meter clock (None: the board's own); floor: the highest sequence
+    the supplier has issued for the device; first_index: the next receipt index it expects
+    (the meter takes the larger of each and of its own carry, SPEC.md §2.2).
+    factory_reset: wipe a provisioned meter first (it keeps its carry); before_reset, if
+    given, is called with the receipts read from the meter's flash before the wipe
+    (bytes each, and a reason if they could not be read, else None); it may return a new
+    first_index. The result's `.reset` is (floor, next receipt index) the reset carried.
     """
     with Board(port) as board:
-        lines = ["from meter import provisioning"]
-        if factory_reset:
-            lines.append("provisioning.factory_reset_board()")
-        lines.append("provisioning.provision_board(%r, %r, %r, %d)" % (
-            binascii.hexlify(device).decode(), [binascii.hexlify(k).decode() for k in issuer_keys],
-            dict(limits or {}), initial_credit))
+        reset = None
         try:
-            out = board.run("\n".join(lines))
+            if factory_reset:
+                if before_reset is not None:
+                    raws, why = read_receipts(board)
+                    again = before_reset(raws, why)
+                    if again is not None:
+                        first_index = again
+                out = board.run("from meter import provisioning\nprovisioning.factory_reset_board()")
+                m = re.search(r"RESET FLOOR (\d+) NEXT (\d+)", out)
+                if not m:
+                    raise FlashError("the factory reset reported no carry (%r): the firmware on "
+                                     "the board is older than this tool; run `topup flash` "
+                                     "first" % out.strip())
+                reset = (int(m.group(1)), int(m.group(2)))
+            out = board.run("from meter import provisioning\n"
+                            "provisioning.provision_board(%r, %r, %r, %d, None, %s, %d, %d)" % (
+                                binascii.hexlify(device).decode(),
+                                [binascii.hexlify(k).decode() for k in issuer_keys],
+                                dict(limits or {}), initial_credit,
+                                "None" if now is None else "%d" % now, floor, first_index))
         except FlashError as e:
             if "already provisioned" in str(e):
                 raise FlashError("the board is already provisioned: use --factory-reset to wipe "
                                  "its ledger and make a new meter key") from None
             if "ImportError" in str(e) or "no module named" in str(e):
                 raise FlashError("the meter firmware is not on the board: run `topup flash` first") from None
+            if "TypeError" in str(e) and "argument" in str(e):
+                raise FlashError("the meter firmware on the board is older than this tool "
+                                 "(%s): run `topup flash` first" % e) from None
             raise
         finally:
             # Entering the REPL stopped the meter: start it again whatever happened.
             board.soft_reset()
-        m = re.search(r"PUBLIC ([0-9a-f]{64})", out)
+        m = re.search(r"PUBLIC ([0-9a-f]{64}) FIRST (\d+) FLOOR (\d+)", out)
         if not m:
+            if re.search(r"PUBLIC [0-9a-f]{64}", out):
+                raise FlashError("the meter printed its key but not its first receipt index and "
+                                 "sequence floor: the firmware on the board is older than this "
+                                 "tool; run `topup flash` first")
             raise FlashError("provisioning gave no public key: %r" % out.strip())
-    return binascii.unhexlify(m.group(1))
+    key = _meter_key(binascii.unhexlify(m.group(1)), int(m.group(2)), int(m.group(3)))
+    key.reset = reset
+    return key
 
 
 def _first_line(e):

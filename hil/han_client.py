@@ -9,7 +9,9 @@ import time
 from protocol import errors, han, receipt as receipt_format
 
 STATUS_FIELDS = {1: "device", 2: "firmware", 3: "balance_mp", 4: "supply_on", 5: "wan_up",
-                 6: "highest_sequence", 7: "receipt_count", 8: "emergency_mp"}
+                 6: "highest_sequence", 7: "receipt_count", 8: "emergency_mp", 9: "faults",
+                 10: "meter_time", 11: "clock_resumed", 12: "floor", 13: "damaged",
+                 14: "oldest_receipt"}
 
 
 class HanError(Exception):
@@ -95,6 +97,11 @@ class HanClient:
         """Every receipt from index `start` to the newest, four per request."""
         out = []
         index = start
+        # Receipt indices continue across factory resets: skip what the meter no longer
+        # holds (status field 14; absent on older firmware) instead of asking four at a time.
+        oldest = self.status().get("oldest_receipt")
+        if isinstance(oldest, int) and oldest > index:
+            index = oldest
         while True:
             reply = self.request(han.RECEIPTS, {1: index, 2: han.MAX_RECEIPTS_PER_READ})
             batch, total = reply[1], reply[2]

@@ -10,6 +10,7 @@
 #   topup receipts import FILE... | receipts export PATH [--device EUI64] [--format F]
 #   topup reconcile [--now UNIX] [--expired refund|void]
 #   topup report [--csv PATH] [--html PATH]
+#   topup headend --port PORT [--idle-exit SECONDS]
 #
 # Global options fall back to environment variables (TOPUP_DB, TOPUP_PASSPHRASE). A user's
 # mistake is one line on stderr and exit code 2, never a traceback; `verify` exits 1 when
@@ -265,12 +266,13 @@ def device_list(state):
     from rich.table import Table
     t = Table(box=None, pad_edge=False)
     for col in ("device", "max voucher", "max credit", "next seq", "issued", "public key",
-                "label"):
+                "keys", "label"):
         t.add_column(col)
     for d in devices:
         t.add_row(d.name, format_pence(d.max_voucher), format_pence(d.max_credit),
                   str(d.next_sequence), str(d.issued_count),
-                  d.public_key.hex()[:16] + "…" if d.public_key else "-", d.label or "")
+                  d.public_key.hex()[:16] + "…" if d.public_key else "-", str(d.key_count),
+                  d.label or "")
     _console().print(t)
     return 0
 
@@ -284,10 +286,22 @@ def device_show(state, eui64):
     d = registry.get_device(conn, eui64)
     total, last = conn.execute("SELECT coalesce(sum(amount), 0), max(issued) FROM vouchers "
                                "WHERE device = ?", (eui64,)).fetchone()
+    epochs = registry.device_keys(conn, eui64)
     rows = [
         ("device", d.name),
         ("label", d.label or "-"),
         ("public key", d.public_key.hex() if d.public_key else "- (none registered)"),
+        ("meter keys", "%d (one per provisioning; each verifies the receipts of its span)"
+         % len(epochs) if epochs else "0"),
+    ]
+    for i, e in enumerate(epochs):
+        span = ("receipts %d-%d" % (e.first_index, epochs[i + 1].first_index - 1)
+                if i + 1 < len(epochs) else "receipts from %d" % e.first_index)
+        if i + 1 < len(epochs) and epochs[i + 1].first_index == e.first_index:
+            span = "no receipts"
+        rows.append(("  key epoch %d" % e.epoch, "kid %s, %s, sequence floor %d, registered %s"
+                     % (e.kid.hex(), span, e.floor, delivery.utc(e.provisioned))))
+    rows += [
         ("per-voucher maximum", format_pence(d.max_voucher)),
         ("maximum credit", format_pence(d.max_credit)),
         ("registered", delivery.utc(d.created)),
@@ -705,34 +719,48 @@ def report_cmd(state, csv_path, html_path):
 @cli.command("headend")
 @click.option("--port", "-p", envvar="TOPUP_WAN_PORT", required=True, metavar="PORT",
               help="The meters' WAN link: a serial port or pyserial URL (env TOPUP_WAN_PORT).")
-@click.option("--idle-exit", type=float, metavar="SECONDS",
-              help="Stop after this long with nothing received (default: run until Ctrl-C).")
+@click.option("--idle-exit", type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+              help="Stop once this long has passed with no new receipt stored (traffic alone "
+                   "does not keep it running; default: run until Ctrl-C).")
 @click.pass_obj
 def headend_cmd(state, port, idle_exit):
-    """Receive the receipts meters push when their WAN is back; store and acknowledge them."""
-    import time
+    """Receive the receipts meters push when their WAN is back; store them and send a
+    signed acknowledgement of those held with a verified signature.
+
+    Acknowledgements are signed with the active issuer key (the meters trust it), so the
+    passphrase comes from $TOPUP_PASSPHRASE or a prompt.
+    """
     import serial
     from . import headend
     conn = state.conn
+    if os.environ.get(PASSPHRASE_ENV) is None and not sys.stdin.isatty():
+        raise TopupError("no passphrase: the head end signs its acknowledgements with the "
+                         "active issuer key; set %s (or run it on a terminal to type it)"
+                         % PASSPHRASE_ENV)
+    signer = keystore.unlock_active(conn, _passphrase())
     try:
         link = serial.serial_for_url(port, baudrate=115200, timeout=0.05)
     except (serial.SerialException, OSError) as e:
         raise TopupError("cannot open WAN port %s: %s" % (port, e)) from None
+    from rich.markup import escape
     con = _console()
-    server = headend.HeadEnd(conn, link, "wan:%s" % port, log=con.print)
-    con.print("head end listening on %s (Ctrl-C stops)" % port)
-    last = time.monotonic()
+    server = headend.HeadEnd(conn, link, "wan:%s" % port, signer,
+                             log=lambda message: con.print(escape(message)))
+    con.print("head end listening on %s, acknowledging with key %s (%s)" % (
+        port, signer.kid.hex(), "Ctrl-C stops" if idle_exit is None
+        else "stops after %g s with no new receipt" % idle_exit))
     try:
-        while idle_exit is None or time.monotonic() - last < idle_exit:
-            if server.poll():
-                last = time.monotonic()
-            else:
-                time.sleep(0.01)
+        server.serve(idle_exit=idle_exit)
+        why = "no new receipt for %g s" % idle_exit
     except KeyboardInterrupt:
-        pass
+        why = "interrupted"
+    except (serial.SerialException, OSError) as e:
+        raise TopupError("WAN port %s failed: %s" % (port, e)) from None
     finally:
         link.close()
-    con.print("%d push(es), %d new receipt(s) stored" % (server.pushes, server.stored))
+    con.print("head end stopped (%s): %d push(es), %d new receipt(s) stored, %d "
+              "acknowledgement(s) signed, %d push(es) refused" % (
+                  why, server.pushes, server.stored, server.acks, server.refused))
 
 
 def _add_engineer_commands():

@@ -8,10 +8,12 @@ import os
 import sqlite3
 import urllib.parse
 
+from protocol.cose import kid_for
+
 from .errors import TopupError
 
 APPLICATION_ID = 0x4F545531  # "OTU1"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 60.0  # a concurrent issuer waits this long for the write lock
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -71,7 +73,7 @@ CREATE TABLE receipts (
     device         BLOB NOT NULL,         -- not a foreign key: unknown meters are kept
     idx            INTEGER NOT NULL,      -- receipt index
     hash           BLOB NOT NULL,         -- SHA-256 of raw: what the next receipt's prev holds
-    kind           INTEGER NOT NULL,      -- 1 top-up, 2 emergency credit, 3 rejections
+    kind           INTEGER NOT NULL,      -- 1 top-up, 2 emergency credit, 3 rejections, 4 faults
     prev           BLOB NOT NULL,
     meter_time     INTEGER NOT NULL,
     balance_before INTEGER NOT NULL,      -- milli-pence
@@ -82,8 +84,9 @@ CREATE TABLE receipts (
     rejections     TEXT,                  -- kind 3: JSON {reason code: count}
     raw            BLOB NOT NULL,         -- the COSE_Sign1 bytes as received
     batch          INTEGER NOT NULL,      -- imports.batch
-    checked_kid    BLOB,                  -- kid of the device key the signature was checked with
-    sig_ok         INTEGER,               -- 1 valid, 0 not; NULL not checked (no key registered)
+    checked_kid    BLOB,                  -- kid of the device key the signature was checked
+                                          -- with (v3: the key whose span holds idx)
+    sig_ok         INTEGER,               -- 1 valid, 0 not; NULL not checked (no key for it)
     PRIMARY KEY (device, idx, hash)
 ) WITHOUT ROWID;
 
@@ -128,7 +131,60 @@ CREATE TABLE reconciliations (
 );
 """
 
-MIGRATIONS = {1: SCHEMA_V2}  # from version n to n + 1
+# Version 3: every meter key a device has had, each with the span of receipt indices it
+# signs (SPEC.md §4 "Epochs") and the sequence floor the meter took at that provisioning
+# (§2.2); kind-4 receipts' fault counts. devices.public_key stays: the current key.
+SCHEMA_V3 = """
+CREATE TABLE device_keys (
+    device      BLOB NOT NULL REFERENCES devices (device),
+    epoch       INTEGER NOT NULL CHECK (epoch >= 1),  -- 1, 2, ... per device, in registration order
+    public_key  BLOB NOT NULL CHECK (length(public_key) = 32),
+    kid         BLOB NOT NULL CHECK (length(kid) = 8),  -- first 8 bytes of SHA-256 of public_key
+    first_index INTEGER NOT NULL CHECK (first_index BETWEEN 0 AND 4294967295),
+                                          -- its first receipt; its span ends at the next key's
+    floor       INTEGER NOT NULL CHECK (floor BETWEEN 0 AND 4294967295),
+                                          -- the meter refuses every sequence <= floor (STALE)
+    provisioned INTEGER NOT NULL,         -- Unix time the key was registered
+    PRIMARY KEY (device, epoch),
+    UNIQUE (device, public_key)
+) WITHOUT ROWID;
+
+ALTER TABLE receipts ADD COLUMN faults TEXT;  -- kind 4: JSON {fault code: count}
+
+ALTER TABLE voucher_status ADD COLUMN note TEXT;  -- stale: why the meter refuses it
+
+DROP VIEW receipt_log;
+CREATE VIEW receipt_log AS
+    SELECT r.device, r.idx, r.hash, r.kind, r.prev, r.meter_time, r.balance_before,
+           r.balance_after, r.sequence, r.voucher_ref, r.amount, r.rejections, r.faults,
+           r.raw, i.at AS imported, i.source, r.sig_ok, r.checked_kid
+    FROM receipts r JOIN imports i ON i.batch = r.batch;
+"""
+
+
+def _v3(conn):
+    for stmt in _statements(SCHEMA_V3):
+        conn.execute(stmt)
+    # Every existing key becomes its device's first epoch: receipts from index 0, no floor
+    # (a version-2 database's meters never carried anything across a reset).
+    rows = conn.execute("SELECT device, public_key, created FROM devices "
+                        "WHERE public_key IS NOT NULL").fetchall()
+    conn.executemany("INSERT INTO device_keys (device, epoch, public_key, kid, first_index, "
+                     "floor, provisioned) VALUES (?, 1, ?, ?, 0, 0, ?)",
+                     [(d, p, kid_for(p), created) for d, p, created in rows])
+
+
+# From version n to n + 1: an SQL script, or a function of the connection.
+MIGRATIONS = {1: SCHEMA_V2, 2: _v3}
+
+
+def _run_migration(conn, version):
+    step = MIGRATIONS[version]
+    if callable(step):
+        step(conn)
+    else:
+        for stmt in _statements(step):
+            conn.execute(stmt)
 
 
 def _uri(path, mode):
@@ -162,9 +218,10 @@ def create(path):
         conn.execute("PRAGMA journal_mode = WAL")
         _configure(conn)
         conn.execute("BEGIN IMMEDIATE")
-        for script in (SCHEMA,) + tuple(MIGRATIONS[v] for v in sorted(MIGRATIONS)):
-            for stmt in _statements(script):
-                conn.execute(stmt)
+        for stmt in _statements(SCHEMA):
+            conn.execute(stmt)
+        for version in sorted(MIGRATIONS):
+            _run_migration(conn, version)
         conn.execute("PRAGMA application_id = %d" % APPLICATION_ID)
         conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
         conn.execute("COMMIT")
@@ -260,8 +317,7 @@ def _migrate(conn):
             if version >= SCHEMA_VERSION:
                 conn.execute("COMMIT")
                 return
-            for stmt in _statements(MIGRATIONS[version]):
-                conn.execute(stmt)
+            _run_migration(conn, version)
             conn.execute("PRAGMA user_version = %d" % (version + 1))
             conn.execute("COMMIT")
         except BaseException:

@@ -1,37 +1,81 @@
 """The supplier's head end for the meters' WAN uplink (SPEC.md §5.1): receive the receipts a
-meter pushes once its WAN is back, store them as `topup receipts import` would, and
-acknowledge what is held so the meter can stop resending."""
+meter pushes once its WAN is back, store them as `topup receipts import` would, and answer
+with a signed acknowledgement of what the supplier holds, so the meter can let those go.
+
+Rules:
+- Every structurally valid receipt of a push is stored, whatever its signature: a receipt
+  that does not verify is evidence for reconciliation (`bad_signature`), never "held".
+- A receipt is held when a stored copy's signature verified with the meter key of its
+  index's span (host/registry.py key epochs): sig_ok = 1 and checked_kid = that key's kid.
+- The answer is {1: next, 2: ack}: `next` is the lowest index at or after the push's first
+  index that is not held (never below it: receipts below it are acknowledged already, or
+  gone from the meter's ring for good, and reconciliation names the gap). `ack` is
+  protocol.ack signed with the database's active issuer key, naming the device, the kid
+  of the meter key whose span holds next - 1, `next` and SHA-256 of the held receipt
+  next - 1; it is absent when next equals the push's first index (nothing to let go).
+  A forged push therefore moves nothing: its receipts are stored and not held.
+"""
+import hashlib
 import time
 
-from protocol import errors, han
+from protocol import ack as ack_format, errors, han
 
-from . import receipts_io
-from .reconcile import import_raw
+from . import receipts_io, registry
+from .reconcile import import_raw, recheck
 
 _READ = 512
+_MAX_READ_PER_POLL = 8192  # so that a flood of frames cannot keep poll() from returning
+
+
+def _held(conn, device, first):
+    """{index: [hash of each held copy]} for indices >= first, and the device's keys."""
+    epochs = registry.device_keys(conn, device)
+    held = {}
+    if not epochs:
+        return held, epochs
+    for idx, h, kid in conn.execute(
+            "SELECT idx, hash, checked_kid FROM receipts WHERE device = ? AND idx >= ? AND "
+            "sig_ok = 1 ORDER BY idx, hash", (device, first)):
+        key = registry.span_key(epochs, idx)
+        if key is not None and kid == key.kid:
+            held.setdefault(idx, []).append(bytes(h))
+    return held, epochs
 
 
 def next_needed(conn, device, first):
-    """The lowest receipt index at or after `first` that is not stored for `device`.
-
-    Receipts below the push's first index are either acknowledged already or gone from
-    the meter's ring for good; asking for those again would stall the uplink, and
-    reconciliation names the gap anyway."""
+    """The lowest receipt index at or after `first` that `device`'s meter has not had
+    stored here with a signature verified by the key of its span."""
+    held, _ = _held(conn, device, first)
     index = first
-    for (idx,) in conn.execute("SELECT DISTINCT idx FROM receipts WHERE device = ? AND idx >= ? "
-                               "ORDER BY idx", (device, first)):
-        if idx != index:
-            break
+    while index in held:
         index += 1
     return index
 
 
-def handle_push(conn, payload, source):
-    """Store one push; return (next index needed, ImportResult or None)."""
+def acknowledgement(conn, signer, device, first, pushed=()):
+    """(next index needed, signed acknowledgement bytes or None) for a push of `device`
+    from index `first`. `pushed`: the pushed receipts' hashes, preferred when two held
+    receipts share index next - 1 (a fork: the meter holds the one it pushed)."""
+    held, epochs = _held(conn, device, first)
+    nxt = first
+    while nxt in held:
+        nxt += 1
+    if nxt == first:
+        return nxt, None
+    copies = held[nxt - 1]
+    last = next((h for h in copies if h in pushed), copies[0])
+    key = registry.span_key(epochs, nxt - 1)
+    return nxt, ack_format.encode(signer.kid, signer.sign, device, key.kid, nxt, last)
+
+
+def handle_push(conn, payload, source, signer):
+    """Store one push; return (next index needed, acknowledgement or None, ImportResult or
+    None). Raises Rejected(BAD_REQUEST) for a push that is not of the right shape or holds
+    something that is not a receipt (then nothing of it is stored)."""
     device, first, raws = payload.get(1), payload.get(2), payload.get(3)
     if (not isinstance(device, bytes) or len(device) != 8 or not isinstance(first, int)
-            or isinstance(first, bool) or first < 0 or not isinstance(raws, list)
-            or not all(isinstance(r, bytes) for r in raws)):
+            or isinstance(first, bool) or not 0 <= first <= 0xFFFFFFFF
+            or not isinstance(raws, list) or not all(isinstance(r, bytes) for r in raws)):
         raise errors.Rejected(errors.BAD_REQUEST, "push needs {1: device, 2: first index, 3: [receipts]}")
     result = None
     if raws:
@@ -40,30 +84,45 @@ def handle_push(conn, payload, source):
         except receipts_io.ReceiptFileError as e:
             # Not a receipt at all: keep nothing of this push; the meter will send it again.
             raise errors.Rejected(errors.BAD_REQUEST, str(e)) from None
-    return next_needed(conn, device, first), result
+    if result is not None and result.new < len(raws):
+        # Some were stored before, maybe checked with another key than their span's (the
+        # meter's new key was registered since): check those again.
+        recheck(conn, device, first)
+    pushed = {hashlib.sha256(r).digest() for r in raws}
+    nxt, ack = acknowledgement(conn, signer, device, first, pushed)
+    return nxt, ack, result
 
 
 class HeadEnd:
-    """Serve one WAN link (a serial port or any byte stream with read/write)."""
+    """Serve one WAN link (a serial port or any byte stream with read/write).
 
-    def __init__(self, conn, stream, source, log=None):
+    signer: the issuer key that signs acknowledgements (keystore.unlock_active)."""
+
+    def __init__(self, conn, stream, source, signer, log=None):
         self.conn = conn
         self.stream = stream
         self.source = source
+        self.signer = signer
         self.log = log or (lambda message: None)
         self.deframer = han.Deframer()
         self.pushes = 0
         self.stored = 0
+        self.acks = 0
+        self.refused = 0
 
     def poll(self):
-        """Handle whatever has arrived; return the number of frames answered."""
+        """Handle what has arrived (a bounded amount per call); return the number of frames
+        answered."""
         answered = 0
-        while True:
+        read = 0
+        while read < _MAX_READ_PER_POLL:
             data = self.stream.read(_READ)
             if not data:
-                return answered
+                break
+            read += len(data)
             for body in self.deframer.feed(data):
                 answered += self._answer(body)
+        return answered
 
     def _answer(self, body):
         try:
@@ -74,20 +133,44 @@ class HeadEnd:
             reply_type, reply = han.ERROR, {1: errors.UNKNOWN_REQUEST}
         else:
             try:
-                next_index, result = handle_push(self.conn, payload, self.source)
+                next_index, ack, result = handle_push(self.conn, payload, self.source,
+                                                      self.signer)
                 reply_type, reply = han.PUSH | han.RESPONSE, {1: next_index}
                 self.pushes += 1
                 new = result.new if result else 0
+                bad = result.bad if result else 0
                 self.stored += new
-                self.log("meter %s: %d receipt(s) from #%d, %d new; acknowledged up to #%d"
-                         % (payload[1].hex(), len(payload[3]), payload[2], new, next_index - 1))
+                first = payload[2]
+                if ack is not None:
+                    reply[2] = ack
+                    self.acks += 1
+                    held = "acknowledged #%d-#%d" % (first, next_index - 1)
+                else:
+                    held = "nothing acknowledged (#%d not held verified)" % first
+                self.log("meter %s: %d receipt(s) from #%d, %d new%s; %s" % (
+                    payload[1].hex(), len(payload[3]), first, new,
+                    ", %d with a bad signature" % bad if bad else "", held))
             except errors.Rejected as e:
                 reply_type, reply = han.ERROR, {1: e.reason}
+                self.refused += 1
                 self.log("refused a push: %s" % e)
         self.stream.write(han.encode_message(reply_type, msg_id, reply))
         return 1
 
-    def serve_forever(self, idle=0.01, stop=None):
+    def serve(self, idle_exit=None, stop=None, sleep=0.01):
+        """Serve until `stop()` is true or, with idle_exit, until idle_exit seconds pass in
+        which no new receipt was stored (traffic alone does not keep it running). Returns
+        the seconds served."""
+        t0 = last = time.monotonic()
+        stored = self.stored
         while stop is None or not stop():
-            if not self.poll():
-                time.sleep(idle)
+            now = time.monotonic()
+            if idle_exit is not None and now - last >= idle_exit:
+                break
+            if self.poll():
+                if self.stored != stored:
+                    stored = self.stored
+                    last = time.monotonic()
+            else:
+                time.sleep(sleep)
+        return time.monotonic() - t0

@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 
-from protocol import cose, receipt as pr
+from protocol import cbor, cose, receipt as pr
 from protocol.errors import Rejected
 
 from .errors import TopupError
@@ -48,8 +48,8 @@ class Parsed:
     where it came from. `hash` is SHA-256 of `raw` (what the next receipt's prev holds)."""
 
     __slots__ = ("raw", "hash", "device", "index", "kind", "time", "prev", "before",
-                 "after", "sequence", "ref", "amount", "rejections", "kid", "tbs", "sig",
-                 "item", "offset")
+                 "after", "sequence", "ref", "amount", "rejections", "faults", "kid", "tbs",
+                 "sig", "item", "offset")
 
 
 # --- the fast path --------------------------------------------------------------------
@@ -85,17 +85,53 @@ _INT = _int_re(rb"[\x00-\x17\x20-\x37]",
 
 # COSE_Sign1 [protected {1: -8 (EdDSA), 4: kid}, {}, payload, signature], optionally tag
 # 18; payload a bstr of 24..255 bytes holding the map {1: device, 2: index, 3: kind,
-# 4: time, 5: prev, 6: before, 7: after, [8: sequence, 9: voucher ref,] 10: amount}: ten
-# entries for a top-up (kind 1), eight for emergency credit (kind 2). Kind 3 (rare) goes
-# the generic way. Groups: 1 kid, 2 the payload bstr (head included), 3 set for a top-up,
-# 4 device, 5 index, 6 time, 7 prev, 8 before, 9 after, 10 sequence, 11 ref, 12 amount,
-# 13 signature. The payload's length byte is checked after the match.
+# 4: time, 5: prev, 6: before, 7: after, then by kind: 8: sequence, 9: voucher ref,
+# 10: amount (kind 1, ten entries) | 10: amount (kind 2) | 11: rejections (kind 3) |
+# 12: faults (kind 4)} (eight entries for kinds 2-4). Groups: 1 kid, 2 the payload bstr
+# (head included), 3 set for a top-up, 4 device, 5 index, 6 the kind byte of kinds 2-4,
+# 7 time, 8 prev, 9 before, 10 after, 11 sequence, 12 ref, 13 amount, 14 the rejections
+# map, 15 the faults map, 16 signature. After the match: the payload's length byte, that
+# the last field is the one of the kind, and (kinds 3 and 4) that the counts map decodes
+# strictly to unsigned integers.
 _RECEIPT = re.compile(
     rb"\xd2?\x84" + re.escape(_PROT_HEAD) + rb"(.{8})\xa0"
     rb"(\x58[\x18-\xff](?:(\xaa)|\xa8)\x01\x48(.{8})\x02" + _UINT +
-    rb"\x03(?(3)\x01|\x02)\x04" + _UINT + rb"\x05\x58\x20(.{32})\x06" + _INT + rb"\x07" + _INT +
-    rb"(?(3)\x08" + _UINT + rb"\x09\x50(.{16}))\x0a" + _POS + rb")\x58\x40(.{64})", re.S)
-assert _RECEIPT.groups == 13
+    rb"\x03(?(3)\x01|([\x02-\x04]))\x04" + _UINT + rb"\x05\x58\x20(.{32})\x06" + _INT +
+    rb"\x07" + _INT + rb"(?:(?(3)\x08" + _UINT + rb"\x09\x50(.{16}))\x0a" + _POS +
+    rb"|\x0b([\xa0-\xbb].*)|\x0c([\xa0-\xbb].*))"
+    rb")\x58\x40(.{64})", re.S)
+assert _RECEIPT.groups == 16
+_KIND_OF = {None: 1, b"\x02": 2, b"\x03": 3, b"\x04": 4}
+
+
+def _counts(blob):
+    """A kind 3 or 4 receipt's counts map, decoded strictly ({uint: uint}), or None."""
+    try:
+        counts = cbor.decode(blob)
+    except Rejected:
+        return None
+    if not isinstance(counts, dict):
+        return None
+    for k, v in counts.items():
+        if type(k) is not int or type(v) is not int or k < 0 or v < 0:
+            return None
+    return counts
+
+
+def _kind_and_counts(kb, amt, rej, flt):
+    """(kind, rejections, faults) from the match groups, or None if the last field is not
+    the kind's, or its counts map is not valid."""
+    kind = _KIND_OF[kb]
+    if kind <= 2:
+        return (kind, None, None) if amt is not None else None
+    blob = rej if kind == 3 else flt
+    if blob is None:
+        return None
+    counts = _counts(blob)
+    if counts is None:
+        return None
+    return (kind, counts, None) if kind == 3 else (kind, None, counts)
+
 
 # A token's value is int.from_bytes(token) - _BASE[its first byte], then -1 - that for
 # a negative one (first byte 0x20..0x3b).
@@ -113,23 +149,32 @@ def fast_parse(raw):
     m = _RECEIPT.fullmatch(raw)
     if m is None:
         return None
-    kid, pay, top, device, it, tt, prev, bt, at, st, ref, amt, sig = m.groups()
+    (kid, pay, top, device, it, kb, tt, prev, bt, at, st, ref, amt, rej, flt,
+     sig) = m.groups()
     if pay[1] + 2 != len(pay):
         return None
+    if top is None or amt is None:
+        kc = _kind_and_counts(None if top else kb, amt, rej, flt)
+        if kc is None:
+            return None
+        kind, rejections, faults = kc
+    else:
+        kind, rejections, faults = 1, None, None
     fb, base = int.from_bytes, _BASE
     r = Parsed()
     r.raw = raw
     r.device, r.kid, r.prev, r.ref, r.sig = device, kid, prev, ref, sig
     r.index = fb(it, "big") - base[it[0]]
-    r.kind = 1 if top else 2
+    r.kind = kind
     r.time = fb(tt, "big") - base[tt[0]]
     b = fb(bt, "big") - base[bt[0]]
     r.before = -1 - b if bt[0] & 0x20 else b
     a = fb(at, "big") - base[at[0]]
     r.after = -1 - a if at[0] & 0x20 else a
     r.sequence = None if st is None else fb(st, "big") - base[st[0]]
-    r.amount = fb(amt, "big") - base[amt[0]]
-    r.rejections = None
+    r.amount = None if amt is None else fb(amt, "big") - base[amt[0]]
+    r.rejections = rejections
+    r.faults = faults
     r.tbs = _TBS_HEAD + kid + _EMPTY_AAD + pay
     return r
 
@@ -149,6 +194,7 @@ def parse(raw):
     r.before, r.after = rec.balance_before, rec.balance_after
     r.sequence, r.ref, r.amount = rec.sequence, rec.voucher, rec.amount
     r.rejections = dict(rec.rejections) if rec.rejections is not None else None
+    r.faults = dict(rec.faults) if rec.faults is not None else None
     r.kid = msg.kid
     r.tbs = msg.to_be_signed()
     r.sig = msg.signature
@@ -309,25 +355,28 @@ def _parse_item(raw, path, n, offset, what="item"):
 
 # --- rows: from file bytes straight to what the importer stores -----------------------
 # A row is a tuple: (device, kid, signed message, hash, index, hash, kind, prev, time,
-# balance before, balance after, sequence, voucher ref, amount, raw, rejections JSON).
+# balance before, balance after, sequence, voucher ref, amount, raw, counts JSON).
 # The signed message is signature || Sig_structure, what libsodium's crypto_sign_open
 # takes; row[ROW_VALUES] are the receipts table's columns idx .. raw in that order (the
 # blobs as bytearrays, which sqlite3 binds without its adaptation look-up), and
-# row[ROW_REJECTIONS] the rejections column (None but for kind 3). `hash` (row[3], bytes)
-# is SHA-256 of raw.
+# row[ROW_COUNTS] the counts map as JSON: the rejections column of a kind-3 receipt, the
+# faults column of a kind-4 one, None for the others. `hash` (row[3], bytes) is SHA-256
+# of raw.
 ROW_DEVICE, ROW_KID, ROW_SIGNED, ROW_HASH = 0, 1, 2, 3
 ROW_VALUES = slice(4, 15)
-ROW_VALUES_REJECTIONS = slice(4, 16)
-ROW_REJECTIONS = 15
+ROW_VALUES_COUNTS = slice(4, 16)
+ROW_INDEX, ROW_KIND = 4, 6
+ROW_COUNTS = 15
 
 
 def row_of(r):
     """The row of a Parsed (sets r.hash)."""
     h = r.hash = hashlib.sha256(r.raw).digest()
+    counts = r.rejections if r.faults is None else r.faults
     return (r.device, r.kid, r.sig + r.tbs, h, r.index, bytearray(h), r.kind,
             bytearray(r.prev), r.time, r.before, r.after, r.sequence,
             None if r.ref is None else bytearray(r.ref), r.amount, bytearray(r.raw),
-            None if r.rejections is None else json.dumps(r.rejections, sort_keys=True))
+            None if counts is None else json.dumps(counts, sort_keys=True))
 
 
 def parse_rows(data, path="<data>"):
@@ -360,8 +409,10 @@ def _rows(data, path):
             stop = start + data[pos + 1]
             m = full(data, start, stop) if stop <= end else None
             if m is not None:
-                kid, pay, top, device, it, tt, prev, bt, at, st, ref, amt, sig = m.groups()
-                if pay[1] + 2 == len(pay):
+                (kid, pay, top, device, it, kb, tt, prev, bt, at, st, ref, amt, _, _,
+                 sig) = m.groups()
+                # Top-ups and emergency credit here; kinds 3 and 4 (rare) below.
+                if pay[1] + 2 == len(pay) and amt is not None and (top or kb == b"\x02"):
                     raw = buf[start:stop]
                     h = sha(raw).digest()
                     b = fb(bt, "big") - base[bt[0]]

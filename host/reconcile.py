@@ -1,19 +1,29 @@
 # Reconciliation: receipts back from meters, verified and matched against what was issued.
 #
+# Key epochs (SPEC.md §2.2, §4): a device keeps every meter key it has had
+# (host/registry.py, table device_keys). A key's span is the receipt indices from its first
+# index up to the next key's; each receipt is verified with the key whose span holds its
+# index (the key with the largest first index <= the index). Receipts from before a
+# factory reset therefore still verify, with the old key.
+#
 # Import (`import_files`): every file is parsed and structure-checked first (a corrupt
 # file stops everything before the database is touched); the signatures of receipts not
-# yet stored are checked against the registered device keys; then all new receipts are
+# yet stored are checked against the key of their span; then all new receipts are
 # inserted in one transaction (WAL, synchronous=FULL: all or nothing, even under kill -9).
 # A receipt is identified by the SHA-256 of its bytes, so importing it again changes
-# nothing. Receipts that cannot be verified (unknown device, no key registered) are kept.
+# nothing. Receipts that cannot be verified (unknown device, no key for their index) are
+# kept.
 #
 # Reconcile (`reconcile`): one write transaction that
-#   1. checks the signatures of stored receipts not yet checked with the device's current
-#      key (a key registered after the import);
-#   2. walks each meter's chain of verified receipts: gaps (missing indices), forks (two
-#      receipts at one index, or a receipt whose prev is not its predecessor's hash), and
-#      balance continuity (balance_before(n+1) <= balance_after(n); kinds 2 and 3 leave
-#      the balance as it was; a top-up adds exactly its amount);
+#   1. checks the signatures of stored receipts not yet checked with the key of their span
+#      (a key registered after the import);
+#   2. walks each meter's receipts: gaps (indices missing from the first key's first index
+#      to the highest index held), and per span one chain: its first receipt starts a new
+#      chain (prev = 32 zero bytes: a new epoch, not a fork), every other follows the
+#      receipt before it (prev = its hash); two signed receipts at one index are a fork;
+#      balances: balance_before(n+1) <= balance_after(n) inside a span (a reset starts a
+#      new ledger), kinds 2, 3 and 4 leave the balance as it was, a top-up adds exactly its
+#      amount; a fault receipt (kind 4) reporting flash damage is named;
 #   3. matches every verified top-up receipt to an issued voucher, and gives every issued
 #      voucher a status;
 #   4. replaces the stored statuses and anomalies with the new ones and logs the run.
@@ -25,9 +35,13 @@
 #               time; which receipt; balance after)
 #   void        its issuer key is revoked (and it was never redeemed): the supplier has
 #               withdrawn it; neither a liability nor a refund counted here
-#   stale       its sequence is below the meter's replay window as evidenced by receipts
-#               (sequence < highest applied sequence - 64, SPEC.md §2.2): the meter will
-#               refuse it for ever, so a refund is due
+#   stale       the meter refuses it for ever, so a refund is due: its sequence is below the
+#               replay window as evidenced by receipts (sequence < highest applied - 64,
+#               SPEC.md §2.2), or at or below the sequence floor of one of the meter's key
+#               epochs (a provisioning or factory reset after it was issued). closed_at: the
+#               earliest of the meter time of the receipt that moved the window past it and
+#               the registration time of the first key epoch whose floor covers it; note:
+#               why
 #   expired     past its expiry at the reconciliation time: policy "refund" (default: the
 #               customer paid for credit they never got) or "void" (forfeited)
 #   outstanding still redeemable: a liability
@@ -40,10 +54,9 @@ import nacl.bindings
 import nacl.exceptions
 
 from protocol import receipt as pr
-from protocol.cose import kid_for
 from protocol.window import SIZE as WINDOW
 
-from . import receipts_io
+from . import receipts_io, registry
 from .db import transaction
 from .money import format_pence
 from .registry import format_eui64
@@ -58,12 +71,14 @@ STATUSES = ("outstanding", "redeemed", "stale", "expired", "void")
 POLICIES = ("refund", "void")
 
 ANOMALY_KINDS = {
-    "bad_signature": "receipt signature does not verify with the meter's registered key",
+    "bad_signature": "receipt signature does not verify with the meter key registered for "
+                     "its index",
     "unknown_device": "receipts from a meter that is not registered (kept, not verified)",
-    "no_device_key": "receipts from a meter with no public key registered (kept, not verified)",
+    "no_device_key": "receipts from a meter with no public key registered for them (kept, "
+                     "not verified)",
     "chain_gap": "receipts missing from a meter's chain",
     "chain_fork": "two different receipts at one index, or a receipt that does not follow "
-                  "the one before it",
+                  "the one before it (or does not start a new key's chain)",
     "balance_rise": "credit from nowhere: the balance rose outside a top-up",
     "balance_mismatch": "a receipt's balances disagree with its kind and amount",
     "not_issued": "top-up receipt for a voucher that was never issued",
@@ -71,7 +86,23 @@ ANOMALY_KINDS = {
     "ref_mismatch": "issued sequence, but a different voucher was applied under it",
     "device_mismatch": "voucher issued for another meter was applied",
     "applied_twice": "one voucher applied by more than one receipt",
+    "meter_fault": "the meter reported flash damage (a fault receipt, SPEC.md §4.1)",
 }
+
+# SPEC.md §4.1: what a kind-4 receipt counts.
+FAULTS = {
+    1: "record repaired (one bit was wrong)",
+    2: "record lost (unrepairable, not a torn write)",
+    3: "configuration copy lost or repaired",
+    4: "committed receipt lost",
+    5: "newest state record lost (rolled forward from receipts, or back one checkpoint)",
+}
+
+
+def describe_faults(faults):
+    """'2 × record repaired (one bit was wrong) [1], ...' for a {fault code: count} map."""
+    return ", ".join("%d × %s [%d]" % (n, FAULTS.get(code, "unknown fault"), code)
+                     for code, n in sorted(faults.items()) if n) or "none"
 
 
 # --- signatures -----------------------------------------------------------------------
@@ -117,14 +148,6 @@ class ImportResult:
         return self.total - self.new
 
 
-def _device_keys(conn):
-    """{device: (public key, kid)} for devices with a key, {device: None} for the others."""
-    keys = {}
-    for device, public in conn.execute("SELECT device, public_key FROM devices"):
-        keys[device] = (public, kid_for(public)) if public is not None else None
-    return keys
-
-
 def _existing(conn, rows):
     """Hashes already stored, among those of `rows` (one range query per device)."""
     span = {}
@@ -147,20 +170,37 @@ def _existing(conn, rows):
 
 ROW_DEVICE, ROW_KID, ROW_SIGNED, ROW_HASH = (receipts_io.ROW_DEVICE, receipts_io.ROW_KID,
                                              receipts_io.ROW_SIGNED, receipts_io.ROW_HASH)
-ROW_INDEX = receipts_io.ROW_VALUES.start
-ROW_REJECTIONS = receipts_io.ROW_REJECTIONS
-_VALUES, _VALUES_REJECTIONS = receipts_io.ROW_VALUES, receipts_io.ROW_VALUES_REJECTIONS
+ROW_INDEX, ROW_KIND, ROW_COUNTS = receipts_io.ROW_INDEX, receipts_io.ROW_KIND, receipts_io.ROW_COUNTS
+_VALUES, _VALUES_COUNTS = receipts_io.ROW_VALUES, receipts_io.ROW_VALUES_COUNTS
 
-# Rows are inserted in groups that share device, checked key, verdict and whether they
-# carry rejections: those are literals in the statement (sqlite3 binds fewer parameters).
+# Rows are inserted in groups that share device, checked key, verdict and which counts
+# column they fill (kind 3: rejections, kind 4: faults): those are literals in the
+# statement (sqlite3 binds fewer parameters).
 _INSERT = ("INSERT OR IGNORE INTO receipts (idx, hash, kind, prev, meter_time, "
            "balance_before, balance_after, sequence, voucher_ref, amount, raw, rejections, "
-           "device, checked_kid, sig_ok, batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-           "%s, %s, %s, %s, %d)")
+           "faults, device, checked_kid, sig_ok, batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+           "?, %s, %s, %s, %s, %s, %d)")
 
 
 def _blob(b):
     return "NULL" if b is None else "X'%s'" % bytes(b).hex()
+
+
+class _Spans:
+    """Per device, the key of a receipt index: `key(index)` -> KeyEpoch or None."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+        self.firsts = [e.first_index for e in epochs]
+        self.only = epochs[0] if len(epochs) == 1 else None
+
+    def key(self, index):
+        only = self.only
+        if only is not None:
+            return only if index >= only.first_index else None
+        if not self.epochs or index < self.firsts[0]:
+            return None
+        return self.epochs[bisect.bisect_right(self.firsts, index) - 1]
 
 
 def import_parsed(conn, batches, now=None, progress=None):
@@ -191,39 +231,43 @@ def import_rows(conn, batches, now=None, progress=None):
         fresh.append((source, len(rows), todo))
         res.total += len(rows)
     stored = _existing(conn, [row for _, _, todo in fresh for row in todo])
-    keys = _device_keys(conn)
-    # One pass: check the signature (PyNaCl's libsodium calls hold the GIL, so threads
-    # would not check signatures side by side) and sort the row into its group.
+    spans = {d: _Spans(e) for d, e in registry.all_device_keys(conn).items()}
+    # One pass: check the signature with the key of the receipt's span (PyNaCl's libsodium
+    # calls hold the GIL, so threads would not check signatures side by side) and sort the
+    # row into its group.
     signed = Verifier().signed
     total = sum(len(todo) for _, _, todo in fresh) - len(stored)
     done = 0
     work = []
     for source, count, todo in fresh:
-        groups = {}  # (device, kid, sig_ok, has rejections) -> [values]
+        groups = {}  # (device, kid, sig_ok, counts column) -> [values]
         last_key = last = None
         for row in todo:
             if stored and row[ROW_HASH] in stored:
                 continue
             device = row[ROW_DEVICE]
-            key = keys.get(device)
+            sp = spans.get(device)
+            key = sp.key(row[ROW_INDEX]) if sp is not None else None
             if key is None:
                 kid = ok = None
                 res.unverified += 1
             else:
-                kid = key[1]
-                if row[ROW_KID] == kid and signed(key[0], row[ROW_SIGNED]):
+                kid = key.kid
+                if row[ROW_KID] == kid and signed(key.public_key, row[ROW_SIGNED]):
                     ok = 1
                 else:
                     ok = 0
                     res.bad += 1
-            rej = row[ROW_REJECTIONS] is not None
-            group_key = (device, ok, rej)
+            counts = None
+            if row[ROW_COUNTS] is not None:
+                counts = "faults" if row[ROW_KIND] == pr.FAULT else "rejections"
+            group_key = (device, kid, ok, counts)
             if group_key != last_key:
                 last = groups.get(group_key)
                 if last is None:
-                    last = groups[group_key] = (kid, [])
+                    last = groups[group_key] = []
                 last_key = group_key
-            last[1].append(row[_VALUES_REJECTIONS] if rej else row[_VALUES])
+            last.append(row[_VALUES_COUNTS] if counts else row[_VALUES])
             done += 1
             if progress and done % 1000 == 0:
                 progress(done, total)
@@ -239,10 +283,11 @@ def import_rows(conn, batches, now=None, progress=None):
                 batch = conn.execute("INSERT INTO imports (at, source, receipts, new) "
                                      "VALUES (?, ?, ?, 0)", (now, source, count)).lastrowid
                 before = conn.total_changes
-                for (device, ok, rej), (kid, values) in groups.items():
-                    conn.executemany(_INSERT % ("?" if rej else "NULL", _blob(device),
-                                                _blob(kid), "NULL" if ok is None else ok,
-                                                batch), values)
+                for (device, kid, ok, counts), values in groups.items():
+                    conn.executemany(_INSERT % (
+                        "?" if counts == "rejections" else "NULL",
+                        "?" if counts == "faults" else "NULL", _blob(device), _blob(kid),
+                        "NULL" if ok is None else ok, batch), values)
                 n = new[source] = conn.total_changes - before
                 conn.execute("UPDATE imports SET new = ? WHERE batch = ?", (n, batch))
                 res.new += n
@@ -322,27 +367,38 @@ class Result:
 
 
 class _R:
-    """A stored receipt as reconciliation reads it (no raw bytes)."""
+    """A stored receipt as reconciliation reads it (no raw bytes). `key`: the KeyEpoch of
+    its span (None: before every key); `valid`: its signature verified with that key."""
     __slots__ = ("hash", "device", "index", "kind", "prev", "time", "before", "after",
-                 "sequence", "ref", "amount", "valid")
+                 "sequence", "ref", "amount", "faults", "valid", "key")
 
 
-def _reverify(conn, keys):
-    """Check the signatures not yet checked with the device's current key (a key
-    registered, or changed, after the import), for the devices in `keys` ({device:
-    (public key, kid) or None}). Returns how many were checked."""
+def recheck(conn, device, first=0):
+    """Check again, with the key of their span, the signatures of `device`'s stored
+    receipts from index `first` that were checked with another key or none (their key was
+    registered after they arrived). One transaction; returns how many were checked."""
+    epochs = registry.device_keys(conn, device)
+    if not epochs:
+        return 0
+    with transaction(conn):
+        return _reverify(conn, device, _Spans(epochs), first)
+
+
+def _reverify(conn, device, spans, first=0):
+    """Check the signatures of `device`'s receipts (from index `first`) not yet checked
+    with the key of their span (a key registered after the import). Returns how many were
+    checked."""
     verify = Verifier()
     updates = []
-    for device, key in keys.items():
-        if key is None:
+    for idx, h, raw, checked in conn.execute(
+            "SELECT idx, hash, raw, checked_kid FROM receipts WHERE device = ? AND idx >= ?",
+            (device, first)).fetchall():
+        key = spans.key(idx)
+        if key is None or checked == key.kid:
             continue
-        public, kid = key
-        for idx, h, raw in conn.execute(
-                "SELECT idx, hash, raw FROM receipts WHERE device = ? AND "
-                "(checked_kid IS NULL OR checked_kid != ?)", (device, kid)).fetchall():
-            r = receipts_io.parse(raw)
-            ok = 1 if r.kid == kid and verify(public, r.tbs, r.sig) else 0
-            updates.append((kid, ok, device, idx, h))
+        r = receipts_io.parse(raw)
+        ok = 1 if r.kid == key.kid and verify(key.public_key, r.tbs, r.sig) else 0
+        updates.append((key.kid, ok, device, idx, h))
     conn.executemany("UPDATE receipts SET checked_kid = ?, sig_ok = ? WHERE device = ? AND "
                      "idx = ? AND hash = ?", updates)
     return len(updates)
@@ -359,16 +415,38 @@ def _span(a, b):
     return "index %d" % a if a == b else "indices %d-%d" % (a, b)
 
 
-def _chain(dev, present, valid, out):
-    """Gaps, forks and balance continuity of one meter's verified receipts."""
-    idxs = sorted(present)
-    expect = 0
-    for i in idxs:
+def _plural(n, word="receipt"):
+    return "%d %s%s" % (n, word, "" if n == 1 else "s")
+
+
+def _chain(dev, epochs, rs, out):
+    """Everything about one meter's receipts `rs` (sorted by index, hash) but the matching
+    to vouchers: unverifiable and bad signatures, gaps, forks, epochs, balances, faults."""
+    first = epochs[0].first_index
+    before = [r for r in rs if r.key is None]
+    if before:
+        out.append(Anomaly(
+            "no_device_key", dev, before[0].index, None, None,
+            "%s (%s) come before the first meter key registered for this meter (receipts from "
+            "%d): not verified" % (_plural(len(before)), _span(before[0].index, before[-1].index),
+                                   first)))
+    valid = []
+    for r in rs:
+        if r.key is None:
+            continue
+        if r.valid:
+            valid.append(r)
+        else:
+            out.append(Anomaly("bad_signature", dev, r.index, r.hash, r.sequence,
+                               "receipt %d does not verify with the meter key registered for "
+                               "its index (%s, key epoch %d, receipts from %d)" % (
+                                   r.index, r.key.kid.hex(), r.key.epoch, r.key.first_index)))
+    expect = first
+    for i in sorted({r.index for r in rs if r.key is not None}):
         if i > expect:
-            n = i - expect
             out.append(Anomaly("chain_gap", dev, expect, None, None,
-                               "%s missing (%d receipt%s)" % (_span(expect, i - 1), n,
-                                                              "" if n == 1 else "s")))
+                               "%s missing (%s)" % (_span(expect, i - 1),
+                                                    _plural(i - expect))))
         expect = i + 1
     by_idx = {}
     for r in valid:
@@ -381,10 +459,16 @@ def _chain(dev, present, valid, out):
                                    len(group), i, ", ".join(r.hash.hex()[:12] for r in group))))
     for r in valid:
         _balance_within(dev, r, out)
-        if r.index == 0:
+        if r.kind == pr.FAULT and any(r.faults.values()):
+            out.append(Anomaly("meter_fault", dev, r.index, r.hash, None,
+                               "receipt %d: the meter found flash damage at start-up: %s" % (
+                                   r.index, describe_faults(r.faults))))
+        if r.index == r.key.first_index:
+            # The first receipt of a key starts a new chain: a new epoch, not a fork.
             if r.prev != pr.GENESIS:
-                out.append(Anomaly("chain_fork", dev, 0, r.hash, None,
-                                   "receipt 0 does not start a chain (its prev is not zero)"))
+                out.append(Anomaly("chain_fork", dev, r.index, r.hash, None,
+                                   "receipt %d does not start a chain (its prev is not zero): "
+                                   "it is the first of key epoch %d" % (r.index, r.key.epoch)))
             continue
         preds = by_idx.get(r.index - 1)
         if not preds:
@@ -406,6 +490,9 @@ def _chain(dev, present, valid, out):
                                                    _mp(p.after), _mp(r.before))))
 
 
+_WHAT = {pr.EMERGENCY: "emergency credit", pr.REJECTIONS: "rejections", pr.FAULT: "fault"}
+
+
 def _balance_within(dev, r, out):
     if r.kind == pr.TOPUP:
         expected = r.before + 1000 * r.amount
@@ -418,11 +505,11 @@ def _balance_within(dev, r, out):
                                "top-up of %s raised the balance by only %s" % (
                                    format_pence(r.amount), _mp(r.after - r.before))))
     elif r.after != r.before:
-        what = "emergency credit" if r.kind == pr.EMERGENCY else "rejections"
         kind = "balance_rise" if r.after > r.before else "balance_mismatch"
         out.append(Anomaly(kind, dev, r.index, r.hash, None,
                            "%s receipt changed the balance from %s to %s" % (
-                               what, _mp(r.before), _mp(r.after))))
+                               _WHAT.get(r.kind, "kind %d" % r.kind), _mp(r.before),
+                               _mp(r.after))))
 
 
 def reconcile(conn, now=None, expired_policy="refund", at=None):
@@ -437,7 +524,7 @@ def reconcile(conn, now=None, expired_policy="refund", at=None):
     at = int(time.time()) if at is None else int(at)
     res = Result(now, expired_policy)
     with transaction(conn):
-        _reconcile(conn, res, _device_keys(conn))
+        _reconcile(conn, res, registry.all_device_keys(conn))
         conn.execute("DELETE FROM anomalies")
         conn.executemany("INSERT INTO anomalies (id, kind, device, receipt_index, receipt, "
                          "sequence, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -452,42 +539,56 @@ def reconcile(conn, now=None, expired_policy="refund", at=None):
 
 
 # Reconciliation reads the stored receipts in SQL, where the common case costs no Python
-# per row: a meter whose chain SQL finds regular (indices 0..n-1, one receipt each, every
-# signature valid, every prev the hash of the receipt before, balances continuous) has no
-# chain anomaly; only an irregular meter's receipts are loaded and walked in Python
-# (`_chain`). Statuses are written by one INSERT ... SELECT; only top-ups that do not
-# match a voucher, or vouchers applied more than once or for another amount, come back to
-# Python to be described. tests/host/test_reconcile_model.py holds this to a plain
-# Python model of the same rules.
+# per row: a meter whose receipts SQL finds regular (indices first..first+n-1 from its
+# first key's first index, one receipt each, every signature valid with the key of its
+# span, the first receipt of every span starting a chain, every other's prev the hash of
+# the receipt before, balances continuous, no fault receipt) has no chain anomaly; only an
+# irregular meter's receipts are loaded and walked in Python (`_chain`). Statuses are
+# written by one INSERT ... SELECT; only top-ups that do not match a voucher, or vouchers
+# applied more than once or for another amount, come back to Python to be described.
+# tests/host/test_reconcile_model.py holds this to a plain Python model of the rules.
 
-# Per meter, in one pass over its receipts: how many, lowest and highest index, how many
-# with a valid signature; whether all were checked with one key (min = max kid, none
-# NULL); verified top-ups (what `vt` below holds, if the meter has a key); and how many
-# receipts do not follow the one before them, raise the balance between receipts, or
-# have balances that disagree with their kind. A meter with receipts 0..n-1, all valid
-# and none of those, has a regular chain (two receipts at one index would leave an index
-# missing, and the receipt after it does not follow anything).
+# The spans of the meter keys: [lo, hi) per key, hi the next key's first index (a key
+# followed by one with the same first index has an empty span: the later one wins).
+_SPANS = """spans AS (
+    SELECT device, kid, first_index AS lo,
+           lead(first_index, 1, 9223372036854775807)
+               OVER (PARTITION BY device ORDER BY epoch) AS hi
+    FROM device_keys)"""
+
+# Per meter, in one pass over its receipts: how many, lowest and highest index; how many
+# lie in a key's span, were checked with that key, verified with it; verified top-ups
+# (what `vt` below holds) and fault receipts; and how many do not start or follow the
+# chain as they should, raise the balance between receipts, or have balances that
+# disagree with their kind. A meter with receipts first..first+n-1, all in a span and
+# valid and none of those, has a regular chain (two receipts at one index would leave an
+# index missing, and the receipt after it does not follow anything).
 _STATS = """
-SELECT r.device, count(*), min(r.idx), max(r.idx), sum(r.sig_ok IS 1), count(r.checked_kid),
-       min(r.checked_kid), max(r.checked_kid), sum(r.kind = 1 AND r.sig_ok IS 1),
-       sum((r.idx = 0 AND r.prev != :genesis)
-           OR (r.idx > 0 AND (p.idx IS NULL OR r.balance_before > p.balance_after))
+WITH %s
+SELECT r.device, count(*), min(r.idx), max(r.idx), count(s.kid),
+       sum(s.kid IS NOT NULL AND r.checked_kid IS s.kid),
+       sum(r.sig_ok IS 1 AND r.checked_kid IS s.kid AND s.kid IS NOT NULL),
+       sum(r.kind = 1 AND r.sig_ok IS 1 AND r.checked_kid IS s.kid AND s.kid IS NOT NULL),
+       sum(r.kind = 4),
+       sum((r.idx = s.lo AND r.prev != :genesis)
+           OR (r.idx > s.lo AND (p.idx IS NULL OR r.balance_before > p.balance_after))
            OR r.balance_after != r.balance_before
                                  + CASE WHEN r.kind = 1 THEN 1000 * r.amount ELSE 0 END)
 FROM receipts r
+LEFT JOIN spans s ON s.device = r.device AND r.idx >= s.lo AND r.idx < s.hi
 LEFT JOIN receipts p ON p.device = r.device AND p.idx = r.idx - 1 AND p.hash = r.prev
 GROUP BY r.device
-"""
+""" % _SPANS
 
-# Verified top-up receipts: from a meter with a key, signature checked with that key
-# (`_reverify` has just brought every such receipt's check up to date). devices.device
-# is unique: IN is the join, without looking the device up for every receipt.
+# Verified top-up receipts: signature checked with the key of their span (`_reverify` has
+# just brought every such receipt's check up to date, and a receipt outside every span is
+# never checked). device_keys.device is indexed: IN is the join.
 _VT = """vt AS (
     SELECT r.device, r.idx, r.hash, r.sequence, r.voucher_ref, r.amount, r.meter_time,
            r.balance_after
     FROM receipts r
     WHERE r.kind = 1 AND r.sig_ok = 1
-      AND r.device IN (SELECT device FROM devices WHERE public_key IS NOT NULL))"""
+      AND r.device IN (SELECT device FROM device_keys))"""
 
 # Redeemed: the first verified receipt (in index order) applying the voucher's bytes on
 # the voucher's own meter. Rows go in in receipt order; OR IGNORE keeps the first.
@@ -505,28 +606,31 @@ FROM vt JOIN vouchers v ON v.device = vt.device AND v.sequence = vt.sequence
 ORDER BY vt.device, vt.idx, vt.hash
 """ % _VT
 
-# Every other voucher: void, stale, expired or outstanding (closed_at of stale ones is
-# filled in by _stale_since). Redeemed ones are passed over before anything is joined.
+# Every other voucher: void, stale, expired or outstanding (closed_at and note of stale
+# ones are filled in by _stale_since). Redeemed ones are passed over before anything is
+# joined.
 _NOT_REDEEMED = """
-WITH %s, highest AS (SELECT device, max(sequence) AS h FROM vt GROUP BY device)
+WITH %s, highest AS (SELECT device, max(sequence) AS h FROM vt GROUP BY device),
+floors AS (SELECT device, max(floor) AS f FROM device_keys GROUP BY device)
 INSERT OR IGNORE INTO voucher_status (device, sequence, status, amount, closed_at)
 SELECT v.device, v.sequence,
        CASE WHEN k.revoked IS NOT NULL THEN 'void'
-            WHEN v.sequence < h.h - %d THEN 'stale'
+            WHEN v.sequence < h.h - %d OR v.sequence <= f.f THEN 'stale'
             WHEN v.expires <= :now THEN 'expired'
             ELSE 'outstanding' END,
        v.amount,
        CASE WHEN k.revoked IS NOT NULL THEN k.revoked
-            WHEN v.sequence < h.h - %d THEN NULL
+            WHEN v.sequence < h.h - %d OR v.sequence <= f.f THEN NULL
             WHEN v.expires <= :now THEN v.expires END
 FROM vouchers v JOIN keys k ON k.kid = v.kid
 LEFT JOIN highest h ON h.device = v.device
+LEFT JOIN floors f ON f.device = v.device
 WHERE NOT EXISTS (SELECT 1 FROM voucher_status s
                   WHERE s.device = v.device AND s.sequence = v.sequence)
 """ % (_VT, WINDOW, WINDOW)
 
-# (device, sequence) pairs with more than one verified top-up: applied twice, forks,
-# or a sequence reused by another voucher.
+# (device, sequence) pairs with more than one verified top-up: applied twice (in one key
+# epoch or across a reset), forks, or a sequence reused by another voucher.
 _SHARED_SEQUENCE = """
 WITH %s
 SELECT device, sequence FROM vt GROUP BY device, sequence HAVING count(*) > 1
@@ -543,17 +647,20 @@ ORDER BY vt.device, vt.idx, vt.hash
 """ % _VT
 
 _RECEIPT_COLUMNS = ("hash, device, idx, kind, prev, meter_time, balance_before, "
-                    "balance_after, sequence, voucher_ref, amount, sig_ok")
+                    "balance_after, sequence, voucher_ref, amount, faults, sig_ok, checked_kid")
 
 
-def _load(conn, where, args):
+def _load(conn, where, args, spans):
     out = []
     for row in conn.execute("SELECT %s FROM receipts WHERE %s ORDER BY device, idx, hash"
                             % (_RECEIPT_COLUMNS, where), args):
         r = _R()
         (r.hash, r.device, r.index, r.kind, r.prev, r.time, r.before, r.after, r.sequence,
-         r.ref, r.amount, ok) = row
-        r.valid = ok == 1
+         r.ref, r.amount, faults, ok, checked) = row
+        r.faults = {int(k): v for k, v in json.loads(faults).items()} if faults else None
+        sp = spans.get(r.device)
+        r.key = sp.key(r.index) if sp is not None else None
+        r.valid = ok == 1 and r.key is not None and checked == r.key.kid
         out.append(r)
     return out
 
@@ -564,41 +671,33 @@ def _stats(conn):
 
 def _reconcile(conn, res, devices):
     anomalies = []
+    spans = {d: _Spans(e) for d, e in devices.items() if e}
     stats = _stats(conn)
-    # Signatures checked with another key than the meter's current one, or not at all.
-    stale = {dev: devices[dev] for dev, n, _, _, _, checked, lo_kid, hi_kid, _, _ in stats
-             if devices.get(dev) is not None
-             and not (checked == n and lo_kid == hi_kid == devices[dev][1])}
-    if stale:
-        _reverify(conn, stale)
+    # Signatures checked with another key than the one of their span, or not at all.
+    redo = [dev for dev, n, _, _, spanned, checked, _, _, _, _ in stats
+            if dev in spans and checked != spanned]
+    for dev in redo:
+        _reverify(conn, dev, spans[dev])
+    if redo:
         stats = _stats(conn)
     res.receipts = sum(s[1] for s in stats)
-    topups = sum(s[8] for s in stats if devices.get(s[0]) is not None)
+    topups = sum(s[7] for s in stats if s[0] in spans)
 
     # Chains: meters, one by one.
-    for dev, n, lo, hi, ok, _, _, _, _, irregular in stats:
-        plural = "" if n == 1 else "s"
+    for dev, n, lo, hi, spanned, _, ok, _, faults, irregular in stats:
         if dev not in devices:
             anomalies.append(Anomaly(
                 "unknown_device", dev, lo, None, None,
-                "%d receipt%s (%s) from a meter not registered here; register it with its "
-                "public key and reconcile again" % (n, plural, _span(lo, hi))))
-        elif devices[dev] is None:
+                "%s (%s) from a meter not registered here; register it with its public key "
+                "and reconcile again" % (_plural(n), _span(lo, hi))))
+        elif not devices[dev]:
             anomalies.append(Anomaly(
                 "no_device_key", dev, lo, None, None,
-                "%d receipt%s (%s) cannot be verified: no public key is registered for this "
-                "meter" % (n, plural, _span(lo, hi))))
-        elif ok != n or lo != 0 or hi != n - 1 or irregular:
-            rs = _load(conn, "device = ?", (dev,))
-            valid = []
-            for r in rs:
-                if r.valid:
-                    valid.append(r)
-                else:
-                    anomalies.append(Anomaly("bad_signature", dev, r.index, r.hash, r.sequence,
-                                             "receipt %d does not verify with the meter's "
-                                             "registered key" % r.index))
-            _chain(dev, {r.index for r in rs}, valid, anomalies)
+                "%s (%s) cannot be verified: no public key is registered for this meter"
+                % (_plural(n), _span(lo, hi))))
+        elif (ok != n or spanned != n or faults or irregular
+              or lo != devices[dev][0].first_index or hi != lo + n - 1):
+            _chain(dev, devices[dev], _load(conn, "device = ?", (dev,), spans), anomalies)
 
     # Statuses of every issued voucher.
     conn.execute("DELETE FROM voucher_status")
@@ -609,7 +708,7 @@ def _reconcile(conn, res, devices):
         conn.execute("DELETE FROM voucher_status")
         conn.execute(_REDEEMED % "")
     conn.execute(_NOT_REDEEMED, {"now": res.as_of})
-    _stale_since(conn)
+    _stale_since(conn, devices)
 
     # Top-ups that match no voucher, or one issued for another amount; and vouchers
     # whose sequence more than one top-up carries.
@@ -628,7 +727,7 @@ def _reconcile(conn, res, devices):
         v_ref, v_amount = v
         first = None
         for r in _load(conn, "device = ? AND kind = 1 AND sequence = ? AND voucher_ref = ?",
-                       (dev, seq, v_ref)):
+                       (dev, seq, v_ref), spans):
             if not r.valid:
                 continue
             if first is None:
@@ -642,8 +741,10 @@ def _reconcile(conn, res, devices):
             elif first.index != r.index:
                 anomalies.append(Anomaly(
                     "applied_twice", r.device, r.index, r.hash, r.sequence,
-                    "voucher %d applied again by receipt %d (first by receipt %d)" % (
-                        r.sequence, r.index, first.index)))
+                    "voucher %d applied again by receipt %d (first by receipt %d%s)" % (
+                        r.sequence, r.index, first.index,
+                        ", before the meter's key epoch %d" % r.key.epoch
+                        if r.key.epoch != first.key.epoch else "")))
 
     # Top-ups that match no voucher: whose is it?
     by_ref = {}
@@ -688,9 +789,14 @@ def _reconcile(conn, res, devices):
     res.anomalies = [a for a in anomalies if not (a.id in seen or seen.add(a.id))]
 
 
-def _stale_since(conn):
-    """closed_at of stale vouchers: the meter time of the first verified top-up (in index
-    order) whose sequence put the voucher below the window."""
+def _utc(ts):
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+
+
+def _stale_since(conn, devices):
+    """closed_at and note of stale vouchers: the earlier of the meter time of the first
+    verified top-up (in index order) whose sequence put the voucher below the window, and
+    the registration time of the first key epoch whose floor covers it."""
     per_device = {}
     for dev, seq in conn.execute("SELECT device, sequence FROM voucher_status "
                                  "WHERE status = 'stale'"):
@@ -698,13 +804,30 @@ def _stale_since(conn):
     updates = []
     for dev, seqs in per_device.items():
         marks, high = [], 0
-        for seq, t in conn.execute("SELECT sequence, meter_time FROM receipts WHERE device = ? "
-                                   "AND kind = 1 AND sig_ok = 1 ORDER BY idx, hash", (dev,)):
+        for seq, idx, t in conn.execute(
+                "SELECT sequence, idx, meter_time FROM receipts WHERE device = ? AND kind = 1 "
+                "AND sig_ok = 1 ORDER BY idx, hash", (dev,)):
             if seq > high:
                 high = seq
-                marks.append((high, t))
+                marks.append((high, t, idx))
+        epochs = devices.get(dev) or []
         for seq in seqs:
+            reasons = []  # (time, note)
             j = bisect.bisect_right(marks, (seq + WINDOW, float("inf")))
-            updates.append((marks[j][1], dev, seq))
-    conn.executemany("UPDATE voucher_status SET closed_at = ? WHERE device = ? AND "
+            if j < len(marks):
+                h, t, idx = marks[j]
+                reasons.append((t, "below the meter's replay window since receipt %d applied "
+                                   "sequence %d" % (idx, h)))
+            for e in epochs:
+                if e.floor >= seq:
+                    reasons.append((e.provisioned, (
+                        "refused by the meter after its factory reset on %s (key epoch %d: "
+                        "every sequence up to %d is stale)" if e.epoch > 1 else
+                        "refused by the meter since its provisioning on %s (key epoch %d: "
+                        "every sequence up to %d is stale)") % (_utc(e.provisioned), e.epoch,
+                                                                e.floor)))
+                    break
+            updates.append((min(t for t, _ in reasons), "; ".join(n for _, n in reasons),
+                            dev, seq))
+    conn.executemany("UPDATE voucher_status SET closed_at = ?, note = ? WHERE device = ? AND "
                      "sequence = ?", updates)

@@ -1,8 +1,16 @@
-# Device registry: EUI-64 device ids, optional device public key (for receipts), limits
-# (per-voucher maximum and maximum credit, in pence) and the next sequence to issue.
+# Device registry: EUI-64 device ids, limits (per-voucher maximum and maximum credit, in
+# pence), the next sequence to issue, and every receipt key the meter has had.
+#
+# Key epochs (SPEC.md §2.2, §4 "Epochs"): each provisioning makes a new meter key. The
+# registry keeps all of them, in order, each with the index of its first receipt and the
+# sequence floor the meter took: a key's span of receipt indices runs from its first index
+# to the next key's, receipts are verified with the key of their span, and the meter
+# refuses every voucher sequence up to the floor. devices.public_key is the current key.
+import bisect
 import re
 import time
 
+from protocol.cose import kid_for
 from protocol.voucher import MAX_AMOUNT
 
 from .db import transaction
@@ -38,9 +46,52 @@ def parse_public_key(text):
     return bytes.fromhex(s)
 
 
+class MeterKey(bytes):
+    """A meter's receipt public key (32 bytes) as its provisioning reported it, with the
+    index of the key's first receipt and the meter's sequence floor (None: not reported).
+    `set_public_key` registers these figures unless it is given others."""
+
+    def __new__(cls, public, first_index=None, floor=None):
+        self = super().__new__(cls, public)
+        self.first_index = first_index
+        self.floor = floor
+        return self
+
+
+class KeyEpoch:
+    """One meter key of a device: epoch (1, 2, ... in registration order), public key,
+    kid, first receipt index, sequence floor, registration time."""
+
+    __slots__ = ("device", "epoch", "public_key", "kid", "first_index", "floor", "provisioned")
+
+    def __init__(self, device, epoch, public_key, kid, first_index, floor, provisioned):
+        self.device = bytes(device)
+        self.epoch = epoch
+        self.public_key = bytes(public_key)
+        self.kid = bytes(kid)
+        self.first_index = first_index
+        self.floor = floor
+        self.provisioned = provisioned
+
+    def __repr__(self):
+        return "KeyEpoch(%s #%d kid=%s first=%d floor=%d)" % (
+            format_eui64(self.device), self.epoch, self.kid.hex(), self.first_index, self.floor)
+
+
+def span_key(epochs, index):
+    """The key whose span holds receipt `index`: the one with the largest first index <=
+    index (of two with the same first index, the later epoch), or None if `index` comes
+    before every key. `epochs` in epoch order, as `device_keys` gives them."""
+    if not epochs or index < epochs[0].first_index:
+        return None
+    if len(epochs) == 1:
+        return epochs[0]
+    return epochs[bisect.bisect_right([e.first_index for e in epochs], index) - 1]
+
+
 class Device:
     def __init__(self, device, public_key, max_voucher, max_credit, next_sequence, label,
-                 created, issued_count=None):
+                 created, issued_count=None, key_count=None):
         self.device = bytes(device)
         self.public_key = bytes(public_key) if public_key is not None else None
         self.max_voucher = max_voucher
@@ -49,6 +100,7 @@ class Device:
         self.label = label
         self.created = created
         self.issued_count = issued_count
+        self.key_count = key_count
 
     @property
     def name(self):
@@ -56,6 +108,7 @@ class Device:
 
 
 _COLUMNS = "device, public_key, max_voucher, max_credit, next_sequence, label, created"
+_KEY_COLUMNS = "device, epoch, public_key, kid, first_index, floor, provisioned"
 
 
 def check_limits(max_voucher, max_credit):
@@ -70,12 +123,16 @@ def add_device(conn, device, max_voucher=DEFAULT_MAX_VOUCHER, max_credit=DEFAULT
                public_key=None, label=None, now=None):
     check_limits(max_voucher, max_credit)
     created = int(time.time()) if now is None else int(now)
+    if public_key is not None:
+        _check_key(public_key)
     with transaction(conn):
         if conn.execute("SELECT 1 FROM devices WHERE device = ?", (device,)).fetchone():
             raise TopupError("device %s is already registered" % format_eui64(device))
         conn.execute("INSERT INTO devices (device, public_key, max_voucher, max_credit, "
                      "next_sequence, label, created) VALUES (?, ?, ?, ?, 1, ?, ?)",
                      (device, public_key, max_voucher, max_credit, label, created))
+        if public_key is not None:  # a meter key known from the start: receipts from 0
+            _insert_epoch(conn, device, 1, bytes(public_key), 0, 0, created)
     return get_device(conn, device)
 
 
@@ -85,7 +142,8 @@ def find_device(conn, device):
     if r is None:
         return None
     count = conn.execute("SELECT count(*) FROM vouchers WHERE device = ?", (device,)).fetchone()[0]
-    return Device(*r, issued_count=count)
+    keys = conn.execute("SELECT count(*) FROM device_keys WHERE device = ?", (device,)).fetchone()[0]
+    return Device(*r, issued_count=count, key_count=keys)
 
 
 def get_device(conn, device):
@@ -98,17 +156,106 @@ def get_device(conn, device):
 
 
 def list_devices(conn):
-    rows = conn.execute("SELECT %s, (SELECT count(*) FROM vouchers v WHERE v.device = d.device)"
+    rows = conn.execute("SELECT %s, (SELECT count(*) FROM vouchers v WHERE v.device = d.device),"
+                        " (SELECT count(*) FROM device_keys k WHERE k.device = d.device)"
                         " FROM devices d ORDER BY device" % _COLUMNS).fetchall()
-    return [Device(*r[:7], issued_count=r[7]) for r in rows]
+    return [Device(*r[:7], issued_count=r[7], key_count=r[8]) for r in rows]
 
 
-def set_public_key(conn, device, public_key):
-    """Record the meter's receipt key (from provisioning). A new key replaces the old one:
-    a factory reset makes a new key, and later receipts are signed with it."""
+def device_keys(conn, device):
+    """Every meter key `device` has had, as [KeyEpoch] in epoch order ([] if none)."""
+    return [KeyEpoch(*r) for r in conn.execute(
+        "SELECT %s FROM device_keys WHERE device = ? ORDER BY epoch" % _KEY_COLUMNS, (device,))]
+
+
+def all_device_keys(conn):
+    """{device: [KeyEpoch] in epoch order} for every registered device ([] if it has no
+    key yet). Devices not registered are absent."""
+    out = {bytes(d): [] for (d,) in conn.execute("SELECT device FROM devices")}
+    for r in conn.execute("SELECT %s FROM device_keys ORDER BY device, epoch" % _KEY_COLUMNS):
+        out.setdefault(bytes(r[0]), []).append(KeyEpoch(*r))
+    return out
+
+
+def issued_floor(conn, device):
+    """The highest sequence this database has issued or reserved for `device` (0 if
+    none): what a provisioning asks the meter to refuse (SPEC.md §2.2)."""
+    return get_device(conn, device).next_sequence - 1
+
+
+def next_first_index(conn, device):
+    """The receipt index a new meter key of `device` starts at, as far as this database
+    knows: past every receipt it holds verified, and not before the current key's first
+    index (0 for a device with no key). Receipts whose signature did not verify do not
+    count: anyone on the WAN link can push those, at any index."""
+    keys = device_keys(conn, device)
+    held = conn.execute("SELECT max(idx) FROM receipts WHERE device = ? AND sig_ok = 1",
+                        (device,)).fetchone()[0]
+    first = 0 if held is None else held + 1
+    if keys:
+        first = max(first, keys[-1].first_index)
+    return first
+
+
+def _check_key(public_key):
     if not isinstance(public_key, bytes) or len(public_key) != 32:
         raise TopupError("a meter public key is 32 bytes")
+
+
+def _check_figure(value, what):
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFFFFFF:
+        raise TopupError("%s must be 0..2^32-1" % what)
+
+
+def _insert_epoch(conn, device, epoch, public_key, first_index, floor, now):
+    conn.execute("INSERT INTO device_keys (device, epoch, public_key, kid, first_index, floor, "
+                 "provisioned) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (device, epoch, public_key, kid_for(public_key), first_index, floor, now))
+    # Vouchers issued from now on must be above the meter's floor, or it refuses them.
+    conn.execute("UPDATE devices SET public_key = ?, next_sequence = max(next_sequence, ?) "
+                 "WHERE device = ?", (public_key, floor + 1, device))
+
+
+def set_public_key(conn, device, public_key, first_index=None, floor=None, now=None):
+    """Register a new key epoch: the meter's receipt key from a provisioning, the index of
+    its first receipt and the meter's sequence floor (SPEC.md §2.2, §4).
+
+    The device keeps every key it has had: receipts before `first_index` stay with the
+    earlier keys. first_index defaults to what the provisioning reported (a MeterKey), else
+    `next_first_index`; floor to what the provisioning reported, else 0 (nothing claimed).
+    The next sequence to issue moves above the floor. Registering the current key again
+    changes nothing; a key the device had before, or a first index below the current
+    key's, is refused. Returns the Device.
+    """
+    _check_key(public_key)
+    if first_index is None:
+        first_index = getattr(public_key, "first_index", None)
+    if floor is None:
+        floor = getattr(public_key, "floor", None)
+    public_key = bytes(public_key)
+    now = int(time.time()) if now is None else int(now)
     with transaction(conn):
         get_device(conn, device)
-        conn.execute("UPDATE devices SET public_key = ? WHERE device = ?", (public_key, device))
+        keys = device_keys(conn, device)
+        if keys and keys[-1].public_key == public_key:
+            if first_index is not None and keys[-1].first_index != first_index:
+                raise TopupError("meter key %s is already registered for %s, from receipt %d"
+                                 % (keys[-1].kid.hex(), format_eui64(device), keys[-1].first_index))
+            return get_device(conn, device)
+        if first_index is None:
+            first_index = next_first_index(conn, device)
+        floor = 0 if floor is None else floor
+        _check_figure(first_index, "a key's first receipt index")
+        _check_figure(floor, "a sequence floor")
+        for k in keys:
+            if k.public_key == public_key:
+                raise TopupError("meter key %s was %s's key epoch %d before: a provisioning "
+                                 "always makes a new key" % (k.kid.hex(), format_eui64(device),
+                                                             k.epoch))
+        if keys and first_index < keys[-1].first_index:
+            raise TopupError("the new key's first receipt index %d is below the current key's "
+                             "(%d): receipt indices never go back" % (first_index,
+                                                                     keys[-1].first_index))
+        _insert_epoch(conn, device, len(keys) + 1, public_key, first_index, floor, now)
     return get_device(conn, device)
+

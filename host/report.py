@@ -18,7 +18,8 @@ DAY = 86400
 STATUS_MEANING = {
     "outstanding": "not yet redeemed: a liability",
     "redeemed": "applied by its meter (signed receipt)",
-    "stale": "below the meter's replay window, never redeemed: refund due",
+    "stale": "the meter refuses it (below its replay window, or at or below the sequence "
+             "floor of a provisioning or factory reset), never redeemed: refund due",
     "expired": "past its expiry, never redeemed",
     "void": "issuer key revoked, never redeemed: withdrawn",
 }
@@ -80,7 +81,7 @@ class Summary:
         return self.conn.execute(
             "SELECT v.device, v.sequence, s.status, v.amount, v.issued, v.expires, v.kid, "
             "k.revoked, s.closed_at, s.receipt_index, s.balance_after, s.receipt, v.ref, "
-            "d.label FROM vouchers v "
+            "d.label, s.note FROM vouchers v "
             "JOIN voucher_status s ON s.device = v.device AND s.sequence = v.sequence "
             "JOIN keys k ON k.kid = v.kid LEFT JOIN devices d ON d.device = v.device "
             "ORDER BY v.device, v.sequence")
@@ -194,7 +195,7 @@ def print_summary(con, s, details=20):
 VOUCHER_COLUMNS = ("device", "sequence", "status", "amount_pence", "amount", "liability",
                    "refund_due", "issued_utc", "expires_utc", "kid", "key_revoked_utc",
                    "closed_utc", "receipt_index", "balance_after_mp", "receipt_hash",
-                   "voucher_ref", "label")
+                   "voucher_ref", "label", "note")
 ANOMALY_COLUMNS = ("id", "kind", "device", "receipt_index", "sequence", "receipt_hash",
                    "detail")
 
@@ -219,13 +220,14 @@ def write_csv(s, path, anomalies=None):
         w = csv.writer(f)
         w.writerow(VOUCHER_COLUMNS)
         for (dev, seq, status, amount, issued, expires, kid, revoked, closed, ridx, bal,
-             rhash, ref, label) in s.voucher_rows():
+             rhash, ref, label, note) in s.voucher_rows():
             w.writerow((format_eui64(dev), seq, status, amount, "%d.%02d" % divmod(amount, 100),
                         "yes" if status == "outstanding" else "no",
                         "yes" if s.refund_due(status) else "no",
                         utc(issued), utc(expires), bytes(kid).hex(), utc(revoked), utc(closed),
                         "" if ridx is None else ridx, "" if bal is None else bal,
-                        bytes(rhash).hex() if rhash else "", bytes(ref).hex(), label or ""))
+                        bytes(rhash).hex() if rhash else "", bytes(ref).hex(), label or "",
+                        note or ""))
     with _open(anomalies) as f:
         w = csv.writer(f)
         w.writerow(ANOMALY_COLUMNS)
@@ -509,10 +511,12 @@ def render_html(s, max_rows=500):
 
     parts.append('<h2>Refunds due and outstanding vouchers</h2><div class="panel">'
                  '<table><tr><th>device</th><th class="n">sequence</th><th>status</th>'
-                 '<th class="n">amount</th><th>issued</th><th>expires</th><th>closed</th></tr>')
+                 '<th class="n">amount</th><th>issued</th><th>expires</th><th>closed</th>'
+                 '<th>why</th></tr>')
     shown = total = 0
     for row in s.voucher_rows():
         dev, seq, status, amount, issued, expires, _kid, _rev, closed = row[:9]
+        note = row[14]
         if status == "redeemed":
             continue
         total += 1
@@ -521,10 +525,10 @@ def render_html(s, max_rows=500):
         shown += 1
         parts.append('<tr><td class="mono">%s</td><td class="n">%d</td><td><span class="pill" '
                      'style="background:%s">%s</span></td><td class="n">%s</td><td>%s</td>'
-                     '<td>%s</td><td>%s</td></tr>'
+                     '<td>%s</td><td>%s</td><td>%s</td></tr>'
                      % (_e(format_eui64(dev)), seq, STATUS_COLOUR[status], status,
                         _e(format_pence(amount)), _e(utc(issued)), _e(utc(expires)),
-                        _e(utc(closed))))
+                        _e(utc(closed)), _e(note or "")))
     parts.append("</table>")
     if total > shown:
         parts.append('<p class="note">First %d of %d; the CSV has one row per voucher.</p>'

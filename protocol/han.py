@@ -97,32 +97,39 @@ def decode_message(body):
 
 
 class Deframer:
-    """Byte-stream to frames. Bounded memory: an oversize frame is dropped and the link
-    resynchronises on the next delimiter. `feed` returns the list of good frame bodies;
-    bad frames are counted in `dropped`, never raised."""
+    """Byte-stream to frames. Bounded memory: one buffer of the largest encoded frame, made
+    once; an oversize frame is dropped and the link resynchronises on the next delimiter.
+    `feed` returns the list of good frame bodies; bad frames are counted in `dropped`, never
+    raised. If memory runs out inside `feed` (MemoryError passes through), the frame being
+    read is lost and the next one is read whole: the state is never left half-updated."""
 
     def __init__(self):
-        self._buf = bytearray()
+        self._buf = bytearray(MAX_ENCODED)
+        self._n = 0
         self._overflow = False
         self.dropped = 0
 
     def feed(self, data):
         bodies = []
+        buf = self._buf
         for b in data:
             if b == 0:
-                if self._overflow:
+                n = self._n
+                overflow = self._overflow
+                self._n = 0                 # the next frame starts clean, whatever follows
+                self._overflow = False
+                if overflow:
                     self.dropped += 1
-                elif self._buf:
+                elif n:
                     try:
-                        bodies.append(decode_frame(bytes(self._buf)))
+                        bodies.append(decode_frame(bytes(buf[:n])))
                     except Rejected:
                         self.dropped += 1
-                self._buf = bytearray()
-                self._overflow = False
             elif not self._overflow:
-                if len(self._buf) >= MAX_ENCODED:
+                if self._n >= MAX_ENCODED:
                     self._overflow = True
-                    self._buf = bytearray()
+                    self._n = 0
                 else:
-                    self._buf.append(b)
+                    buf[self._n] = b
+                    self._n += 1
         return bodies

@@ -6,7 +6,8 @@ that holds some receipts (retain) and later lets them go. Before an operation, p
 now and then set to fail at its n-th flash operation (a torn page program or a torn block
 erase, whichever comes). After every cut a new Store is mounted on the same flash and
 checked against a model: exactly the old or the new contents, every receipt the ledger
-needs intact, find_receipt consistent, and the workload goes on from there.
+needs intact, find_receipt consistent, no fault reported (a power cut is not one), and
+the workload goes on from there.
 `make soak` (TOPUP_SOAK) multiplies the example counts.
 """
 import random
@@ -64,6 +65,7 @@ class Run:
         s = Store(self.flash, keep_receipts=self.keep)
         s.retain = self.retain
         s.mount()
+        assert s.faults == {}, s.faults          # a power cut is never a fault
         return s
 
     def required(self, m):
@@ -102,7 +104,8 @@ class Run:
         if r < 0.85:
             return ("commit", (_blob(1, n, rng.randint(10, 60)), None, 0))
         if r < 0.90:
-            return ("config", _blob(3, n, rng.randint(50, 200)))
+            # Two copies go into one block: at most a quarter of one each.
+            return ("config", _blob(3, n, rng.randint(50, min(200, self.flash.block_size // 4 - 24))))
         if r < 0.96:
             return ("remount", None)
         if r < 0.99:

@@ -63,6 +63,10 @@ class HanStream:
 
 class Board:
     name = "fake"
+    # The test drives the clock; it keeps running through a "power cut" unless a test says
+    # otherwise (set False and move `now` back to the port epoch to play a board without a
+    # battery-backed RTC).
+    clock_survives_power_loss = True
 
     def __init__(self, *, flash=None, now=1767225600, seed=1, wan=False):
         """flash: a block device (default: a fresh `boards.nor.NorFlash()`, all 0xFF);
@@ -135,6 +139,10 @@ class Board:
 
     def time(self):
         return self.now
+
+    def set_time(self, t):
+        """Provisioning sets the clock, as on a board with a settable RTC."""
+        self.now = t
 
     def ticks_ms(self):
         return self._ticks

@@ -10,6 +10,10 @@ _DEBOUNCE_MS = 50
 
 
 class McuBoard:
+    # Without a battery-backed RTC the clock restarts from the port's epoch after a power
+    # cut; the meter then resumes its time from the floor kept with its state. A board
+    # module for a bench with a battery-backed RTC sets this True.
+    clock_survives_power_loss = False
     def _setup_io(self, machine, relay_pin, wan_pin, button_pin, pulse_pin, hard_irq):
         self._machine = machine
         self._relay = machine.Pin(relay_pin, machine.Pin.OUT, value=0)
@@ -61,6 +65,12 @@ class McuBoard:
 
     def time(self):
         return time.time() + self._epoch
+
+    def set_time(self, unix):
+        """Set the RTC (provisioning does): Unix seconds, on any port's epoch."""
+        tm = time.gmtime(unix - self._epoch)
+        # machine.RTC.datetime takes (year, month, day, weekday, hours, minutes, seconds, subseconds)
+        self._machine.RTC().datetime((tm[0], tm[1], tm[2], tm[6], tm[3], tm[4], tm[5], 0))
 
     def ticks_ms(self):
         # time.ticks_ms() wraps (period 2**30); accumulate so the app sees a counter that

@@ -17,10 +17,22 @@ It speaks the MicroPython block-device protocol (`readblocks`, `writeblocks`, `i
   The randomness comes from a small generator keyed by (seed, operation number), so a
   given seed tears the same operation the same way every time, on CPython and MicroPython.
 
+Faults other than power cuts, for the store's fault tests:
+
+- bits flipped at rest (retention loss, disturb): `flip(offset, bit)`, not an operation;
+- bad programs, as littlefs's emulated block device has them: `bad_program(n, mode)` makes
+  the program operation after the next n misbehave, once, while reporting success:
+  PROG_NOOP leaves the page as it was, PROG_FLIP programs it but leaves one of the bits it
+  should clear set.
+
 Counters: `erases`, `programs` (pages), `ops` (both). `data` is the whole partition as a
 bytearray; pass your own (for example one mapped from a file) with `data=`, in which case
 the block count is `len(data) // block_size`.
 """
+
+
+PROG_NOOP = 1
+PROG_FLIP = 2
 
 
 class PowerCut(Exception):
@@ -46,6 +58,7 @@ class NorFlash:
         self.programs = 0
         self.ops = 0
         self._cut = None
+        self._bad = None            # (programs to let through, mode)
         self._mv = memoryview(data)
         self._ff = b"\xff" * block_size
         self._x = 1
@@ -68,6 +81,32 @@ class NorFlash:
             return True
         self._cut = c - 1
         return False
+
+    # -- faults other than power cuts ------------------------------------------------------
+    def flip(self, offset, bit=0):
+        """Flip one bit of the partition at rest (not a flash operation)."""
+        self.data[offset] ^= 1 << bit
+
+    def bad_program(self, n, mode=PROG_NOOP):
+        """Let n more page programs work, then make the next one misbehave (mode PROG_NOOP
+        or PROG_FLIP) while reporting success; None disarms."""
+        self._bad = None if n is None else (n, mode)
+
+    @property
+    def bad_armed(self):
+        """True while a bad_program() has not happened yet."""
+        return self._bad is not None
+
+    def _bad_tick(self):
+        # The mode of this program if it is to misbehave, else 0.
+        b = self._bad
+        if b is None:
+            return 0
+        if b[0] > 0:
+            self._bad = (b[0] - 1, b[1])
+            return 0
+        self._bad = None
+        return b[1]
 
     def _rand(self):
         # ZX81-style LCG (period 65536): small integers only, same on every VM.
@@ -99,6 +138,25 @@ class NorFlash:
             torn = self._tick()
             self.programs += 1
             base = a + i
+            bad = self._bad_tick()
+            if bad == PROG_NOOP and not torn:
+                i += c
+                continue
+            if bad == PROG_FLIP and not torn:
+                # Program the page, but one bit it should clear stays set.
+                start = self._rand() % c
+                at = bit = 0
+                for j in range(c):
+                    at = base + (start + j) % c
+                    clear = d[at] & ~buf[at - a] & 0xFF
+                    if clear:
+                        bit = clear & -clear
+                        break
+                for j in range(c):
+                    d[base + j] &= buf[i + j]
+                d[at] |= bit
+                i += c
+                continue
             if torn:
                 k = self._rand() % (c + 1)   # bytes fully programmed
             else:

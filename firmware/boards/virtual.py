@@ -134,6 +134,17 @@ class Board:
     def time(self):
         return int(self._hw.clock())
 
+    def set_time(self, t):
+        """Set the meter clock (provisioning does), as on a board with a settable RTC."""
+        self._hw.clock_set(str(int(t)))
+
+    @property
+    def clock_survives_power_loss(self):
+        # The rig decides: the host clock runs through a cut (a battery-backed RTC), or the
+        # clock restarts from 2000-01-01 at power-on, as on an ESP32 without one.
+        keeps = getattr(self._hw, "clock_survives", None)
+        return True if keeps is None else bool(keeps())
+
     def ticks_ms(self):
         return int(self._hw.ticks_ms())
 

@@ -1,8 +1,11 @@
-# The main loop: one `step` reads the board's inputs, serves the HAN, meters, and drives
-# the relay. `run` repeats it forever. Hardware comes in as a board object.
+# The main loop: one `step` reads the board's inputs, meters, serves the HAN and the uplink
+# (each a bounded amount of work), and drives the relay. `run` repeats it forever.
+# Hardware comes in as a board object.
+import gc
 import time
 
 from protocol.errors import Rejected
+from meter.clock import MeterClock
 from meter.han_server import HanServer
 from meter.ledger import Ledger
 from meter.store import Store
@@ -11,12 +14,19 @@ from meter.uplink import Uplink
 _IDLE_MS = 5
 
 
+def _log(message):
+    print(message)    # the REPL log: what an engineer sees on the board's USB serial
+
+
 class Meter:
-    def __init__(self, board):
+    def __init__(self, board, log=_log):
         self.board = board
         self.store = Store(board.flash)
         self.store.mount()
-        self.ledger = Ledger(self.store, board.time)
+        # A board says whether its clock runs through a power cut (a battery-backed RTC);
+        # those that do not say are taken not to.
+        clock = MeterClock(board.time, getattr(board, "clock_survives_power_loss", False))
+        self.ledger = Ledger(self.store, clock, log)
         self.han = HanServer(self.ledger, board.han, board.wan_up)
         self.uplink = Uplink(self.ledger, getattr(board, "wan", None), board.wan_up, board.ticks_ms)
         board.set_relay(self.ledger.supply_on())
@@ -24,16 +34,22 @@ class Meter:
     def step(self):
         board = self.board
         ledger = self.ledger
-        now = board.time()
-        ledger.meter(board.pulses(), now)
-        for _ in range(board.button_presses()):
-            try:
-                ledger.take_emergency_credit()
-            except Rejected:
-                pass  # not available now: the press is ignored, as on any meter
-        self.han.poll()
-        self.uplink.poll()
-        ledger.record_rejections(now)
+        try:
+            now = ledger.clock()
+            ledger.meter(board.pulses(), now)
+            for _ in range(board.button_presses()):
+                try:
+                    ledger.take_emergency_credit()
+                except Rejected:
+                    pass  # not available now: the press is ignored, as on any meter
+            board.set_relay(ledger.supply_on())
+            self.han.poll()
+            self.uplink.poll()
+            ledger.record_rejections(ledger.clock())
+        except MemoryError:
+            # Nothing was half-changed (a commit that fails re-reads the flash); free what
+            # this step held and carry on: the relay decision below still runs.
+            gc.collect()
         board.set_relay(ledger.supply_on())
 
 

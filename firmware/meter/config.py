@@ -16,6 +16,7 @@ C_EC_THRESHOLD = 8    # pence: emergency credit is offered below this balance
 C_UNIT_RATE = 9       # milli-pence per kWh
 C_STANDING = 10       # milli-pence per day
 C_PROVISIONED_AT = 11  # Unix seconds
+C_FIRST_RECEIPT = 12  # index of the first receipt signed with this key (a reset continues the count)
 
 # State keys
 S_BALANCE = 1         # milli-pence, may be negative while emergency credit is in use
@@ -30,6 +31,16 @@ S_WH_TOTAL = 9        # Wh metered since provisioning
 S_REJECTIONS = 10     # {reason: count} not yet put in a receipt
 S_REJ_RECEIPT_AT = 11  # meter time of the latest rejections receipt
 S_UPLOADED = 12       # receipts acknowledged by the head end (WAN queue)
+S_FLOOR = 13          # every sequence <= floor is STALE (set at provisioning: SPEC.md §2.2)
+S_BAD_SIGNATURES = 14  # consecutive vouchers refused BAD_SIGNATURE (signature back-off)
+S_BACKOFF_UNTIL = 15  # meter time before which no signature is checked (BUSY)
+S_FAULTS_SEEN = 16    # the flash faults last recorded in a fault receipt {code: count}
+
+# The carry a factory reset keeps (meter.store `format(carry)`): what must survive a reset
+# so that nothing before it can apply again and receipt numbers never restart.
+K_FLOOR = 1           # highest sequence the old ledger closed (applied, or below its floor)
+K_NEXT_RECEIPT = 2    # next receipt index
+K_CLOCK = 3           # meter time at the reset: meter time never goes back past it
 
 DEFAULT_LIMITS = {
     C_MAX_VOUCHER: 10000,     # £100

@@ -1,11 +1,25 @@
 # The meter's side of the HAN (SPEC.md §5). The HAN is untrusted: every request is
 # answered or dropped, nothing raised out of here can stop the main loop, and only a
-# valid signed voucher changes credit.
+# valid signed voucher changes credit. Work per main-loop step is bounded (SPEC.md §5.2),
+# so no traffic can hold up metering, the relay, the uplink or checkpoints.
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
 from protocol import cbor, errors, han
 from protocol.errors import Rejected
 from meter import config as cfg
 
-_READ_CHUNK = 64
+_READ_CHUNK = const(64)
+# Per step: read at most about one largest frame, answer at most this many requests, of
+# which at most one may need a signature check (a submit).
+MAX_READ_PER_STEP = const(1088)
+MAX_REQUESTS_PER_STEP = const(4)
+# Complete frames waiting for a later step; more than this in one burst are dropped (the
+# HAN is lossy anyway: a PPMID retries what it gets no answer to).
+_QUEUE = const(4)
 
 
 class HanServer:
@@ -14,19 +28,41 @@ class HanServer:
         self.stream = stream
         self.wan_up = wan_up or (lambda: False)
         self.deframer = han.Deframer()
+        self._queue = []
         self.handled = 0
         self.failed = 0
+        self.dropped = 0
+
+    @property
+    def backlog(self):
+        """Complete requests read but not yet answered (they wait for the next steps)."""
+        return len(self._queue)
 
     def poll(self):
-        """Read what has arrived, answer every complete request. Return requests handled."""
-        count = 0
-        while True:
+        """One step's share of the HAN: read a bounded amount, answer a bounded number of
+        requests (at most one submit). Return the number of requests handled."""
+        queue = self._queue
+        read = 0
+        while len(queue) < _QUEUE and read < MAX_READ_PER_STEP:
             data = self.stream.read(_READ_CHUNK)
             if not data:
-                return count
+                break
+            read += len(data)
             for body in self.deframer.feed(data):
-                self._answer(body)
-                count += 1
+                if len(queue) < _QUEUE:
+                    queue.append(body)
+                else:
+                    self.dropped += 1
+        count = 0
+        submits = 0
+        while queue and count < MAX_REQUESTS_PER_STEP:
+            if _is_submit(queue[0]):
+                if submits:
+                    break             # one signature check per step
+                submits += 1
+            self._answer(queue.pop(0))
+            count += 1
+        return count
 
     def _answer(self, body):
         msg_id = None
@@ -36,6 +72,10 @@ class HanServer:
         except Rejected as e:
             self.failed += 1
             reply_type, reply = han.ERROR, {1: e.reason}
+        except MemoryError:
+            # Not the request's fault: the PPMID may retry (SPEC.md §2.1, BUSY).
+            self.failed += 1
+            reply_type, reply = han.ERROR, {1: errors.BUSY}
         except Exception:  # noqa: BLE001 - untrusted input must never stop the meter
             self.failed += 1
             reply_type, reply = han.ERROR, {1: errors.BAD_REQUEST}
@@ -46,7 +86,7 @@ class HanServer:
         self.handled += 1
         try:
             self.stream.write(han.encode_message(reply_type, msg_id, reply))
-        except Exception:  # noqa: BLE001 - a failing link must not stop the meter
+        except Exception:  # noqa: BLE001 - a failing link (or memory) must not stop the meter
             pass
 
     def handle(self, msg_type, payload):
@@ -73,6 +113,12 @@ class HanServer:
             6: ledger.highest,
             7: ledger.receipt_count,
             8: ledger.emergency_mp,
+            9: dict(ledger.faults),
+            10: ledger.clock(),
+            11: ledger.clock.reset_at_boot,
+            12: ledger.floor,
+            13: bool(ledger.damaged),
+            14: ledger.store.oldest_receipt,
         }
 
     def receipts(self, payload):
@@ -88,6 +134,11 @@ class HanServer:
             if raw is not None:
                 out.append(raw)
         return {1: out, 2: total}
+
+
+def _is_submit(body):
+    # [2, id, {...}] starts 0x83 0x02 in deterministic CBOR; anything else is not a submit.
+    return len(body) > 1 and body[0] == 0x83 and body[1] == han.SUBMIT
 
 
 def _peek_id(body):

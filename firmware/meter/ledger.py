@@ -14,7 +14,8 @@ except ImportError:
 
 from protocol import cose, errors, receipt as receipt_format, voucher as voucher_format, window as replay
 from protocol.errors import Rejected
-from meter import config as cfg, metering
+from meter import backoff, config as cfg, metering, recovery
+from meter.clock import MeterClock
 from meter.receipts import ReceiptSigner
 from meter.store import StoreError
 
@@ -32,22 +33,53 @@ UPLINK_QUEUE = const(128)
 
 
 class Ledger:
-    def __init__(self, store, clock):
+    def __init__(self, store, clock, log=None):
+        """store: a mounted meter.store.Store; clock: a MeterClock, or the board's time()
+        (a clock that keeps running through power cuts); log(message): the REPL log."""
+        self._unsynced = False
         self.store = store
-        self.clock = clock
+        self.clock = clock if isinstance(clock, MeterClock) else MeterClock(clock)
+        self.log = log or (lambda message: None)
         store.retain = self._retain
         self.load()
 
     def load(self):
-        """(Re)read config and state from the store, e.g. after provisioning or a mount."""
+        """(Re)read config and state from the store, e.g. after provisioning or a mount:
+        roll forward from receipts whose state record was lost, and record flash faults."""
         store = self.store
-        self.provisioned = store.config is not None and store.state is not None
         self._dirty = False
         self._unsaved_mp = 0
-        if not self.provisioned:
+        self._state = None
+        self.faults = dict(store.faults)
+        # Damaged: the store holds a ledger that cannot be read whole. The meter then
+        # changes no credit at all (DAMAGED) rather than invent or forget any.
+        self.damaged = None
+        self.provisioned = False
+        if store.config is None:
+            if store.state is not None:
+                self.damaged = "the configuration is lost"
+            return
+        try:
+            self._load_records(store.config, store.state)
+        except Exception as e:  # noqa: BLE001 - a record that passed its CRC but not its format
+            self.damaged = "unreadable ledger records (%s)" % (e,)
             self._state = None
             return
-        c = cfg.decode(store.config)
+        self.provisioned = True
+        self._committed_at = self._state[cfg.S_CHARGED_TO]
+        recovery.roll_forward(self)
+        if not self.clock.start(self._state[cfg.S_CHARGED_TO]):
+            # The time since the last commit is not accounted for (the board clock did not
+            # run through the cut, or cannot be believed): it is not charged.
+            self._state[cfg.S_CHARGED_TO] = self.clock()
+            self._dirty = True
+        self._committed_at = self._state[cfg.S_CHARGED_TO]
+        recovery.record_faults(self)
+
+    def _load_records(self, config, state):
+        if state is None:
+            raise ValueError("no state record")
+        c = cfg.decode(config)
         self.device = c[cfg.C_DEVICE]
         self.trust = {}
         for key in c[cfg.C_TRUST]:
@@ -60,11 +92,15 @@ class Ledger:
         self.standing = c[cfg.C_STANDING]
         self.signer = ReceiptSigner(self.device, c[cfg.C_SEED], c[cfg.C_PUBLIC])
         self.public_key = c[cfg.C_PUBLIC]
-        self._state = cfg.decode(store.state)
-        self._committed_at = self._state[cfg.S_CHARGED_TO]
+        self.first_receipt = c.get(cfg.C_FIRST_RECEIPT, 0)
+        self._state = cfg.decode(state)
 
     # ---- views -------------------------------------------------------------------
     def _need(self):
+        if self._unsynced:
+            self._resync()
+        if self.damaged:
+            raise Rejected(errors.DAMAGED, "flash damage: %s" % self.damaged)
         if not self.provisioned:
             raise Rejected(errors.NOT_PROVISIONED, "meter is not provisioned")
 
@@ -92,25 +128,59 @@ class Ledger:
     def pending_rejections(self):
         return dict(self._state[cfg.S_REJECTIONS]) if self.provisioned else {}
 
+    @property
+    def floor(self):
+        return self._state.get(cfg.S_FLOOR, 0) if self.provisioned else 0
+
     def supply_on(self):
-        """Supply stays on while credit, including emergency credit taken, is above zero."""
+        """Supply stays on while credit, including emergency credit taken, is above zero.
+        A meter whose ledger is damaged keeps the supply on: it cannot know the credit, and
+        a flash fault must not disconnect a customer."""
+        if self.damaged:
+            return True
         return self.provisioned and self._state[cfg.S_BALANCE] + self.emergency_mp > 0
 
     # ---- top-up ------------------------------------------------------------------
     def submit(self, data):
-        """Apply a voucher. Return (receipt bytes, duplicate). Raise Rejected: nothing changed."""
+        """Apply a voucher. Return (receipt bytes, duplicate). Raise Rejected: nothing changed.
+
+        Running out of memory is not the voucher's fault: it is answered BUSY, not counted,
+        and changes nothing (the PPMID retries)."""
         self._need()
+        try:
+            return self._submit(data)
+        except MemoryError:
+            raise Rejected(errors.BUSY, "out of memory")
+
+    def _submit(self, data):
+        # An applied voucher gets its original receipt back whatever the time, limits or
+        # back-off: the same bytes (its reference) were verified when they were applied.
+        original = self._original_receipt(data)
+        if original is not None:
+            return original, True
         now = self.clock()
         st = self._state
         try:
-            v = voucher_format.verify(data, self.trust, self.device, now, self.max_voucher)
+            self._gate_signature(data, now)
+            try:
+                v = voucher_format.verify(data, self.trust, self.device, now, self.max_voucher)
+            except Rejected as e:
+                if e.reason == errors.BAD_SIGNATURE:
+                    backoff.failed(st, now)
+                raise
+            if backoff.passed(st):
+                self._dirty = True
+            if v.sequence <= self.floor:
+                raise Rejected(errors.STALE, "sequence %d is at or below the floor %d set at provisioning"
+                               % (v.sequence, self.floor))
             window = self.window
             if not replay.admit(window, v, self._ref_for_sequence):
                 return self.store.find_receipt(v.sequence), True
             self._accrue(0, now)
             replay.check_credit(st[cfg.S_BALANCE], v.amount, self.max_credit)
         except Rejected as e:
-            self._count_rejection(e.reason)
+            if e.reason != errors.BUSY:   # turned away by the back-off: not a verdict
+                self._count_rejection(e.reason)
             raise
         before = st[cfg.S_BALANCE]
         after = before + v.amount * 1000
@@ -126,11 +196,51 @@ class Ledger:
                              sequence=v.sequence, voucher=v.ref, amount=v.amount)
         new[cfg.S_LAST_HASH] = receipt_format.chain_hash(r)
         self._commit(new, now, r, v.sequence)
+        self._signed_time(v.issued)
         return r, False
+
+    def _signed_time(self, issued):
+        # A verified issue time ahead of meter time moves it on (the board's clock was lost
+        # in a power cut): the step is not charged. It is saved with the next commit; a
+        # cut before that loses only the step, which the next voucher makes again.
+        at = self.clock.ahead(issued)
+        st = self._state
+        if at > st[cfg.S_CHARGED_TO]:
+            self.clock.advance_to(at)
+            st[cfg.S_CHARGED_TO] = at
+            self._dirty = True
+
+    def _original_receipt(self, data):
+        """The receipt of these exact voucher bytes if they were applied, else None."""
+        try:
+            v = voucher_format.parse(data)
+        except Rejected:
+            return None       # the full check gives the reason
+        try:
+            used = self.window.is_used(v.sequence) or v.sequence <= self.floor
+        except Rejected:
+            used = True       # below the window: its receipt may still be on flash
+        if not used:
+            return None
+        raw = self.store.find_receipt(v.sequence)
+        if raw is not None and receipt_format.parse(raw).voucher == v.ref:
+            return raw
+        return None
+
+    def _gate_signature(self, data, now):
+        # The cheap checks first; a signature is only checked when it would be under a
+        # trusted key, and not while the back-off holds.
+        msg = cose.decode(data)
+        if msg.kid in self.trust:
+            backoff.check(self._state, now)
 
     def _ref_for_sequence(self, seq):
         raw = self.store.find_receipt(seq)
-        return receipt_format.parse(raw).voucher if raw else None
+        if raw is None:
+            # Used, but its receipt is gone (flash damage the store reported): the meter
+            # cannot prove which voucher it was, so it changes nothing and says so.
+            raise Rejected(errors.RECEIPT_LOST, "sequence %d was applied; its receipt was lost" % seq)
+        return receipt_format.parse(raw).voucher
 
     def _retain(self, index, tag):
         # Top-up receipts whose sequence is still inside the replay window must stay
@@ -149,18 +259,33 @@ class Ledger:
         """Receipts below this index are acknowledged by the head end."""
         return self._state[cfg.S_UPLOADED] if self.provisioned else 0
 
-    def acknowledge(self, next_index):
-        """The head end holds every receipt below next_index. Saved at the next checkpoint
-        (repeating a push after a power cut is harmless)."""
+    def acknowledge(self, next_index, last_hash):
+        """The head end holds, with verified signatures, every receipt below next_index, the
+        last of which hashes to last_hash (a signed acknowledgement, SPEC.md §5.1, checked by
+        the uplink). Saved at the next checkpoint (a push repeated after a cut is harmless).
+        Return True if it moved the acknowledged index."""
+        if not self.provisioned:
+            return False
         st = self._state
-        if self.provisioned and st[cfg.S_UPLOADED] < next_index <= self.store.receipt_count:
-            st[cfg.S_UPLOADED] = next_index
-            self._dirty = True
+        if not st[cfg.S_UPLOADED] < next_index <= self.store.receipt_count:
+            return False
+        raw = self.store.receipt(next_index - 1)
+        if raw is None or receipt_format.chain_hash(raw) != last_hash:
+            return False
+        st[cfg.S_UPLOADED] = next_index
+        self._dirty = True
+        return True
 
     # ---- emergency credit ----------------------------------------------------------
     def take_emergency_credit(self):
         """Button press: grant emergency credit when low. Return the receipt."""
         self._need()
+        try:
+            return self._take_emergency_credit()
+        except MemoryError:
+            raise Rejected(errors.BUSY, "out of memory")
+
+    def _take_emergency_credit(self):
         now = self.clock()
         self._accrue(0, now)
         st = self._state
@@ -180,6 +305,11 @@ class Ledger:
     # ---- metering ------------------------------------------------------------------
     def meter(self, wh, now=None):
         """Charge `wh` Wh of energy and the standing charge up to now; checkpoint when due."""
+        if self._unsynced:
+            try:
+                self._resync()
+            except Rejected:
+                return        # still out of memory: this step's pulses are not charged
         if not self.provisioned:
             return
         if now is None:
@@ -247,13 +377,53 @@ class Ledger:
             return None
         return r
 
+    # ---- flash faults --------------------------------------------------------------
+    def record_faults(self, faults):
+        """Write a fault receipt: what the store found repaired or lost at its mount."""
+        now = self.clock()
+        self._accrue(0, now)
+        st = self._state
+        new = dict(st)
+        new[cfg.S_FAULTS_SEEN] = dict(faults)
+        balance = st[cfg.S_BALANCE]
+        r = self.signer.make(self.store.receipt_count, receipt_format.FAULT, now,
+                             st[cfg.S_LAST_HASH], balance, balance, faults=dict(faults))
+        new[cfg.S_LAST_HASH] = receipt_format.chain_hash(r)
+        self._commit(new, now, r, 0)
+        return r
+
     # ---- commit --------------------------------------------------------------------
-    def _commit(self, new, now, receipt=None, tag=0):
+    def _commit(self, new, now, receipt=None, tag=0, adopt=0):
         try:
-            self.store.commit(cfg.encode(new), receipt, tag)
+            self.store.commit(cfg.encode(new), receipt, tag, adopt=adopt)
         except StoreError as e:
             raise Rejected(errors.STORAGE, str(e))
+        except (OSError, MemoryError) as e:
+            # Failed inside the store's write (a flash I/O error, or memory): RAM may no
+            # longer match the flash, and what is on the flash now is what counts.
+            self._unsynced = True
+            self._resync()
+            if isinstance(e, MemoryError):
+                raise Rejected(errors.BUSY, "out of memory")
+            raise Rejected(errors.STORAGE, "flash error %s" % (e,))
         self._state = new
         self._committed_at = now
         self._unsaved_mp = 0
         self._dirty = False
+
+    def _resync(self):
+        # After an error inside a commit RAM may no longer match the flash: read the flash
+        # again, as after a power cut (unsaved metering is lost, as a cut would lose it).
+        # If memory runs out again, the ledger stays marked and every entry point tries
+        # again first; it answers BUSY meanwhile and changes nothing.
+        try:
+            import gc
+            gc.collect()
+        except ImportError:
+            pass
+        try:
+            self.store.mount()
+            self.load()
+        except MemoryError:
+            raise Rejected(errors.BUSY, "out of memory while re-reading the flash")
+        self._unsynced = False

@@ -29,4 +29,6 @@ class ReceiptSigner:
             fields[receipt.K_AMOUNT] = extra["amount"]
         if "rejections" in extra:
             fields[receipt.K_REJECTIONS] = extra["rejections"]
+        if "faults" in extra:
+            fields[receipt.K_FAULTS] = extra["faults"]
         return receipt.encode(self.kid, self._sign, fields)

@@ -1,13 +1,17 @@
 # The WAN uplink (SPEC.md §5.1): while the WAN is up, push the receipts the head end has
 # not acknowledged, a few at a time, and resend after a silence. Nothing from the head end
-# can change credit: the only thing it can say is which receipts it holds.
+# can change credit: the only thing it can say is which receipts it holds, and that only in
+# an acknowledgement signed by a key the meter trusts, naming this meter's receipt key and
+# the hash of the last receipt it holds. One acknowledgement is checked per push: a bad one
+# costs the link RETRY_MS, not a signature check per frame.
 try:
     from micropython import const
 except ImportError:
     def const(x):
         return x
 
-from protocol import han
+from protocol import ack as ack_format, han
+from protocol.errors import Rejected
 
 try:
     from time import ticks_diff
@@ -18,6 +22,7 @@ except ImportError:  # CPython: the fake board's ticks never wrap
 RETRY_MS = const(5000)
 _BATCH = const(4)
 _READ_CHUNK = const(64)
+_MAX_READ_PER_STEP = const(1088)
 
 
 class Uplink:
@@ -27,7 +32,7 @@ class Uplink:
         self.wan_up = wan_up
         self.ticks_ms = ticks_ms
         self.deframer = han.Deframer()
-        self._pending = None      # (request id, ticks when sent)
+        self._pending = None      # [request id, ticks when sent, answer checked]
         self._next_id = 1
         self.pushed = 0
 
@@ -45,10 +50,12 @@ class Uplink:
         self._push()
 
     def _read_acks(self):
-        while True:
+        read = 0
+        while read < _MAX_READ_PER_STEP:    # bounded work per main-loop step
             data = self.stream.read(_READ_CHUNK)
             if not data:
                 return
+            read += len(data)
             for body in self.deframer.feed(data):
                 try:
                     msg_type, msg_id, payload = han.decode_message(body)
@@ -56,9 +63,29 @@ class Uplink:
                     continue
                 pending = self._pending
                 if (msg_type == han.PUSH | han.RESPONSE and pending is not None
-                        and msg_id == pending[0] and isinstance(payload.get(1), int)):
-                    self.ledger.acknowledge(payload[1])
-                    self._pending = None
+                        and msg_id == pending[0] and not pending[2]):
+                    pending[2] = True
+                    if self._accept(payload):
+                        self._pending = None
+
+    def _accept(self, payload):
+        """Check a push response's signed acknowledgement; move the acknowledged index."""
+        ledger = self.ledger
+        if not ledger.provisioned:
+            return False
+        try:
+            a = ack_format.verify(payload.get(2), ledger.trust, ledger.device)
+        except Rejected:
+            return False
+        except MemoryError:
+            return False          # checked again after the next push
+        except Exception:  # noqa: BLE001 - untrusted link: a payload of the wrong shape
+            return False
+        if a.meter_kid != ledger.signer.kid or payload.get(1) != a.next_index:
+            return False
+        # Only progress clears the way for the next push at once; an answer that holds
+        # nothing new waits RETRY_MS like silence, so the link never spins.
+        return ledger.acknowledge(a.next_index, a.last_hash)
 
     def _push(self):
         ledger = self.ledger
@@ -87,5 +114,5 @@ class Uplink:
             self.stream.write(han.encode_message(han.PUSH, msg_id, {1: ledger.device, 2: start, 3: batch}))
         except Exception:  # noqa: BLE001 - a failing link must not stop the meter
             return
-        self._pending = (msg_id, self.ticks_ms())
+        self._pending = [msg_id, self.ticks_ms(), False]
         self.pushed += len(batch)

@@ -37,7 +37,11 @@ def _setup(initial=1000):
 def _exchange(server, pipe, *frames):
     for f in frames:
         pipe.incoming.extend(f)
-    server.poll()
+    # One poll is one main-loop step's bounded share (SPEC.md §5.2): step until all is read.
+    for _ in range(1000):
+        server.poll()
+        if not pipe.incoming and not server.backlog:
+            break
     replies = [han.decode_message(b) for b in han.Deframer().feed(bytes(pipe.outgoing))]
     pipe.outgoing = bytearray()
     return replies
@@ -47,7 +51,8 @@ def test_status():
     kit, pipe, server = _setup()
     [(t, i, p)] = _exchange(server, pipe, han.encode_message(han.STATUS, 41, {}))
     assert (t, i) == (0x81, 41)
-    assert p == {1: DEVICE, 2: cfg.FIRMWARE_VERSION, 3: 1000000, 4: True, 5: False, 6: 0, 7: 0, 8: 0}
+    assert p == {1: DEVICE, 2: cfg.FIRMWARE_VERSION, 3: 1000000, 4: True, 5: False, 6: 0, 7: 0, 8: 0,
+                 9: {}, 10: kit.clock.now, 11: False, 12: 0, 13: False, 14: 0}
 
 
 def test_submit_resubmit_and_read_receipts():

@@ -1,6 +1,6 @@
 # boards.nor.NorFlash: the NOR semantics the store relies on (both VMs).
 import tests.firmware._fw  # noqa: F401  (puts firmware/ on sys.path)
-from boards.nor import NorFlash, PowerCut
+from boards.nor import PROG_FLIP, PROG_NOOP, NorFlash, PowerCut
 
 
 def _raises_cut(fn, *args):
@@ -155,3 +155,51 @@ def test_torn_erase_lies_between_old_and_ff():
         _raises_cut(g.ioctl, 6, 1)
         assert g.data == f.data
     assert kinds == {"old", "ff", "mixed"}
+
+
+def test_flip_at_rest_is_no_operation():
+    f = NorFlash(blocks=2, block_size=512, page_size=64)
+    f.writeblocks(0, b"\x0f", 5)
+    f.flip(5, 0)
+    f.flip(700, 7)
+    assert f.data[5] == 0x0e and f.data[700] == 0x7f
+    f.flip(5, 0)
+    assert f.data[5] == 0x0f
+    assert (f.ops, f.programs, f.erases) == (1, 1, 0)
+
+
+def test_bad_program_noop_skips_one_page_once():
+    f = NorFlash(blocks=2, block_size=512, page_size=64)
+    f.bad_program(1, PROG_NOOP)
+    assert f.bad_armed
+    f.writeblocks(0, b"\x00" * 192)            # pages 0, 1 (no-op), 2
+    assert not f.bad_armed
+    assert f.data[0:64] == b"\x00" * 64
+    assert f.data[64:128] == b"\xff" * 64
+    assert f.data[128:192] == b"\x00" * 64
+    assert f.programs == 3
+    f.writeblocks(0, b"\x00" * 64, 64)         # one-shot: programs again
+    assert f.data[64:128] == b"\x00" * 64
+
+
+def test_bad_program_flip_leaves_one_bit_set():
+    for seed in range(8):
+        f = NorFlash(blocks=1, block_size=256, page_size=64, seed=seed)
+        data = bytes((i * 37 + seed) & 0x7F for i in range(64))
+        f.bad_program(0, PROG_FLIP)
+        f.writeblocks(0, data, 64)
+        got = f.data[64:128]
+        diff = [(j, got[j] ^ data[j]) for j in range(64) if got[j] != data[j]]
+        assert len(diff) == 1, diff
+        j, x = diff[0]
+        assert x & (x - 1) == 0 and got[j] & x    # one bit, left set
+        f.writeblocks(0, data, 64)                # reprogramming clears it
+        assert f.data[64:128] == data
+
+
+def test_bad_program_disarm():
+    f = NorFlash(blocks=1, block_size=256, page_size=64)
+    f.bad_program(0, PROG_NOOP)
+    f.bad_program(None)
+    f.writeblocks(0, b"\x00" * 4)
+    assert f.data[0:4] == b"\x00" * 4

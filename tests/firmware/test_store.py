@@ -4,7 +4,7 @@ import sys
 
 import tests.firmware._fw  # noqa: F401  (puts firmware/ on sys.path)
 from boards.nor import NorFlash, PowerCut
-from meter.store import Store, StoreError
+from meter.store import FAULT_REPAIRED, Store, StoreError
 
 MPY = sys.implementation.name == "micropython"
 
@@ -39,15 +39,16 @@ def _retain(i, tag):
 class Model:
     """What the store must hold."""
 
-    def __init__(self):
+    def __init__(self, carry=None):
         self.state = None
         self.config = None
+        self.carry = carry
         self.count = 0
         self.receipts = {}
         self.tags = {}
 
     def copy(self):
-        m = Model()
+        m = Model(self.carry)
         m.state, m.config, m.count = self.state, self.config, self.count
         m.receipts = dict(self.receipts)
         m.tags = dict(self.tags)
@@ -68,19 +69,27 @@ def _flash(image=None, seed=0, blocks=BLOCKS, block=BLOCK, page=PAGE):
     return NorFlash(block_size=block, page_size=page, seed=seed, data=bytearray(image))
 
 
-def _store(flash, keep=KEEP, retain=_retain):
+def _store(flash, keep=KEEP, retain=_retain, faults=None):
+    """Mount a new Store; its faults must be `faults` ({} unless told: power cuts and
+    clean runs are no fault)."""
     s = Store(flash, keep_receipts=keep)
     s.retain = retain
     s.mount()
+    want = {} if faults is None else faults
+    assert s.faults == want, (s.faults, want)
     return s
 
 
 def _check(store, model, keep=KEEP, retain=_retain):
     assert store.state == model.state, (store.state, model.state)
     assert store.config == model.config
+    assert store.carry == model.carry, (store.carry, model.carry)
     assert store.receipt_count == model.count, (store.receipt_count, model.count)
     for i in range(model.count):
         got = store.receipt(i)
+        if i not in model.receipts:             # before a first_index
+            assert got is None, "receipt %d invented" % i
+            continue
         if i >= model.count - keep or (retain is not None and retain(i, model.tags[i])):
             assert got == model.receipts[i], "receipt %d lost or wrong" % i
         else:
@@ -102,7 +111,7 @@ def _apply(model, op):
     elif kind == "config":
         m.config = arg
     else:
-        m = Model()
+        m = Model(arg)
     return m
 
 
@@ -113,16 +122,16 @@ def _do(store, op):
     elif kind == "config":
         store.write_config(arg)
     else:
-        store.format()
+        store.format(arg)
 
 
 def _which(store, old, new):
     """The store after a cut must hold exactly the old or the new contents."""
-    key = (store.state, store.config, store.receipt_count)
-    if key == (old.state, old.config, old.count):
+    key = (store.state, store.config, store.carry, store.receipt_count)
+    if key == (old.state, old.config, old.carry, old.count):
         _check(store, old)
         return old
-    assert key == (new.state, new.config, new.count), "neither old nor new: %r" % (key,)
+    assert key == (new.state, new.config, new.carry, new.count), "neither old nor new: %r" % (key,)
     _check(store, new)
     return new
 
@@ -269,14 +278,54 @@ def test_garbage_partitions_mount_empty_and_work():
         _check(_store(f), m)
 
 
-def test_corrupt_latest_state_falls_back_to_the_previous_one():
+def _newest(data, typ):
+    # Offset of the newest record of type typ on the image (a parse independent of the
+    # store's: magic 0xA7, type, u16 length, u32 generation; records 4-byte aligned).
+    best = at = -1
+    for b in range(len(data) // BLOCK):
+        pos = 0
+        while pos + 20 <= BLOCK:
+            o = b * BLOCK + pos
+            if data[o] != 0xA7:
+                break
+            ln = data[o + 2] | data[o + 3] << 8
+            gen = data[o + 4] | data[o + 5] << 8 | data[o + 6] << 16 | data[o + 7] << 24
+            if data[o + 1] == typ and gen > best:
+                best, at = gen, o
+            pos += (20 + ln + 3) & ~3
+    return at
+
+
+def test_flipped_bit_in_the_newest_state_is_repaired():
+    f, s, m = _prepared(5)
+    s.commit(_state(77))
+    m.commit(_state(77))
+    at = _newest(f.data, 2) + 25
+    bit = 0
+    while not f.data[at] >> bit & 1:
+        bit += 1
+    f.flip(at, bit)                 # a bit flipped in the newest state record
+    t = _store(f, faults={FAULT_REPAIRED: 1})
+    _check(t, m)
+    t.commit(_state(78))
+    m.commit(_state(78))
+    _check(_store(f, faults={FAULT_REPAIRED: 1}), m)
+
+
+def test_destroyed_newest_state_reads_as_a_torn_write():
+    # Beyond repair, and nothing written after it: exactly what a cut in its write
+    # leaves, so the previous state is used and no fault can be told (the limit).
     f, s, m = _prepared(5)
     before = m.copy()
     s.commit(_state(77))
-    loc = s._st
-    f.data[loc + 25] ^= 0x01          # a bit flipped in the newest state record
+    at = _newest(f.data, 2)
+    for j in (24, 26, 29):
+        f.data[at + j] ^= 0x11
     t = _store(f)
     _check(t, before)
+    t.commit(_state(78))
+    before.commit(_state(78))
+    _check(_store(f), before)
 
 
 def test_thousands_of_commits_wrap_the_ring():
@@ -378,12 +427,103 @@ def test_format_empties_the_store():
     f, s, m = _prepared(20)
     s.format()
     assert s.state is None and s.config is None and s.receipt_count == 0
+    assert s.carry is None
     assert f.data == b"\xff" * (BLOCKS * BLOCK)
     t = _store(f)
     assert t.state is None and t.receipt_count == 0
     t.commit(b"fresh", b"r0", 3)
     u = _store(f)
     assert u.state == b"fresh" and u.receipt(0) == b"r0"
+
+
+def test_format_keeps_a_carry_until_the_next_format():
+    f, s, m = _prepared(20)
+    s.format(b"carry: floor 12, next receipt 7")
+    m = Model(b"carry: floor 12, next receipt 7")
+    _check(s, m)
+    _check(_store(f), m)
+    s = _store(f)
+    s.commit(_state(0), None, 0, first_index=7)
+    m.count = 7
+    m.commit(_state(0))
+    s.write_config(_config(1))
+    m.config = _config(1)
+    _workload(s, m, 8, 300)                         # the carry is copied forward
+    _check(s, m)
+    _check(_store(f), m)
+    s.format(b"")
+    _check(_store(f), Model(b""))
+    s.format()
+    _check(_store(f), Model())
+    try:
+        s.format(b"x" * 200)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("oversized carry accepted")
+
+
+def test_first_index_continues_the_numbering():
+    f = _flash()
+    s = _store(f)
+    s.commit(_state(0), _receipt(0), 5, first_index=41)
+    assert s.receipt_count == 42 and s.receipt(41) == _receipt(0) and s.receipt(40) is None
+    t = _store(f)
+    assert t.receipt_count == 42 and t.receipt(41) == _receipt(0)
+    for n in range(1, 30):
+        t.commit(_state(n), _receipt(n), n + 5)
+    u = _store(f)
+    assert u.receipt_count == 71
+    for i in range(71 - KEEP, 71):
+        assert u.receipt(i) == _receipt(i - 41)
+    try:
+        u.commit(_state(99), first_index=3)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("first_index accepted with a state present")
+    assert _store(f).receipt_count == 71
+
+
+def test_config_is_written_twice():
+    f = _flash()
+    s = _store(f)
+    s.write_config(_config(1))
+    assert f.data.count(_config(1)) == 2
+    assert _store(f).config == _config(1)
+
+
+def test_pending_receipt_is_adopted_or_superseded():
+    f, s, m = _prepared(6)
+    n = s.receipt_count
+    assert s.pending_receipts() == []
+    s._room(128)
+    s._append(3, b"pending receipt", n, 9)          # its state record never landed
+    t = _store(f)
+    _check(t, m)
+    assert t.pending_receipts() == [(n, 9, b"pending receipt")]
+    try:
+        t.commit(_state(60), adopt=2)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("adopted more than pending")
+    t.commit(_state(60), _receipt(60), 7, adopt=1)
+    m.commit(_state(60), b"pending receipt", 9)
+    m.commit(_state(60), _receipt(60), 7)
+    _check(t, m)
+    assert t.pending_receipts() == []
+    _check(_store(f), m)
+    u = _store(f)
+    u._room(128)
+    u._append(3, b"orphan", m.count, 9)
+    v = _store(f)
+    assert v.pending_receipts() == [(m.count, 9, b"orphan")]
+    v.commit(_state(61))                            # not adopted: superseded
+    m.commit(_state(61))
+    assert v.pending_receipts() == []
+    _check(_store(f), m)
+    assert _store(f).pending_receipts() == []
 
 
 def test_counters_pass_through():
@@ -415,6 +555,18 @@ def test_powercut_config_write():
 def test_powercut_format():
     f, s, m = _prepared(12)
     _cut_everywhere(bytes(f.data), m, ("format", None), SEEDS)
+
+
+def test_powercut_format_with_a_carry():
+    # Old contents (with their carry) or empty with the new carry, never anything else;
+    # also a format over a store that already holds a carry.
+    f, s, m = _prepared(12)
+    _cut_everywhere(bytes(f.data), m, ("format", b"carry one"), SEEDS)
+    s.format(b"carry one")
+    m = Model(b"carry one")
+    _workload(s, m, 0, 40)
+    _cut_everywhere(bytes(f.data), m, ("format", b"carry two: " + bytes(range(150))), SEEDS)
+    _cut_everywhere(bytes(f.data), m, ("format", None), SEEDS[:2])
 
 
 def _reclaim_point():
@@ -450,4 +602,4 @@ def test_powercut_during_format_after_a_cut_reclaim():
     # The reclaim is cut (the spare may be left unerased), then the factory reset is cut
     # at every point: the store is the pre-format contents or empty, never a mixture.
     image, model, op = _reclaim_point()
-    _cut_everywhere(image, model, op, SEEDS[:1], depth=2, follow_op=lambda n: ("format", None))
+    _cut_everywhere(image, model, op, SEEDS[:1], depth=2, follow_op=lambda n: ("format", b"c%d" % n))

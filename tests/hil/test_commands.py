@@ -42,6 +42,10 @@ def one_line_error(r, code=None):
     return lines[0]
 
 
+_PROVISIONED = re.compile(r"key epoch (\d+): receipts from #(\d+); sequences up to (\d+) refused, "
+                          r"next issued (\d+)\)")
+
+
 def test_flash_provision_and_han_commands(hil_transport, issuer):
     t = hil_transport
     out = ok(topup(issuer, "flash", "--port", t.repl_port))
@@ -53,18 +57,26 @@ def test_flash_provision_and_han_commands(hil_transport, issuer):
     assert "provisioned %s on %s" % (issuer.eui, t.repl_port) in out and "registered" in out
     key = issuer.record.public_key
     assert key is not None and key.hex() in out
+    # A factory reset never restarts the receipt count or re-opens a sequence: the meter
+    # carries both from whatever it did before this test (nothing, on a fresh board).
+    epoch, first, floor, nxt = map(int, _PROVISIONED.search(out).groups())
+    assert epoch == 1 and nxt == floor + 1 == issuer.record.next_sequence
     t.wait_meter(device=issuer.device)
 
     out = ok(topup(issuer, "han", "status", "--port", t.han_port))
     assert re.search(r"device\s+%s" % issuer.eui, out) and re.search(r"balance\s+£5\.00", out)
-    assert re.search(r"highest sequence\s+0", out) and re.search(r"receipts\s+0", out)
+    assert re.search(r"highest sequence\s+0", out) and re.search(r"receipts\s+%d$" % first, out, re.M)
+    assert re.search(r"sequence floor\s+%d" % floor, out)
+    assert re.search(r"flash faults\s+none", out) and re.search(r"ledger\s+ok", out)
+    assert re.search(r"meter time\s+\d{4}-\d\d-\d\dT", out)
 
     text = ok(topup(issuer, "issue", issuer.eui, "2.50")).strip()
     assert text.startswith("OTU1:")
     out = ok(topup(issuer, "han", "submit", "--port", t.han_port, text))
-    assert "APPLIED: receipt 0, sequence 1, £2.50 added, balance £5.00 → £7.50" in out
+    assert ("APPLIED: receipt %d, sequence %d, £2.50 added, balance £5.00 → £7.50" % (first, nxt)
+            in out)
     out = ok(topup(issuer, "han", "submit", "--port", t.han_port, text))
-    assert out.startswith("ALREADY APPLIED (original receipt): receipt 0")
+    assert out.startswith("ALREADY APPLIED (original receipt): receipt %d" % first)
 
     bad = bytearray(pv.from_text(text))
     bad[-1] ^= 1
@@ -73,12 +85,13 @@ def test_flash_provision_and_han_commands(hil_transport, issuer):
 
     export = Path(issuer.path).with_name("receipts.cbor")
     out = ok(topup(issuer, "han", "receipts", "--port", t.han_port, "--out", export))
-    assert re.search(r"^\s*0\s+top-up\s+seq 1, £2\.50", out, re.M) and "wrote 1 receipts" in out
+    assert re.search(r"^\s*%d\s+top-up\s+seq %d, £2\.50" % (first, nxt), out, re.M)
+    assert "wrote 1 receipts" in out
     out = ok(topup(issuer, "receipts", "import", export))
     from host.receipts_io import split_cbor
     ((raw, _, _),) = list(split_cbor(export.read_bytes(), str(export)))
     r0 = issuer.verify_receipt(raw)
-    assert r0.kind == receipt_format.TOPUP and r0.sequence == 1 and r0.amount == 250
+    assert r0.kind == receipt_format.TOPUP and r0.sequence == nxt and r0.amount == 250
 
     # a second provisioning without --factory-reset is refused, and changes nothing
     r = topup(issuer, "provision", "--port", t.repl_port, "--device", issuer.eui)
@@ -86,6 +99,69 @@ def test_flash_provision_and_han_commands(hil_transport, issuer):
     assert issuer.record.public_key == key
     # the refusal restarts the meter (entering the REPL had stopped it): it answers at once
     assert re.search(r"balance\s+£7\.50", ok(topup(issuer, "han", "status", "--port", t.han_port)))
+
+    # --- issue 8: a factory reset re-opens nothing, and the books follow it ---------------
+    second = ok(topup(issuer, "issue", issuer.eui, "1.25")).strip()   # applied, never read out
+    ok(topup(issuer, "han", "submit", "--port", t.han_port, second))
+    unused = ok(topup(issuer, "issue", issuer.eui, "3.00")).strip()   # never applied
+    out = ok(topup(issuer, "provision", "--port", t.repl_port, "--device", issuer.eui,
+                   "--factory-reset"))
+    # what the supplier did not hold was read out and stored before the wipe
+    assert "read out 2 receipt(s) before the factory reset: 1 new, stored" in out, out
+    assert "factory reset: the meter carried sequence floor %d and receipt index %d" % (
+        nxt + 1, first + 2) in out
+    epoch2, first2, floor2, nxt2 = map(int, _PROVISIONED.search(out).groups())
+    assert (epoch2, first2, floor2, nxt2) == (2, first + 2, nxt + 2, nxt + 3)
+    assert issuer.record.public_key != key and issuer.record.key_count == 2
+    t.wait_meter(device=issuer.device)
+    for old in (text, second, unused):           # applied or not, every one is refused now
+        r = topup(issuer, "han", "submit", "--port", t.han_port, old)
+        assert "meter refused: STALE (8)" in one_line_error(r, code=1)
+    out = ok(topup(issuer, "han", "status", "--port", t.han_port))
+    assert re.search(r"sequence floor\s+%d " % floor2, out) and re.search(r"receipts\s+%d$" % first2, out, re.M)
+    fresh = ok(topup(issuer, "issue", issuer.eui, "4.00")).strip()
+    out = ok(topup(issuer, "han", "submit", "--port", t.han_port, fresh))
+    assert "APPLIED: receipt %d, sequence %d, £4.00 added" % (first2, nxt2) in out
+    ok(topup(issuer, "han", "receipts", "--port", t.han_port, "--from", first2, "--out", export))
+    ok(topup(issuer, "receipts", "import", export))
+    r = topup(issuer, "reconcile")
+    assert r.returncode == 0 and "no anomalies" in r.stdout, r.stdout + r.stderr
+    st = dict(issuer.conn.execute("SELECT sequence, status FROM voucher_status"))
+    assert st == {nxt: "redeemed", nxt + 1: "redeemed", nxt + 2: "stale", nxt2: "redeemed"}
+    out = ok(topup(issuer, "device", "show", issuer.eui))
+    assert re.search(r"meter keys\s+2 ", out) and "receipts from %d, sequence floor %d" % (first2, floor2) in out
+
+
+def test_status_and_receipt_lines_in_plain_words():
+    """`topup han status` and `topup han receipts` wording, without a board: the status
+    fields of SPEC.md §5 and a fault receipt (kind 4); money exact in pounds and pence."""
+    from hil.commands import receipt_line, status_lines
+    lines = status_lines({1: bytes.fromhex("70b3d5f0000000a1"), 2: "0.2.0", 3: 1234567, 4: True,
+                          5: False, 6: 12, 7: 40, 8: 0, 9: {1: 2, 4: 1}, 10: 1790000000,
+                          11: True, 12: 9, 13: True})
+    text = "\n".join(lines)
+    assert "balance           £12.34567" in text
+    assert "sequence floor    9 (every voucher up to it is refused as stale)" in text
+    assert ("meter time        2026-09-21T14:13:20Z (1790000000), resumed from its floor at "
+            "start-up" in text)
+    assert ("flash faults      found at start-up: 2 × record repaired (one bit was wrong) [1], "
+            "1 × committed receipt lost [4]") in text
+    assert "ledger            DAMAGED: every credit change is refused" in text
+    healthy = "\n".join(status_lines({1: b"", 2: "0.2.0", 3: 500000, 9: {}, 10: 5, 11: False,
+                                      12: 0, 13: False}))
+    assert "(not provisioned)" in healthy and "flash faults      none" in healthy
+    assert "ledger            ok" in healthy and "balance           £5.00" in healthy
+    assert "resumed" not in healthy
+    old = "\n".join(status_lines({1: b"", 2: "0.1.0", 3: 0}))    # an older meter: no new fields
+    assert "sequence floor" not in old and "flash faults" not in old
+    from tests.host.test_reconcile_data import Meter
+    m = Meter(bytes.fromhex("70b3d5f0000000a1"), 0xA1)
+    m.balance = -1500
+    r = receipt_format.parse(m.faults({5: 1, 2: 3}, 1790000000))
+    assert receipt_line(r) == ("   0  faults      flash: 3 × record lost (unrepairable, not a "
+                               "torn write) [2], 1 × newest state record lost (rolled forward "
+                               "from receipts, or back one checkpoint) [5] balance -£0.015 → "
+                               "-£0.015")
 
 
 def test_absent_port_is_a_clear_error(issuer, tmp_path):

@@ -31,7 +31,24 @@ class Meter:
         self.prev = pr.GENESIS
         self.balance = 0
         self.window = ReplayWindow()
+        self.floor = 0
+        self.first_index = 0
         self.receipts = []
+
+    def reset(self, seed_byte, floor=0, opening=0):
+        """A factory reset and provisioning, as the firmware does them (SPEC.md §2.2, §4):
+        a new key whose first receipt continues the index and starts a new chain, a fresh
+        ledger (opening balance, empty window) and the larger of the old ledger's highest
+        sequence and `floor` (the supplier's) as the sequence floor. Returns the floor."""
+        self.key = nacl.signing.SigningKey(bytes([seed_byte]) * 32)
+        self.public = bytes(self.key.verify_key)
+        self.kid = kid_for(self.public)
+        self.floor = max(self.floor, self.window.highest, floor)
+        self.first_index = self.index
+        self.prev = pr.GENESIS
+        self.balance = opening
+        self.window = ReplayWindow()
+        return self.floor
 
     def _sign(self, msg):
         return self.key.sign(msg).signature
@@ -42,7 +59,8 @@ class Meter:
                   pr.K_KIND: kind, pr.K_TIME: t, pr.K_PREV: self.prev if prev is None else prev,
                   pr.K_BEFORE: before, pr.K_AFTER: after}
         for name, k in (("sequence", pr.K_SEQUENCE), ("voucher", pr.K_VOUCHER),
-                        ("amount", pr.K_AMOUNT), ("rejections", pr.K_REJECTIONS)):
+                        ("amount", pr.K_AMOUNT), ("rejections", pr.K_REJECTIONS),
+                        ("faults", pr.K_FAULTS)):
             if name in extra:
                 fields[k] = extra[name]
         return pr.encode(self.kid, self._sign, fields)
@@ -58,7 +76,7 @@ class Meter:
         """Apply a voucher as the ledger does; `amount` overrides what the receipt says."""
         v = pv.parse(voucher_raw)
         if check_window:
-            assert not self.window.is_used(v.sequence)
+            assert v.sequence > self.floor and not self.window.is_used(v.sequence)
             self.window.mark(v.sequence)
         amount = v.amount if amount is None else amount
         before = self.balance
@@ -74,6 +92,10 @@ class Meter:
 
     def rejections(self, counts, t):
         return self.emit(pr.REJECTIONS, t, self.balance, self.balance, rejections=counts)
+
+    def faults(self, counts, t):
+        """A fault receipt (kind 4): what the store found at start-up (SPEC.md §4.1)."""
+        return self.emit(pr.FAULT, t, self.balance, self.balance, faults=counts)
 
 
 class World:
