@@ -4,7 +4,7 @@ import binascii
 import struct
 
 from . import cbor
-from .errors import Rejected, MALFORMED, BAD_REQUEST
+from .errors import Rejected, MALFORMED, BAD_REQUEST, UNKNOWN_REQUEST
 
 MAX_FRAME = 1024  # decoded bytes (body + CRC), SPEC.md §5
 MAX_ENCODED = MAX_FRAME + MAX_FRAME // 254 + 2
@@ -87,12 +87,15 @@ def encode_message(msg_type, msg_id, payload):
 
 
 def decode_message(body):
-    """Parse a frame body into (type, id, payload); raise Rejected(BAD_REQUEST)."""
+    """Parse a frame body into (type, id, payload); raise Rejected(BAD_REQUEST), or
+    UNKNOWN_REQUEST for a well-formed message whose type is no type this protocol has."""
     msg = cbor.decode(body)
     if (not isinstance(msg, list) or len(msg) != 3 or not isinstance(msg[0], int)
             or isinstance(msg[0], bool) or not isinstance(msg[1], int) or isinstance(msg[1], bool)
-            or not 0 <= msg[0] <= 0xFF or not 0 <= msg[1] <= 0xFFFF or not isinstance(msg[2], dict)):
+            or msg[0] < 0 or not 0 <= msg[1] <= 0xFFFF or not isinstance(msg[2], dict)):
         raise Rejected(BAD_REQUEST, "message is not [type, id, {payload}]")
+    if msg[0] > 0xFF:
+        raise Rejected(UNKNOWN_REQUEST, "unknown message type %d" % msg[0])
     return msg[0], msg[1], msg[2]
 
 

@@ -80,6 +80,7 @@ def test_failures_answer_with_reason_codes():
         (han.encode_message(han.SUBMIT, 2, {}), errors.BAD_REQUEST),
         (han.encode_message(han.SUBMIT, 3, {1: "text"}), errors.BAD_REQUEST),
         (han.encode_message(9, 4, {}), errors.UNKNOWN_REQUEST),
+        (han.encode_frame(cbor.encode([256, 9, {}])), errors.UNKNOWN_REQUEST),
         (han.encode_message(han.RECEIPTS, 5, {1: 0, 2: 99}), errors.BAD_REQUEST),
         (han.encode_message(han.RECEIPTS, 6, {1: -1, 2: 1}), errors.BAD_REQUEST),
         (han.encode_frame(cbor.encode([han.STATUS, 7])), errors.BAD_REQUEST),

@@ -1,6 +1,6 @@
 # HAN framing (SPEC.md §5): COBS, CRC, size limit, resynchronisation.
 from protocol import han, cbor
-from protocol.errors import MALFORMED, BAD_REQUEST
+from protocol.errors import MALFORMED, BAD_REQUEST, UNKNOWN_REQUEST
 from tests.protocol._support import unhex, expect_rejected
 
 # Examples from Cheshire & Baker's COBS paper and its common test set.
@@ -91,6 +91,9 @@ def test_frame_errors_are_malformed():
 
 
 def test_message_shape_is_checked():
-    for bad in ([1, 2], [1, 2, []], [-1, 0, {}], [1, 70000, {}], [True, 0, {}], {1: 2}, [256, 0, {}]):
+    for bad in ([1, 2], [1, 2, []], [-1, 0, {}], [1, 70000, {}], [True, 0, {}], {1: 2}):
         expect_rejected(BAD_REQUEST, han.decode_message, cbor.encode(bad))
+    # a well-formed message of a type no version has is an unknown request (SPEC.md §5)
+    for t in (256, 70000, 2 ** 40):
+        expect_rejected(UNKNOWN_REQUEST, han.decode_message, cbor.encode([t, 5, {}]))
     expect_rejected(MALFORMED, han.decode_message, b"\xff")
