@@ -423,3 +423,32 @@ def test_memory_running_out_inside_a_commit_leaves_the_books_exact():
             assert (raw, dup) == (answered[0], True)
         assert kit.ledger.balance_mp == 300000 and kit.ledger.receipt_count == 1, n
         assert kit.reboot().balance_mp == 300000
+
+
+def test_a_ledger_without_a_readable_configuration_refuses_every_change_and_says_so():
+    from meter.han_server import HanServer
+    kit = Kit(initial=1000)
+    kit.ledger.submit(issue(1, 100))
+    kit.ledger.submit(issue(4, 100))
+    config = kit.store.config
+    data = kit.flash.data
+    pos = bytes(data).find(config)
+    while pos >= 0:                                    # both copies, beyond repair
+        for k in range(0, len(config), 2):
+            data[pos + k] ^= 0x3C
+        pos = bytes(data).find(config, pos + 1)
+    ledger = kit.reboot()
+    assert ledger.damaged and not ledger.provisioned
+    expect_rejected(errors.DAMAGED, ledger.submit, issue(5, 100))
+    expect_rejected(errors.DAMAGED, ledger.take_emergency_credit)
+    assert ledger.supply_on()                          # a flash fault never disconnects
+    status = HanServer(ledger, None).status()
+    assert status[13] is True and status[9] == ledger.faults and ledger.faults
+    # an engineer re-provisions: what the damaged ledger applied stays closed
+    provisioning.factory_reset(kit.store)
+    kit.reboot()
+    _reprovision(kit)
+    for seq in (1, 2, 3, 4):
+        expect_rejected(errors.STALE, kit.ledger.submit, issue(seq, 100))
+    raw, _ = kit.ledger.submit(issue(5, 100))
+    assert receipt.parse(raw).index == 2
