@@ -13,7 +13,7 @@ Markers:
     @pytest.mark.hil                      runs against the board under test
     @pytest.mark.rig("power_cut", ...)    skip unless the bench has these controls
                                           (hil.transport: power_cut flash_cut wan button
-                                          pulses clock relay reboot)
+                                          pulses clock relay reboot flash_edit)
     @pytest.mark.meter(initial_credit=..., max_voucher=..., max_credit=..., ec_amount=...,
                        ec_threshold=..., unit_rate=..., standing=...)
                                           how the `board` fixture provisions the meter
@@ -23,14 +23,28 @@ Fixtures:
 
     hil_transport   (session) the transport, started and flashed once per session
     issuer          a throwaway supplier database: an active issuer key, the test meter
-                    registered; issues through host.issuer or the real `topup` CLI
-    board           the transport, factory-reset and provisioned for this test (the meter
-                    key registered with `issuer`), WAN down, clock frozen (virtual board)
+                    registered; issues through host.issuer (at the rig's time, where the rig
+                    has a clock) or the real `topup` CLI
+    board_clock     how the board's clock behaves in a power cut: None (the default: as the
+                    bench has it; the virtual board has a battery-backed RTC), "rtc" or
+                    "no-rtc" (the clock restarts from 2000-01-01 at power-on, as on an ESP32
+                    without a battery).  Override it with a parametrized fixture to run
+                    tests both ways (tests/hil/test_integrity.py does); a bench board that
+                    cannot do what is asked is skipped (its rig file's "rtc" says which it is)
+    board           the transport, factory-reset and provisioned for this test through the
+                    engineer's path (the supplier's sequence floor and next receipt index, the
+                    rig's time; the meter key registered with `issuer`, with the first index
+                    and floor the meter reported), WAN down, clock frozen (virtual board)
     han             a HAN client on the board's HAN port
+
+The meter carries its highest sequence, receipt count and meter time through the factory
+reset each test starts with (SPEC.md §2.2): `board.public_key.first_index` and `.floor` say
+where this test's meter starts.
 
 A control the bench lacks (hil.transport.Unsupported) skips the test with the reason.
 """
 import os
+import time
 
 import pytest
 
@@ -70,7 +84,8 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "hil: runs against the board under test (virtual or real)")
     config.addinivalue_line("markers", "rig(*capabilities): skip unless the bench has these controls "
-                                       "(power_cut flash_cut wan button pulses clock relay reboot)")
+                                       "(power_cut flash_cut wan button pulses clock relay reboot "
+                                       "flash_edit)")
     config.addinivalue_line("markers", "meter(**settings): how the board fixture provisions the meter "
                                        "(initial_credit, max_voucher, max_credit, ec_amount, "
                                        "ec_threshold in pence; unit_rate mp/kWh; standing mp/day)")
@@ -140,6 +155,7 @@ class Issuer:
         from host import db, keystore, registry
         self.path = str(path)
         self.device = device
+        self.clock = None            # the rig's clock (a callable), if it has one: issue time
         self.eui = registry.format_eui64(device)
         self.env = {"TOPUP_DB": self.path, "TOPUP_PASSPHRASE": PASSPHRASE}
         self.conn = db.create(self.path)
@@ -173,30 +189,58 @@ class Issuer:
         return list(keystore.trusted(self.conn).values())
 
     def register_meter_key(self, public):
+        """Register a provisioning's meter key (a MeterKey: its first receipt index and the
+        meter's sequence floor go with it)."""
         from host import registry
         registry.set_public_key(self.conn, self.device, public)
 
     def meter_keys(self):
+        """{kid: public key} of every meter key the device has had."""
+        from host import registry
         from protocol import cose
-        pub = self.record.public_key
-        return {cose.kid_for(pub): pub} if pub else {}
+        return {cose.kid_for(k.public_key): k.public_key
+                for k in registry.device_keys(self.conn, self.device)}
 
     def verify_receipt(self, raw):
-        """Verify a receipt with the registered meter key (libsodium); return it parsed."""
+        """Verify a receipt with the meter key registered for its index's span (SPEC.md §4:
+        each key signs the receipts from its first index to the next key's), with libsodium;
+        return it parsed."""
+        from host import registry
         from host.verify import nacl_verify
-        from protocol import receipt
-        return receipt.verify(raw, self.meter_keys(), nacl_verify)
+        from protocol import cose, receipt
+        index = receipt.parse(raw).index
+        key = registry.span_key(registry.device_keys(self.conn, self.device), index)
+        keys = {cose.kid_for(key.public_key): key.public_key} if key is not None else {}
+        return receipt.verify(raw, keys, nacl_verify)
+
+    def floor(self):
+        """The highest sequence issued for the meter: what a provisioning asks it to refuse."""
+        from host import registry
+        return registry.issued_floor(self.conn, self.device)
+
+    def next_first_index(self):
+        from host import registry
+        return registry.next_first_index(self.conn, self.device)
 
     # issuing
+    def _now(self):
+        t = self.clock() if self.clock is not None else None
+        return int(time.time()) if t is None else int(t)
+
     def issue(self, amount, count=1, expires_in=None, device=None):
-        """[voucher bytes] of `amount` pence, through the issuer (sequence reserved first)."""
+        """[voucher bytes] of `amount` pence, through the issuer (sequence reserved first),
+        issued at the rig's time if it has a clock."""
         from host import issuer
+        now = self.clock() if self.clock is not None else None
         return [v.cose for v in issuer.issue(self.conn, self.signer, device or self.device, amount,
-                                              count, expires_in=expires_in)]
+                                              count, expires_in=expires_in, now=now)]
 
     def cli(self, *args, input=None):
         from click.testing import CliRunner
-        from host.cli import cli
+        try:
+            from topup_cli import cli           # the whole `topup`: supplier's and engineer's
+        except ImportError:
+            from host.cli import cli
         return CliRunner().invoke(cli, [str(a) for a in args], env=self.env, input=input,
                                   catch_exceptions=False)
 
@@ -211,10 +255,9 @@ class Issuer:
         return [voucher.from_text(ln) for ln in lines]
 
     def sign(self, sequence, amount, device=None, expires=None, issued=None):
-        import time
         from protocol import voucher
         return voucher.encode(self.signer.kid, self.signer.sign, device or self.device, sequence,
-                              amount, int(time.time()) if issued is None else issued, expires)
+                              amount, self._now() if issued is None else issued, expires)
 
 
 @pytest.fixture
@@ -240,7 +283,10 @@ class BoardUnderTest:
         self.issuer = issuer
         self.settings = settings
         self.device = issuer.device
-        self.public_key = None
+        self.public_key = None       # a MeterKey: .first_index, .floor as the meter reported
+        self.provisioned_now = None  # the time provisioning asked the meter for
+        self.supplier_floor = 0      # the supplier's figures it was provisioned with
+        self.supplier_first = 0
 
     def __getattr__(self, name):
         return getattr(self.transport, name)
@@ -253,15 +299,23 @@ class BoardUnderTest:
     def limits(self):
         return {_LIMIT_KEYS[k]: v for k, v in self.settings.items() if k in _LIMIT_KEYS}
 
-    def reprovision(self):
+    def reprovision(self, initial_credit=None):
+        """Factory reset and provision through the engineer's path: the supplier's highest
+        issued sequence and next receipt index, the rig's time (the host's on a bench)."""
         from hil.transport import WAN
         t = self.transport
         if hasattr(t, "ensure_up"):
             t.ensure_up()
         if t.has(WAN):
             t.set_wan(False)
-        self.public_key = t.provision(self.device, self.issuer.trust(), self.limits,
-                                      self.settings["initial_credit"], factory_reset=True)
+        credit = self.settings["initial_credit"] if initial_credit is None else initial_credit
+        now = t.clock()
+        self.provisioned_now = int(time.time()) if now is None else now
+        self.supplier_floor = self.issuer.floor()
+        self.supplier_first = self.issuer.next_first_index()
+        self.public_key = t.provision(self.device, self.issuer.trust(), self.limits, credit,
+                                      factory_reset=True, now=self.provisioned_now,
+                                      floor=self.supplier_floor, first_index=self.supplier_first)
         self.issuer.register_meter_key(self.public_key)
         return self
 
@@ -283,9 +337,16 @@ def meter_settings(request, transport):
 
 
 @pytest.fixture
-def board(request, hil_transport, issuer):
+def board_clock():
+    """None: the bench's own clock (the virtual board: a battery-backed RTC); "rtc" or
+    "no-rtc" to ask for one (override this fixture, parametrized, to run tests both ways)."""
+    return None
+
+
+@pytest.fixture
+def board(request, hil_transport, issuer, board_clock):
     """A flashed board, factory-reset and provisioned as this test's meter; WAN down."""
-    from hil.transport import CLOCK, Unsupported
+    from hil.transport import CLOCK, Unsupported, VirtualTransport
     rig = request.node.get_closest_marker("rig")
     m = request.node.get_closest_marker("meter")
     try:
@@ -293,8 +354,16 @@ def board(request, hil_transport, issuer):
             hil_transport.require(*rig.args)
         if m and "standing" in m.kwargs:
             hil_transport.require(CLOCK)
+        if board_clock is not None:
+            if board_clock not in ("rtc", "no-rtc"):
+                raise pytest.UsageError("board_clock must be None, 'rtc' or 'no-rtc'")
+            hil_transport.set_clock_survives(board_clock == "rtc")
+        elif isinstance(hil_transport, VirtualTransport):
+            hil_transport.set_clock_survives(True)       # the virtual board's default
     except Unsupported as e:
         pytest.skip(str(e))
+    if hil_transport.has(CLOCK):
+        issuer.clock = hil_transport.clock
     b = BoardUnderTest(hil_transport, issuer, meter_settings(request, hil_transport))
     b.reprovision()
     return b

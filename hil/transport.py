@@ -13,16 +13,23 @@ Both give:
 - rig controls ``set_wan(up)``, ``press_button(n)``, ``add_pulses(n)``, ``advance_clock(s)``,
   ``power_cut_kill()`` (power away at whatever instant it is, then back on), ``power_cut_after(n,
   during)`` (a deterministic cut at the n-th flash erase/program, then back on), ``reboot()``,
-  ``relay()`` (the supply relay if the bench can see it, else None);
+  ``power_off()`` / ``power_on()``, ``edit_flash(edit)`` (change the flash image with the power
+  off: bit flips), ``relay()`` (the supply relay if the bench can see it, else None);
 - ``capabilities``: the controls this bench has.  A control the bench lacks raises
-  :class:`Unsupported` with the reason, which the pytest plugin turns into a skip.
+  :class:`Unsupported` with the reason, which the pytest plugin turns into a skip;
+- ``clock_survives``: whether the board's clock runs through a power cut (a battery-backed
+  RTC); the virtual board can be either (``set_clock_survives``), a bench board is what its
+  rig file says (``"rtc": true``).
 
 Every method that powers the board (start, power cuts, reboot, provision) returns only once
 the meter answers on its HAN, so a test never has to wait for a boot itself.
 
-The virtual board's clock is frozen (the rig moves it with ``advance_clock``) so that the
-standing charge is exact; a real board's clock runs, so the rig provisions a real board with a
-standing charge too small to accrue within a test (see hil/pytest_plugin.py).
+Two clocks: ``clock()`` is the rig's time (the supplier's: vouchers are issued at it), which
+the rig moves with ``advance_clock``; ``board_clock()`` is what the board's own clock reads.
+On the virtual board both are frozen so that the standing charge is exact, and they are the
+same unless the board clock was lost in a power cut (it then restarts from 2000-01-01 and
+moves on with the rig's).  A real board's clock runs, so the rig provisions a real board with
+a standing charge too small to accrue within a test (see hil/pytest_plugin.py).
 """
 import json
 import os
@@ -43,7 +50,8 @@ PULSES = "pulses"              # inject n energy pulses (1 Wh each)
 CLOCK = "clock"                # freeze and move the meter clock
 RELAY = "relay"                # observe the supply relay
 REBOOT = "reboot"              # restart the firmware (reset line, or soft reset over the REPL)
-ALL = frozenset((POWER_CUT, FLASH_CUT, WAN, BUTTON, PULSES, CLOCK, RELAY, REBOOT))
+FLASH_EDIT = "flash_edit"      # change the flash image with the power off (bit flips)
+ALL = frozenset((POWER_CUT, FLASH_CUT, WAN, BUTTON, PULSES, CLOCK, RELAY, REBOOT, FLASH_EDIT))
 
 _WHY = {
     POWER_CUT: "cutting the board's power (rig file: \"power\": {\"off\": [...], \"on\": [...]})",
@@ -54,6 +62,10 @@ _WHY = {
     CLOCK: "setting the meter clock (the virtual board only)",
     RELAY: "observing the supply relay (rig file: \"relay\": [...] printing on/off)",
     REBOOT: "rebooting the board",
+    FLASH_EDIT: "editing the flash image with the power off (the virtual board only)",
+    "rtc": "a clock that runs through power cuts (a battery-backed RTC such as a DS3231; "
+           "rig file: \"rtc\": true)",
+    "no_rtc": "a clock that is lost in a power cut (its rig file says \"rtc\": true)",
 }
 
 
@@ -150,6 +162,7 @@ class Transport:
     kind = "?"
     capabilities = frozenset()
     boot_timeout = 15.0
+    clock_survives = False
 
     def __init__(self):
         self.repl_port = None
@@ -191,14 +204,18 @@ class Transport:
             self.wait_meter()
         return summary
 
-    def provision(self, device, issuer_keys, limits=None, initial_credit=0, factory_reset=True):
-        """Provision the board (hil.flashing.provision); return the meter's public key once the
+    def provision(self, device, issuer_keys, limits=None, initial_credit=0, factory_reset=True,
+                  now=None, floor=0, first_index=0, before_reset=None):
+        """Provision the board (hil.flashing.provision: the meter clock `now`, the supplier's
+        sequence `floor` and `first_index`, a factory reset first); return the meter's key
+        (a host.registry.MeterKey: public key, first receipt index, sequence floor) once the
         meter answers on the HAN with the new identity."""
         from hil.flashing import provision
-        public = provision(self.repl_port, bytes(device), list(issuer_keys), limits,
-                           initial_credit, factory_reset)
+        key = provision(self.repl_port, bytes(device), list(issuer_keys), limits, initial_credit,
+                        factory_reset, now=now, floor=floor, first_index=first_index,
+                        before_reset=before_reset)
         self.wait_meter(device=bytes(device))
-        return public
+        return key
 
     # -- HAN --------------------------------------------------------------------------------
     def han(self, timeout=5.0):
@@ -240,8 +257,20 @@ class Transport:
         self.require(CLOCK)
 
     def clock(self):
-        """The meter clock (Unix seconds) if the rig controls it, else None."""
+        """The rig's clock (Unix seconds: the supplier's time, which `advance_clock` moves) if
+        the rig controls the board's clock, else None."""
         return None
+
+    def board_clock(self):
+        """What the board's own clock reads (Unix seconds) if the rig can see it, else None.
+        The same as clock() unless the board lost its clock in a power cut."""
+        return None
+
+    def set_clock_survives(self, on):
+        """Make the board's clock run through power cuts (a battery-backed RTC) or not.  A
+        bench board is what it is: asking it for the other raises Unsupported."""
+        if bool(on) != self.clock_survives:
+            raise Unsupported("rtc" if on else "no_rtc", self.describe())
 
     def power_cut_kill(self, during=None, delay=0.0):
         """Cut the power at whatever instant it is (`delay` s after starting `during(han)` on a
@@ -256,6 +285,19 @@ class Transport:
     def reboot(self):
         self.require(REBOOT)
 
+    def power_off(self):
+        """Take the power away (the board stays off until power_on)."""
+        self.require(POWER_CUT)
+
+    def power_on(self):
+        """Power the board on again; return once the meter answers."""
+        self.require(POWER_CUT)
+
+    def edit_flash(self, edit):
+        """With the power off, call edit(image) on the flash partition's bytes (a bytearray)
+        and keep what it changed; then power on and return once the meter answers."""
+        self.require(FLASH_EDIT)
+
     def relay(self):
         """The supply relay: True (supply on), False, or None if the bench cannot see it."""
         return None
@@ -263,38 +305,44 @@ class Transport:
 
 # ------------------------------------------------------------------------------------------
 class VirtualTransport(Transport):
-    """The virtual board (hil.virtual.VirtualBoard): every control, clock frozen by default.
+    """The virtual board (hil.virtual.VirtualBoard): every control; its clock frozen from the
+    start (the rig moves it with ``advance_clock``), with or without a battery-backed RTC.
 
     Power cut by kill: SIGKILL the Node process, start it again on the same files; the rig's
-    own state (WAN input, clock) is kept across it, as a bench's lines and a battery-backed
-    RTC would be.  Power cut after n: NorFlash tears the (n+1)-th erase/program and the
-    board is off until the rig powers it on again.
+    own state (the WAN input, its clock) is kept across it, as a bench's lines would be.  Power
+    cut after n: NorFlash tears the (n+1)-th erase/program and the board is off until the rig
+    powers it on again.  The board's clock runs through either (clock_survives=True, a
+    battery-backed RTC) or restarts from 2000-01-01 at power-on (False: an ESP32 without one),
+    and keeps its time through a reboot (the reset button) either way.
     """
 
     kind = "virtual board"
     capabilities = ALL
 
-    def __init__(self, workdir, clock=None, wan=False, **board_options):
+    def __init__(self, workdir, clock=None, wan=False, clock_survives=True, **board_options):
         super().__init__()
         from hil.virtual import VirtualBoard
         self.workdir = Path(workdir)
         self._clock = int(time.time()) if clock is None else int(clock)
         self._wan = bool(wan)
-        self.board = VirtualBoard(self.workdir, wan=self._wan, clock=self._boot_clock(), **board_options)
+        # Frozen from the first instant: the firmware's first read of the clock is exact.
+        self.board = VirtualBoard(self.workdir, wan=self._wan, clock=self._clock, freeze=True,
+                                  clock_survives=clock_survives, **board_options)
 
     def describe(self):
         return "the virtual board"
 
-    def _boot_clock(self):
-        # A freshly started VM runs its clock from here until the rig freezes it a moment
-        # later: a little behind the rig's time, so the meter sees no time pass (a clock
-        # behind the ledger's charged-to time charges nothing).
-        return self._clock - 5
+    @property
+    def clock_survives(self):
+        return self.board.clock_survives
+
+    def set_clock_survives(self, on):
+        """A battery-backed RTC (True) or none: takes effect at the firmware's next start."""
+        self.board.set_clock_survives(on)
 
     def start(self):
         b = self.board
-        b._opts["clock"] = self._boot_clock()     # VirtualBoard's options for the next start
-        b._opts["wan"] = self._wan
+        b._opts["wan"] = self._wan                 # VirtualBoard's options for the next start
         if not b.running:
             b.start()
         self._restore_rig()
@@ -302,10 +350,7 @@ class VirtualTransport(Transport):
         return self
 
     def _restore_rig(self):
-        b = self.board
-        b.freeze_clock(True)
-        b.set_clock(self._clock)
-        b.set_wan(self._wan)
+        self.board.set_wan(self._wan)
 
     def close(self):
         self.board.stop()
@@ -332,18 +377,48 @@ class VirtualTransport(Transport):
     def add_pulses(self, n):
         self.board.add_pulses(n)
 
+    def pulses_pending(self):
+        """Pulses the firmware has not taken yet (0: the meter has counted every one)."""
+        return self.board.status()["pulses_pending"]
+
     def advance_clock(self, seconds):
+        """Move the rig's clock forward, and the board's with it (whatever it reads)."""
         seconds = int(seconds)
         if seconds < 0:
             raise ValueError("the clock only moves forward")
         self._clock += seconds
-        self.board.set_clock(self._clock)
+        self.board.advance_clock(seconds)
 
     def clock(self):
         return self._clock
 
+    def board_clock(self):
+        return int(self.board.status()["clock"])
+
     def relay(self):
         return self.board.relay
+
+    def power_off(self):
+        self.board.power_off()
+
+    def power_on(self):
+        self.board.cut_after(None)
+        self.board.power_on()
+        self._restore_rig()
+        self.wait_meter()
+
+    def edit_flash(self, edit):
+        """Power off, edit(image) on the flash file's bytes, write back what changed, power on."""
+        b = self.board
+        if b.status()["powered"]:
+            b.power_off()
+        data = bytearray(b.flash_path.read_bytes())
+        size = len(data)
+        edit(data)
+        if len(data) != size:
+            raise ValueError("edit_flash: the partition is %d bytes; the edit made it %d" % (size, len(data)))
+        b.flash_path.write_bytes(bytes(data))
+        self.power_on()
 
     def power_cut_kill(self, during=None, delay=0.0):
         """Cut the power (SIGKILL) — `delay` seconds after starting `during(han)` on a thread,
@@ -359,11 +434,13 @@ class VirtualTransport(Transport):
         self.wait_meter()
         return CutResult(True, flight and flight.result, flight and flight.error)
 
-    def power_cut_after(self, n, during=None, timeout=10.0):
+    def power_cut_after(self, n, during=None, timeout=10.0, linger=0.0):
         """Arm a cut that lets `n` more flash erase/program operations complete and tears the
         next one; run `during(han)` (a HanClient that gives up as soon as the power goes);
         then make sure the board is powered again and the meter answers.  Without `during`,
         wait up to `timeout` for whatever the meter writes next (a checkpoint due, say).
+        `linger`: once `during` has its answer, keep the cut armed that many seconds more, for
+        what the meter writes after answering (a rejections receipt, a checkpoint).
 
         Return a CutResult: cut (True if the power went), result / error of `during`.
         """
@@ -375,16 +452,20 @@ class VirtualTransport(Transport):
         flight = _InFlight(self.han_port, during, timeout) if during is not None else None
         try:
             deadline = time.monotonic() + timeout
+            answered_at = None
             while True:
                 if any(e.get("event") == "poweroff" for e in b.events()):
                     b.wait_event("poweroff", 1)
                     res.cut = True
                     break
                 if flight is not None and flight.done.is_set():
-                    break
+                    if answered_at is None:
+                        answered_at = time.monotonic()
+                    if time.monotonic() - answered_at >= linger:
+                        break
                 if time.monotonic() > deadline:
-                    if flight is None:
-                        break                    # nothing was written: no cut
+                    if flight is None or answered_at is not None:
+                        break                    # nothing (more) was written: no cut
                     raise TransportError("power_cut_after(%d): neither a cut nor an answer in %.0f s"
                                          % (n, timeout))
                 time.sleep(0.005)
@@ -405,7 +486,8 @@ class VirtualTransport(Transport):
         return res
 
     def reboot(self):
-        """Press the reset button: a fresh boot; return once the meter answers."""
+        """Press the reset button: a fresh boot (the board keeps its clock, as an ESP32's RTC
+        does through a reset); return once the meter answers."""
         self.board.hard_reset()
         self._restore_rig()
         self.wait_meter()
@@ -428,7 +510,7 @@ def load_rig(path):
         if not (isinstance(value, list) and value and all(isinstance(a, str) for a in value)):
             raise TransportError("rig file %s: %s must be a command, a non-empty list of strings"
                                  % (path, where))
-    known = {"power", "wan", "button", "pulses", "relay", "reset", "boot_seconds", "comment"}
+    known = {"power", "wan", "button", "pulses", "relay", "reset", "boot_seconds", "rtc", "comment"}
     for k in rig:
         if k not in known and not k.startswith("_"):
             raise TransportError("rig file %s: unknown entry %r (known: %s)"
@@ -443,6 +525,9 @@ def load_rig(path):
     for k in ("button", "pulses", "relay", "reset"):
         if k in rig:
             argv(k, rig[k])
+    if "rtc" in rig and not isinstance(rig["rtc"], bool):
+        raise TransportError("rig file %s: rtc must be true (the board has a battery-backed RTC) "
+                             "or false" % path)
     if "pulses" in rig and not any("{n}" in a for a in rig["pulses"]):
         raise TransportError("rig file %s: the pulses command must contain {n} (the count)" % path)
     return rig
@@ -474,6 +559,8 @@ class SerialTransport(Transport):
             if key in self.rig:
                 caps.add(cap)
         self.capabilities = frozenset(caps)
+        # A battery-backed RTC on the bench (docs/bench-rig.md): the clock survives a cut.
+        self.clock_survives = bool(self.rig.get("rtc", False))
 
     def describe(self):
         return "the serial board on %s" % self.repl_port
@@ -486,7 +573,7 @@ class SerialTransport(Transport):
             self._run("power.on", self.rig["power"]["on"])
         return self
 
-    def _run(self, what, argv, n=None, capture=False):
+    def _run(self, what, argv, n=None, capture=False, timeout=60):
         subst = {"{n}": str(n) if n is not None else "", "{repl_port}": self.repl_port,
                  "{han_port}": self.han_port}
         cmd = []
@@ -495,7 +582,7 @@ class SerialTransport(Transport):
                 a = a.replace(k, v)
             cmd.append(a)
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise TransportError("rig command %s (%s) failed: %s" % (what, shlex.join(cmd), e)) from None
         if r.returncode:
@@ -521,7 +608,8 @@ class SerialTransport(Transport):
 
     def add_pulses(self, n):
         self.require(PULSES)
-        self._run("pulses", self.rig["pulses"], n=int(n))
+        # The I/O board sends about 500 pulses a second (docs/bench-rig.md): allow for it.
+        self._run("pulses", self.rig["pulses"], n=int(n), timeout=60 + int(n) / 250)
 
     def relay(self):
         if RELAY not in self.capabilities:
@@ -547,6 +635,17 @@ class SerialTransport(Transport):
         self._wait_port()
         self.wait_meter()
         return CutResult(True, flight and flight.result, flight and flight.error)
+
+    def power_off(self):
+        self.require(POWER_CUT)
+        self._run("power.off", self.rig["power"]["off"])
+
+    def power_on(self):
+        self.require(POWER_CUT)
+        self._run("power.on", self.rig["power"]["on"])
+        time.sleep(self.boot_seconds)
+        self._wait_port()
+        self.wait_meter()
 
     def reboot(self):
         """The rig's reset line if it has one, else a soft reset over the REPL (main.py runs

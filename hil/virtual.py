@@ -20,6 +20,14 @@ on the same files); `cut_after(n)` lets n more flash erase/program operations co
 the next (boards.nor.NorFlash.cut_after semantics), after which the board is off until
 `power_on()`, which boots it as a power-on does.
 
+The board clock (what the firmware's `board.time()` reads): host time, or frozen and moved by
+the rig.  `clock_survives=True` (the default) is a board with a battery-backed RTC: the clock
+runs through every power cut (a kill and start() included).  `clock_survives=False` is an
+ESP32 without one: every power-on after a power-off, a flash cut or a kill restarts the clock
+from 2000-01-01T00:00:00Z (`LOST_CLOCK`), from where it runs on (or stays frozen, if the rig
+froze it); a reset (`hard_reset()`, machine.reset, a soft reset) keeps it, as an ESP32's RTC
+survives a reset.  The firmware reads which it is from `board.clock_survives_power_loss`.
+
 Run one by hand: ``python -m hil.virtual --workdir DIR`` prints the ports and runs until Ctrl-C.
 """
 import argparse
@@ -39,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 VBOARD = Path(__file__).resolve().parent / "vboard"
 NPM_PACKAGE = "@micropython/micropython-webassembly-pyscript"
 BLOCK_SIZE = 4096
+LOST_CLOCK = 946684800      # 2000-01-01T00:00:00Z: a clock without a battery after a power cut
 
 
 class VirtualBoardError(RuntimeError):
@@ -83,13 +92,16 @@ def _cleanup(res):
 class VirtualBoard:
     """A virtual meter board: REPL and HAN ptys, a flash file, rig controls."""
 
-    def __init__(self, workdir, *, flash_blocks=16, wan=False, clock=None, seed=0,
-                 node="node", timeout=10.0, heapsize=1024 * 1024):
+    def __init__(self, workdir, *, flash_blocks=16, wan=False, clock=None, freeze=False,
+                 clock_survives=True, seed=0, node="node", timeout=10.0, heapsize=1024 * 1024):
         """workdir: folder for the board's files (created; reused across runs: the board's
         filesystem is <workdir>/fs, the flash partition <workdir>/flash.bin);
         flash_blocks: partition size in 4 KiB blocks for a new flash file (default 16 = 64 KiB);
-        wan: initial WAN-status input; clock: initial meter clock (Unix seconds; None = host
-        time); seed: NorFlash seed for torn operations; node: the Node.js executable;
+        wan: initial WAN-status input; clock: initial board clock (Unix seconds; None = host
+        time); freeze: start with the clock frozen there (the firmware's first read of it is
+        exact); clock_survives: the clock runs through power cuts (a battery-backed RTC), or
+        restarts from 2000-01-01 at every power-on (see the module docstring);
+        seed: NorFlash seed for torn operations; node: the Node.js executable;
         timeout: seconds to wait for the board to answer; heapsize: initial VM heap."""
         self.workdir = Path(workdir)
         self.fs_dir = self.workdir / "fs"
@@ -98,7 +110,9 @@ class VirtualBoard:
         self.flash_blocks = flash_blocks
         self.timeout = timeout
         self._node = node
-        self._opts = {"wan": wan, "clock": clock, "seed": seed, "heapsize": heapsize}
+        self._opts = {"wan": wan, "clock": clock, "freeze": bool(freeze), "seed": seed,
+                      "heapsize": heapsize, "clock_survives": bool(clock_survives)}
+        self._resume = None          # (clock, frozen, host time) when the Node process went
         self._res = {"proc": None, "fds": []}
         self._finalizer = weakref.finalize(self, _cleanup, self._res)
         self._ptys = None            # (repl, han, wan) × (master, slave)
@@ -131,9 +145,13 @@ class VirtualBoard:
                "--repl-fd", str(repl_master), "--han-fd", str(han_master), "--wan-fd", str(wan_master),
                "--fs", str(self.fs_dir), "--flash", str(self.flash_path), "--entry", str(entry),
                "--wan", "1" if self._opts["wan"] else "0", "--seed", str(self._opts["seed"]),
-               "--heapsize", str(self._opts["heapsize"])]
-        if self._opts["clock"] is not None:
-            cmd += ["--clock", repr(float(self._opts["clock"]))]
+               "--heapsize", str(self._opts["heapsize"]),
+               "--clock-survives", "1" if self._opts["clock_survives"] else "0"]
+        clock, frozen = self._start_clock()
+        if clock is not None:
+            cmd += ["--clock", repr(float(clock))]
+        if frozen:
+            cmd += ["--frozen", "1"]
         with open(self.log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=log, pass_fds=(repl_master, han_master, wan_master),
@@ -152,8 +170,29 @@ class VirtualBoard:
             raise
         return self
 
+    def _start_clock(self):
+        # (clock, frozen) for a Node start.  The first start takes the options; a start after
+        # kill() or stop() is a power-on: the clock ran on (or stayed frozen) through the cut,
+        # or, on a board whose clock does not survive one, restarts from LOST_CLOCK.
+        if self._resume is None:
+            return self._opts["clock"], self._opts["freeze"]
+        clock, frozen, at = self._resume
+        if not self._opts["clock_survives"]:
+            return LOST_CLOCK, frozen
+        return (clock if frozen else clock + time.time() - at), frozen
+
+    def _remember_clock(self):
+        if not self.running:
+            return
+        try:
+            st = self._request("status", timeout=2)
+        except VirtualBoardError:
+            return
+        self._resume = (st["clock"], st["clock_frozen"], time.time())
+
     def stop(self):
         """Stop the board and release everything (process, ptys)."""
+        self._remember_clock()
         proc = self._res.get("proc")
         if proc is not None and proc.poll() is None:
             try:
@@ -170,7 +209,10 @@ class VirtualBoard:
         self.repl_port = self.han_port = self.wan_port = None
 
     def kill(self):
-        """Power cut (a): SIGKILL the Node process now.  The ptys stay (start() again)."""
+        """Power cut (a): SIGKILL the Node process now.  The ptys stay (start() again).  The
+        board clock is read first (from the Node main thread: the VM does not notice), so that
+        start() can run it on through the cut, or lose it, as `clock_survives` says."""
+        self._remember_clock()
         self._kill_proc()
 
     def __enter__(self):
@@ -191,7 +233,8 @@ class VirtualBoard:
 
     # -- rig controls -----------------------------------------------------------------------
     def status(self):
-        """powered, erases, programs, torn, cut_after, wan, relay, clock, boots, ..."""
+        """powered, erases, programs, torn, cut_after, wan, relay, clock, clock_frozen,
+        clock_survives, pulses_pending, buttons_pending, boots, ..."""
         return self._request("status")
 
     @property
@@ -226,6 +269,17 @@ class VirtualBoard:
 
     def freeze_clock(self, on=True):
         self._request("clock_freeze", on=bool(on))
+
+    @property
+    def clock_survives(self):
+        return self._opts["clock_survives"]
+
+    def set_clock_survives(self, on):
+        """A battery-backed RTC (True) or none (False: the clock restarts from 2000-01-01 at
+        each power-on).  The firmware reads it at its next start."""
+        self._opts["clock_survives"] = bool(on)
+        if self.running:
+            self._request("clock_survives", on=bool(on))
 
     @property
     def clock(self):
@@ -399,9 +453,12 @@ def main(argv=None):
     ap.add_argument("--workdir", required=True, help="folder for the board's fs/ and flash.bin")
     ap.add_argument("--blocks", type=int, default=16, help="flash blocks of 4 KiB for a new flash file")
     ap.add_argument("--wan", action="store_true", help="start with the WAN up")
+    ap.add_argument("--no-rtc", action="store_true",
+                    help="the clock restarts from 2000-01-01 at every power-on (no battery-backed RTC)")
     ap.add_argument("--node", default="node", help="Node.js executable")
     a = ap.parse_args(argv)
-    board = VirtualBoard(a.workdir, flash_blocks=a.blocks, wan=a.wan, node=a.node)
+    board = VirtualBoard(a.workdir, flash_blocks=a.blocks, wan=a.wan, node=a.node,
+                         clock_survives=not a.no_rtc)
     try:
         board.start()
     except VirtualBoardError as e:

@@ -161,12 +161,15 @@ class Ledger:
         now = self.clock()
         st = self._state
         try:
-            self._gate_signature(data, now)
+            checked = self._gate_signature(data, now)
             try:
                 v = voucher_format.verify(data, self.trust, self.device, now, self.max_voucher)
             except Rejected as e:
                 if e.reason == errors.BAD_SIGNATURE:
                     backoff.failed(st, now)
+                elif checked and backoff.passed(st):
+                    # checks 1-3 had passed, so a later refusal came after a good signature
+                    self._dirty = True
                 raise
             if backoff.passed(st):
                 self._dirty = True
@@ -231,8 +234,10 @@ class Ledger:
         # The cheap checks first; a signature is only checked when it would be under a
         # trusted key, and not while the back-off holds.
         msg = cose.decode(data)
-        if msg.kid in self.trust:
-            backoff.check(self._state, now)
+        if msg.kid not in self.trust:
+            return False
+        backoff.check(self._state, now)
+        return True
 
     def _ref_for_sequence(self, seq):
         raw = self.store.find_receipt(seq)

@@ -1,7 +1,13 @@
 // The virtual board's Node process (started by hil/virtual.py; not meant to be run by hand).
 //
 //   node main.mjs --repl-fd N --han-fd N --wan-fd N --fs DIR --flash FILE --entry MICROPYTHON_MJS
-//                 [--wan 0|1] [--clock UNIX_S] [--heapsize BYTES] [--seed N]
+//                 [--wan 0|1] [--clock UNIX_S] [--frozen 0|1] [--clock-survives 0|1]
+//                 [--heapsize BYTES] [--seed N]
+//
+// The board clock: host time plus an offset, or frozen (the rig moves it).  With
+// --clock-survives 0 every power-on after a power-off or a flash cut restarts it from
+// 2000-01-01T00:00:00Z, as on an ESP32 without a battery-backed RTC (it runs on, or stays
+// frozen, from there); a reset (the rig's reset button, machine.reset, a soft reset) keeps it.
 //
 // Main thread: reads the REPL pty master into the shared input ring, runs the rig's control
 // channel (JSON lines: requests on stdin, replies and events on stdout), and owns the VM worker
@@ -41,7 +47,20 @@ ctl[SLOT.CUT] = -1;
 ctl[SLOT.RELAY] = -1;
 ctl[SLOT.WAN] = args.wan === "1" ? 1 : 0;
 ctl[SLOT.SEED] = Number(args.seed || 0);
-if (args.clock !== undefined) clk[0] = BigInt(Math.round(Number(args.clock) * 1000)) - BigInt(Date.now());
+ctl[SLOT.CLOCK_KEEP] = args["clock-survives"] === "0" ? 0 : 1;
+if (args.frozen === "1") {
+  ctl[SLOT.FROZEN] = 1;
+  clk[1] = args.clock !== undefined ? BigInt(Math.round(Number(args.clock) * 1000)) : BigInt(Date.now());
+} else if (args.clock !== undefined) {
+  clk[0] = BigInt(Math.round(Number(args.clock) * 1000)) - BigInt(Date.now());
+}
+
+// 2000-01-01T00:00:00Z: where an RTC without a battery starts after a power cut.
+const LOST_CLOCK_MS = 946684800000n;
+
+function setClockMs(ms) {
+  if (ctl[SLOT.FROZEN]) clk[1] = ms; else clk[0] = ms - BigInt(Date.now());
+}
 
 function send(obj) {
   process.stdout.write(JSON.stringify(obj) + "\n");
@@ -227,6 +246,7 @@ function status() {
     pulses_pending: ctl[SLOT.PULSES],
     clock: Number(clockMs()) / 1000,
     clock_frozen: ctl[SLOT.FROZEN] === 1,
+    clock_survives: ctl[SLOT.CLOCK_KEEP] === 1,
     boots: ctl[SLOT.BOOTS],
     raw_repl: ctl[SLOT.RAW] === 1,
     busy: ctl[SLOT.BUSY] === 1,
@@ -238,10 +258,7 @@ const ops = {
   set_wan: ({ up }) => { Atomics.store(ctl, SLOT.WAN, up ? 1 : 0); },
   press_button: ({ n = 1 }) => { Atomics.add(ctl, SLOT.BUTTONS, n); },
   add_pulses: ({ n }) => { Atomics.add(ctl, SLOT.PULSES, n); },
-  clock_set: ({ t }) => {
-    const ms = BigInt(Math.round(t * 1000));
-    if (ctl[SLOT.FROZEN]) clk[1] = ms; else clk[0] = ms - BigInt(Date.now());
-  },
+  clock_set: ({ t }) => { setClockMs(BigInt(Math.round(t * 1000))); },
   clock_advance: ({ s }) => {
     const ms = BigInt(Math.round(s * 1000));
     if (ms < 0n) throw new Error("the clock only moves forward with advance; use clock_set");
@@ -251,11 +268,14 @@ const ops = {
     if (on && !ctl[SLOT.FROZEN]) { clk[1] = clockMs(); Atomics.store(ctl, SLOT.FROZEN, 1); }
     if (!on && ctl[SLOT.FROZEN]) { clk[0] = clk[1] - BigInt(Date.now()); Atomics.store(ctl, SLOT.FROZEN, 0); }
   },
+  clock_survives: ({ on }) => { Atomics.store(ctl, SLOT.CLOCK_KEEP, on ? 1 : 0); },
   cut_after: ({ n }) => { Atomics.store(ctl, SLOT.CUT, n === null || n === undefined ? -1 : n); },
   set_seed: ({ seed }) => { Atomics.store(ctl, SLOT.SEED, seed); },
   power_on: () => {
     if (worker) throw new Error("the board is already powered");
     clearInput();
+    // The board was off (a rig power-off or a flash cut): a clock without a battery lost its time.
+    if (!ctl[SLOT.CLOCK_KEEP]) setClockMs(LOST_CLOCK_MS);
     startWorker("power");
   },
   power_off: async () => { await stopWorker(); clearInput(); },

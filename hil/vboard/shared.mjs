@@ -19,6 +19,8 @@ export const SLOT = {
   FROZEN: 15,    // 1: the meter clock stands still
   TORN: 16,      // torn flash operations
   SLEEP: 17,     // never written: a place to Atomics.wait on as a sleep
+  CLOCK_KEEP: 18, // 1: the board clock runs through a power cut (a battery-backed RTC); 0: it
+                  // restarts from 2000-01-01 at every power-on, as on an ESP32 without one
 };
 export const NSLOTS = 32;
 export const CLK_OFF = NSLOTS * 4;      // BigInt64 x 4: [0] clock offset ms, [1] frozen clock ms, [2] ticks advance ms

@@ -283,6 +283,8 @@ const hw = {
   take_buttons() { hook(); return Atomics.exchange(ctl, SLOT.BUTTONS, 0); },
   take_pulses() { hook(); return Atomics.exchange(ctl, SLOT.PULSES, 0); },
   clock() { hook(); return (clockMs() / 1000n).toString(); },
+  // true if the clock runs through a power cut (boards.virtual: clock_survives_power_loss)
+  clock_survives() { hook(); return Atomics.load(ctl, SLOT.CLOCK_KEEP) === 1; },
   clock_set(s) {
     hook();
     const ms = BigInt(s) * 1000n;

@@ -452,3 +452,16 @@ def test_a_ledger_without_a_readable_configuration_refuses_every_change_and_says
         expect_rejected(errors.STALE, kit.ledger.submit, issue(seq, 100))
     raw, _ = kit.ledger.submit(issue(5, 100))
     assert receipt.parse(raw).index == 2
+
+
+def test_a_good_signature_ends_the_back_off_streak_even_when_a_later_check_refuses():
+    kit = Kit(initial=0)
+    ledger = kit.ledger
+    for seq in (1, 2):
+        expect_rejected(errors.BAD_SIGNATURE, ledger.submit, _tampered(seq))
+    from tests.firmware._meterkit import OTHER_DEVICE
+    expect_rejected(errors.WRONG_DEVICE, ledger.submit, issue(3, 100, device=OTHER_DEVICE))
+    # the streak restarted: two more bad signatures are still free of any pause
+    for seq in (4, 5):
+        expect_rejected(errors.BAD_SIGNATURE, ledger.submit, _tampered(seq))
+    ledger.submit(issue(6, 100))

@@ -391,6 +391,60 @@ def test_controls_reach_the_firmware_through_boards_virtual(board):
     assert board.clock == 1767225690
 
 
+def test_clock_without_a_battery_restarts_at_power_on_and_survives_resets(tmp_path):
+    """clock_survives=False: every power-on after a power-off, a flash cut or a kill restarts
+    the board clock from 2000-01-01 (an ESP32 without a battery-backed RTC); a reset keeps it;
+    the firmware sees which it is in board.clock_survives_power_loss.  With a battery
+    (clock_survives=True) the clock runs through all of them."""
+    def board_time(b):
+        raw = Raw(b.repl_port)
+        try:
+            out = raw("import boards\nb = boards.load().Board()\n"
+                      "print(b.time(), b.clock_survives_power_loss)").split()
+        finally:
+            raw.close()
+        return int(out[0]), out[1] == "True"
+
+    t0 = 1767225600
+    b = VirtualBoard(workdir(tmp_path), clock=t0, freeze=True, clock_survives=False)
+    try:
+        b.start()
+        assert b.status()["clock_frozen"] is True
+        assert board_time(b) == (t0, False)            # frozen from the very first read
+        b.advance_clock(30)
+        b.hard_reset()                                  # the reset button: the RTC keeps its time
+        assert board_time(b) == (t0 + 30, False)
+        b.power_off()
+        b.power_on()                                    # a power-on: back to 2000, still frozen
+        assert board_time(b) == (virtual.LOST_CLOCK, False)
+        b.advance_clock(5)                              # and it runs on (here: the rig moves it)
+        assert b.clock == virtual.LOST_CLOCK + 5
+        b.set_clock(t0)
+        b.cut_after(0)                                  # a flash cut, then power-on
+        raw = Raw(b.repl_port)
+        try:
+            raw.start("import boards\nb = boards.load().Board()\nb.flash.ioctl(6, 0)\n")
+            b.wait_power_off()
+        finally:
+            raw.t.close()
+        b.power_on()
+        assert b.clock == virtual.LOST_CLOCK
+        b.set_clock(t0)
+        b.kill()                                        # SIGKILL: a cut at any instant
+        b.start()
+        assert board_time(b) == (virtual.LOST_CLOCK, False) and b.status()["clock_frozen"]
+        b.set_clock_survives(True)                      # fit a battery: the firmware sees it
+        b.set_clock(t0)
+        b.power_off()
+        b.power_on()
+        assert board_time(b) == (t0, True)
+        b.kill()
+        b.start()
+        assert board_time(b) == (t0, True)
+    finally:
+        b.stop()
+
+
 def test_the_firmware_runs_on_the_virtual_board(tmp_path):
     """The same files as on an ESP32: boot.py, main.py, /lib/{meter,boards,protocol}; main.py
     picks boards.virtual by sys.platform and runs the meter app; the HAN answers."""
