@@ -1,5 +1,6 @@
 """The engineer's commands of `topup`: flash and provision a board, run a virtual board,
-and play the PPMID over the HAN. host/cli.py adds them to the `topup` group."""
+and play the PPMID over the HAN. topup_cli/ composes them with the supplier's commands
+(host/cli.py) into the `topup` group."""
 import sys
 import tempfile
 import time
@@ -8,7 +9,7 @@ import click
 
 from host import delivery, keystore, receipts_io, reconcile, registry
 from host.errors import TopupError
-from host.money import parse_pence
+from host.money import format_mp, parse_pence
 from protocol import errors, receipt as receipt_format
 
 PORT_ENV = "TOPUP_PORT"
@@ -30,6 +31,15 @@ def _progress_bar(label):
     return update, bar.stop
 
 
+def _required_port(env, what):
+    """An option callback: the port, or a one-line error naming --port and `env`."""
+    def check(ctx, param, value):
+        if not value:
+            raise TopupError("no %s: give --port PORT or set %s" % (what, env))
+        return value
+    return check
+
+
 def _board_errors(fn, *args, **kwargs):
     from hil.flashing import FlashError
     try:
@@ -38,11 +48,14 @@ def _board_errors(fn, *args, **kwargs):
         raise TopupError(str(e)) from None
 
 
-@click.command()
-@click.option("--port", "-p", envvar=PORT_ENV, required=True, metavar="PORT",
+@click.command(short_help="Put the meter firmware on a board (mpy-cross, mpremote, SHA-256).")
+@click.option("--port", "-p", envvar=PORT_ENV, metavar="PORT",
+              callback=_required_port(PORT_ENV, "board port (the REPL's serial port)"),
               help="The board's REPL serial port (env %s)." % PORT_ENV)
 @click.option("--source", is_flag=True, help="Copy .py sources instead of compiled .mpy files.")
-@click.option("--no-reset", is_flag=True, help="Do not soft-reset the board afterwards.")
+@click.option("--no-reset", is_flag=True,
+              help="Leave the board at its REPL afterwards: the meter application does not run "
+                   "(and the HAN does not answer) until the board is reset.")
 def flash(port, source, no_reset):
     """Put the meter firmware on a board: compile with mpy-cross for the board's MicroPython,
     copy with mpremote, check every file by SHA-256, soft-reset."""
@@ -56,8 +69,9 @@ def flash(port, source, no_reset):
                % (r["files"], r["bytes"], r["bytecode"], r["version"], r["platform"], r["seconds"]))
 
 
-@click.command()
-@click.option("--port", "-p", envvar=PORT_ENV, required=True, metavar="PORT",
+@click.command(short_help="Provision a flashed board as a registered meter.")
+@click.option("--port", "-p", envvar=PORT_ENV, metavar="PORT",
+              callback=_required_port(PORT_ENV, "board port (the REPL's serial port)"),
               help="The board's REPL serial port (env %s)." % PORT_ENV)
 @click.option("--device", "device", required=True, metavar="EUI64", help="The meter's EUI-64.")
 @click.option("--initial-credit", default="0", metavar="AMOUNT", help="Opening balance, e.g. 5.00.")
@@ -155,14 +169,19 @@ def provision(state, port, device, initial_credit, ec_amount, ec_threshold, unit
               help="Keep the board's filesystem and flash here (default: a temporary folder).")
 @click.option("--wan/--no-wan", default=False, help="Initial WAN status (default down).")
 @click.option("--flash-firmware", is_flag=True, help="Flash the meter firmware once it is up.")
-def sim(workdir, wan, flash_firmware):
-    """Start a virtual meter board, print its ports, run until Ctrl-C."""
+@click.option("--no-rtc", is_flag=True,
+              help="The board's clock restarts from 2000-01-01 at every power-on, as on an ESP32 "
+                   "without a battery-backed RTC (default: it keeps time through a power cut).")
+def sim(workdir, wan, flash_firmware, no_rtc):
+    """Start a virtual meter board, print its ports, and take console commands on standard
+    input (`help` lists them: WAN, button, pulses, time, power) until `quit` or Ctrl-C."""
+    from hil import sim_console
     from hil.virtual import VirtualBoard, VirtualBoardError
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="topup-sim-")
         workdir = tmp.name
-    board = VirtualBoard(workdir, wan=wan)
+    board = VirtualBoard(workdir, wan=wan, clock_survives=not no_rtc)
     try:
         board.start()
     except VirtualBoardError as e:
@@ -175,11 +194,17 @@ def sim(workdir, wan, flash_firmware):
         click.echo("HAN port   %s" % board.han_port)
         click.echo("WAN port   %s" % board.wan_port)
         click.echo("workdir    %s" % workdir)
-        click.echo("try:       mpremote connect %s exec \"print(1)\"" % board.repl_port)
-        click.echo("           topup han status --port %s" % board.han_port)
+        click.echo("try:       topup han status --port %s" % board.han_port)
         click.echo("           topup headend --port %s" % board.wan_port)
+        # An mpremote session interrupts the meter application (as on any board); its
+        # `reset` at the end starts it again.
+        click.echo("           mpremote connect %s exec \"print(1)\" reset" % board.repl_port)
+        click.echo("console:   wan up|down, button, pulses N, advance SECONDS, power off|on, "
+                   "status, help, quit", err=True)
         click.echo("Ctrl-C stops the board.", err=True)
-        while board.running:
+        if sim_console.run(board, _stdin_lines(), click.echo):
+            return 0
+        while board.running:          # input closed: run until Ctrl-C
             time.sleep(0.5)
         raise TopupError("the virtual board stopped unexpectedly")
     except KeyboardInterrupt:
@@ -188,6 +213,18 @@ def sim(workdir, wan, flash_firmware):
         board.stop()
         if tmp is not None:
             tmp.cleanup()
+
+
+def _stdin_lines():
+    """Console lines from standard input; none if it is closed or not readable."""
+    stream = click.get_text_stream("stdin")
+    try:
+        if stream is None or stream.closed:
+            return
+        for line in stream:
+            yield line
+    except (OSError, ValueError):
+        return
 
 
 @click.group()
@@ -208,17 +245,20 @@ def _han_call(fn, *args):
     try:
         return fn(*args)
     except HanTimeout as e:
-        raise TopupError("%s on the HAN port" % e) from None
+        raise TopupError("%s on the HAN port: is the meter application running? (an mpremote "
+                         "session, or `topup flash --no-reset`, leaves the board at its REPL; "
+                         "`mpremote connect REPL_PORT reset` starts it again)" % e) from None
     except HanError as e:
         refused = TopupError(str(e))
         refused.exit_code = 1  # the meter said no: not a usage mistake
         raise refused from None
 
 
-_port = click.option("--port", "-p", envvar=HAN_PORT_ENV, required=True, metavar="PORT",
+_port = click.option("--port", "-p", envvar=HAN_PORT_ENV, metavar="PORT",
+                     callback=_required_port(HAN_PORT_ENV, "HAN port"),
                      help="The meter's HAN serial port (env %s)." % HAN_PORT_ENV)
-_timeout = click.option("--timeout", type=float, default=5.0, show_default=True,
-                        help="Seconds to wait for the meter.")
+_timeout = click.option("--timeout", type=click.FloatRange(0, 3600, min_open=True), default=5.0,
+                        show_default=True, help="Seconds to wait for the meter.")
 
 
 @han.command("status")
@@ -290,15 +330,19 @@ def han_submit(port, timeout, voucher):
 @click.option("--from", "start", type=click.IntRange(0), default=0, help="First receipt index.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), metavar="FILE",
               help="Also write them to FILE (CBOR sequence, for `topup receipts import`).")
-def han_receipts(port, timeout, start, out):
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+def han_receipts(port, timeout, start, out, force):
     """Read the meter's receipts (the engineer's read-out)."""
+    if out:
+        from host.output import check_target
+        check_target(out, force)            # refuse before talking to the meter
     with _client(port, timeout) as c:
         raws = _han_call(c.receipts, start)
     for raw in raws:
         click.echo(receipt_line(receipt_format.parse(raw)))
     if out:
         from host.receipts_io import write_receipts
-        write_receipts(out, raws)
+        write_receipts(out, raws, force=force)
         click.echo("wrote %d receipts to %s" % (len(raws), out))
 
 
@@ -321,13 +365,9 @@ def receipt_line(r):
 
 
 def _mp(mp):
-    """Milli-pence as £, exactly (sub-penny digits only when there are any)."""
-    sign = "-" if mp < 0 else ""
-    mp = abs(mp)
-    pounds, rest = divmod(mp, 100000)
-    pence, milli = divmod(rest, 1000)
-    text = "%s£%d.%02d" % (sign, pounds, pence)
-    return text + ("%03d" % milli).rstrip("0") if milli else text
+    """A balance in milli-pence as pounds and pence, the sub-penny remainder stated apart
+    (host.money.format_mp: `£12.49 + 0.999p`)."""
+    return format_mp(mp)
 
 
 COMMANDS = (flash, provision, sim, han)

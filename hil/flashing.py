@@ -9,7 +9,9 @@ public key with the index of its first receipt and its sequence floor.
 The same code drives a board on /dev/ttyUSB0 and the virtual board's REPL pty.
 """
 import binascii
+import contextlib
 import hashlib
+import io
 import os
 import re
 import subprocess
@@ -54,12 +56,19 @@ class Board:
         except Exception as e:  # mpremote raises its own and serial's errors
             raise FlashError("cannot open %s: %s (no such port, or another program is using it)"
                              % (port, _first_line(e))) from None
+        heard = io.StringIO()
         try:
-            self.t.enter_raw_repl(soft_reset=False, timeout_overall=timeout)
+            # mpremote prints what it heard when the raw REPL does not answer: keep it for
+            # the message instead of a stray line on the terminal.
+            with contextlib.redirect_stdout(heard):
+                self.t.enter_raw_repl(soft_reset=False, timeout_overall=timeout)
         except Exception as e:
             self.close()
-            raise FlashError("no MicroPython REPL answers on %s (%s): is it a meter board, "
-                             "and is another program using the port?" % (port, _first_line(e))) from None
+            got = heard.getvalue().strip()
+            said = "; it said %s" % got[:60] if got and got not in ("b''", 'b""') else "; it said nothing"
+            raise FlashError("no MicroPython REPL answers on %s (%s%s): is it the board's REPL "
+                             "port (not its HAN or WAN port), and is no other program using it?"
+                             % (port, _first_line(e), said)) from None
 
     def close(self):
         try:

@@ -151,22 +151,25 @@ class Issuer:
     """
 
     def __init__(self, path, device=TEST_DEVICE, max_voucher=None, max_credit=None):
-        import nacl.pwhash
         from host import db, keystore, registry
         self.path = str(path)
         self.device = device
         self.clock = None            # the rig's clock (a callable), if it has one: issue time
         self.eui = registry.format_eui64(device)
-        self.env = {"TOPUP_DB": self.path, "TOPUP_PASSPHRASE": PASSPHRASE}
+        # A throwaway key: argon2id at its minimum, for the rig's key and every `topup` the
+        # rig runs (otherwise each unlock would re-seal it at MODERATE, about 1 s each).
+        self.env = {"TOPUP_DB": self.path, "TOPUP_PASSPHRASE": PASSPHRASE, keystore.FAST_KDF_ENV: "1"}
         self.conn = db.create(self.path)
-        saved = keystore.OPSLIMIT, keystore.MEMLIMIT
-        # A throwaway key: argon2id at its minimum (stored with the key, so the CLI opens it fast).
-        keystore.OPSLIMIT, keystore.MEMLIMIT = nacl.pwhash.argon2id.OPSLIMIT_MIN, nacl.pwhash.argon2id.MEMLIMIT_MIN
+        saved = os.environ.get(keystore.FAST_KDF_ENV)
+        os.environ[keystore.FAST_KDF_ENV] = "1"
         try:
             keystore.new_key(self.conn, PASSPHRASE)
+            self.signer = keystore.unlock_active(self.conn, PASSPHRASE)
         finally:
-            keystore.OPSLIMIT, keystore.MEMLIMIT = saved
-        self.signer = keystore.unlock_active(self.conn, PASSPHRASE)
+            if saved is None:
+                del os.environ[keystore.FAST_KDF_ENV]
+            else:
+                os.environ[keystore.FAST_KDF_ENV] = saved
         kw = {}
         if max_voucher is not None:
             kw["max_voucher"] = max_voucher

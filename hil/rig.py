@@ -193,7 +193,7 @@ class Books:
         for raw in han.receipts(start):
             r = self.verify(raw)
             if r.device != self.device:
-                self._fail("receipt %d is for device %s" % (r.index, r.device.hex()))
+                self._fail("receipt %d is for device %s" % (r.index, "-".join("%02X" % b for b in r.device)))
             if r.index >= count:
                 self._fail("receipt %d is beyond the receipt count %d" % (r.index, count))
             if r.index < self.first:

@@ -4,19 +4,27 @@
 #   topup key new [--activate] | key list | key activate KID | key revoke KID
 #   topup device add EUI64 [--max-voucher £] [--max-credit £] [--public-key HEX] [--label T]
 #   topup device list | device show EUI64
-#   topup issue EUI64 AMOUNT [--count N] [--expires-in DAYS] [--format F] [--out PATH]
+#   topup issue EUI64 AMOUNT [--count N] [--expires-in DAYS] [--format F] [--out PATH] [--force]
+#   topup vouchers list|export [--device EUI64] [--seq N-M] [--batch N] [--status S]
+#                              [--undelivered] [--format F] [--out PATH] [--force]
+#   topup vouchers void REF | --device EUI64 --seq N [--note TEXT] [--yes]
 #   topup verify VOUCHER_OR_FILE [--device EUI64] [--now UNIX]
 #   topup show VOUCHER_OR_FILE [--format F] [--out PATH]     (deliver again: QR, PNG, ...)
 #   topup receipts import FILE... | receipts export PATH [--device EUI64] [--format F]
 #   topup reconcile [--now UNIX] [--expired refund|void]
-#   topup report [--csv PATH] [--html PATH]
+#   topup report [--csv PATH] [--html PATH] [--force]
 #   topup headend --port PORT [--idle-exit SECONDS]
 #
-# Global options fall back to environment variables (TOPUP_DB, TOPUP_PASSPHRASE). A user's
-# mistake is one line on stderr and exit code 2, never a traceback; `verify` exits 1 when
-# the voucher would be rejected, `reconcile` exits 1 when it finds anomalies, and
-# `receipts import` exits 1 for a corrupt file (of which nothing is imported).
-# `main(argv=None)` returns the exit code.
+# Global options (--db) work before or after the subcommand and fall back to environment
+# variables (TOPUP_DB, TOPUP_PASSPHRASE). A user's mistake is one line on stderr and exit
+# code 2, never a traceback; `verify` exits 1 when a voucher would be rejected, `reconcile`
+# exits 1 when it finds anomalies, `receipts import` exits 1 for a corrupt file (of which
+# nothing is imported), and a write that fails part-way exits 1 after saying exactly what
+# was stored and what was written where. `main(argv=None)` returns the exit code.
+#
+# This module is the supplier's side only: it never imports hil/. The `topup` command an
+# engineer runs is composed in topup_cli/ (`compose`, below), which adds hil's commands.
+import errno
 import os
 import sqlite3
 import sys
@@ -30,15 +38,31 @@ from protocol.voucher import parse as pv_parse
 from . import db, delivery, issuer, keystore, reconcile as recon, registry
 from .errors import TopupError
 from .money import format_pence, parse_pence
+from .output import Interrupts
+from .sinks import FORMAT_HELP, FORMATS, Sink
 from .verify import explain
 
 EXIT_USER = 2
 PASSPHRASE_ENV = "TOPUP_PASSPHRASE"
-FORMATS = ("text", "json", "cbor", "qr", "png", "svg")
+DB_ENV = "TOPUP_DB"
 
 
 def _err(message):
     click.echo("topup: error: %s" % message, err=True)
+
+
+def _silence_stdout():
+    """After standard output failed (full, gone): point it at /dev/null, so that nothing
+    is left to fail (and be reported) when the interpreter flushes it at exit."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):
+        try:
+            sys.stdout = None
+        except Exception:  # pragma: no cover
+            pass
 
 
 class TopupGroup(click.Group):
@@ -49,6 +73,10 @@ class TopupGroup(click.Group):
             rv = super().main(args=args, prog_name=prog_name or "topup",
                               standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
+        except click.exceptions.NoArgsIsHelpError as e:
+            # `topup` or `topup key` alone: the help is what was asked for.
+            click.echo(e.ctx.get_help())
+            code = 0
         except TopupError as e:
             _err(e.message)
             code = e.exit_code
@@ -62,12 +90,19 @@ class TopupGroup(click.Group):
         except click.Abort:
             _err("aborted")
             code = 130
+        except KeyboardInterrupt:
+            _err("interrupted")
+            code = 130
         except BrokenPipeError:
             code = 141  # reader went away (e.g. `| head`); not an error worth a message
-            try:
-                sys.stdout = None
-            except Exception:
-                pass
+            _silence_stdout()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG,
+                               errno.EROFS, errno.EBADF):
+                raise
+            _err("cannot write standard output: %s" % (e.strerror or e))
+            _silence_stdout()
+            code = 1
         except sqlite3.DatabaseError as e:  # locked past the busy timeout, disk full, damage
             _err("database: %s" % e)
             code = 1
@@ -77,15 +112,41 @@ class TopupGroup(click.Group):
 
 
 class State:
-    def __init__(self, db_path):
+    def __init__(self, db_path, from_command_line=False):
         self.db_path = db_path
+        self.from_command_line = from_command_line
         self._conn = None
+        self._writable = None
 
     @property
     def conn(self):
-        if self._conn is None:
+        """The database, for a command that writes to it."""
+        if self._conn is None or not self._writable:
+            self.close()
             self._conn = db.open_db(self.db_path)
+            self._writable = True
         return self._conn
+
+    @property
+    def reader(self):
+        """The database, for a command that only reads it (works on a read-only mount)."""
+        if self._conn is None:
+            self._conn = db.open_db(self.db_path, write=False)
+            self._writable = db._read_only_why(self.db_path) is None
+        return self._conn
+
+    @property
+    def writable(self):
+        self.reader
+        return self._writable
+
+    def db_option(self):
+        """`--db PATH ` when the database was named on the command line (a command to
+        suggest must name it too), else ''."""
+        if not self.from_command_line:
+            return ""
+        import shlex
+        return "--db %s " % shlex.quote(self.db_path)
 
     def close(self):
         if self._conn is not None:
@@ -100,6 +161,22 @@ def _passphrase(confirm=False):
             raise TopupError("%s is set but empty" % PASSPHRASE_ENV)
         return value
     try:
+        interactive = sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        interactive = False
+    if not interactive:
+        # No terminal to type on: take one line from standard input (a pipe), with no
+        # prompt and no getpass warning, or say in one line how to give it.
+        try:
+            line = sys.stdin.readline()
+        except (OSError, ValueError, AttributeError):
+            line = ""
+        value = line.rstrip("\r\n")
+        if not value:
+            raise TopupError("no passphrase: set %s, or run topup on a terminal to type it"
+                             % PASSPHRASE_ENV)
+        return value
+    try:
         return click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm,
                             err=True)
     except click.Abort:
@@ -110,6 +187,8 @@ def _passphrase(confirm=False):
 def _console(stderr=False):
     from rich.console import Console
     stream = sys.stderr if stderr else sys.stdout
+    if stream is None:  # closed (`>&-`): what would go there goes nowhere
+        return Console(file=open(os.devnull, "w"), highlight=False, soft_wrap=True, width=1000)
     # Off a terminal (pipes, files, tests) never wrap or truncate: scripts read this.
     width = None if stream.isatty() else 1000
     return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
@@ -130,8 +209,32 @@ def _money_opt(what, maximum=None, limit="the protocol maximum"):
     return convert
 
 
+# --- global options, before or after the subcommand ------------------------------------
+
+def _db_here(ctx, param, value):
+    if value is not None:
+        state = ctx.find_object(State)
+        if state is not None:
+            state.close()
+            state.db_path = value
+            state.from_command_line = True
+    return value
+
+
+def add_global_options(command):
+    """Give `command` and every subcommand under it the global --db option too, so that
+    `topup issue --db s.db DEV 10` works as `topup --db s.db issue DEV 10` does."""
+    if not any(p.name == "db_here" for p in command.params):
+        command.params.append(click.Option(
+            ["--db", "db_here"], metavar="PATH", expose_value=False, callback=_db_here,
+            help="Supplier database (env %s; also before the command)." % DB_ENV))
+    for sub in getattr(command, "commands", {}).values():
+        add_global_options(sub)
+    return command
+
+
 @click.group(name="topup", cls=TopupGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--db", "db_path", envvar="TOPUP_DB", default="./topup.db", show_default=True,
+@click.option("--db", "db_path", envvar=DB_ENV, default="./topup.db", show_default=True,
               metavar="PATH", help="Supplier database (env TOPUP_DB).")
 @click.version_option(package_name="offline-topup", prog_name="topup")
 @click.pass_context
@@ -140,7 +243,8 @@ def cli(ctx, db_path):
 
     The passphrase of the issuer keys comes from $TOPUP_PASSPHRASE or a prompt.
     """
-    state = State(db_path)
+    source = ctx.get_parameter_source("db_path")
+    state = State(db_path, source == click.core.ParameterSource.COMMANDLINE)
     ctx.obj = state
     ctx.call_on_close(state.close)
 
@@ -184,7 +288,7 @@ def key_new(state, activate):
 @click.pass_obj
 def key_list(state):
     """List issuer keys: kid, created, active, revoked."""
-    keys = keystore.list_keys(state.conn)
+    keys = keystore.list_keys(state.reader)
     if not keys:
         click.echo("no issuer keys (run `topup key new`)", err=True)
         return 0
@@ -217,10 +321,18 @@ def key_revoke(state, kid, yes):
     """Revoke key KID: it can no longer issue, and its vouchers are void."""
     k = keystore.find_key(state.conn, kid)
     if not yes:
-        click.confirm("Revoke key %s? Every voucher it signed becomes void" % k.kid.hex(),
-                      abort=True, err=True)
+        try:
+            sure = click.confirm("Revoke key %s? Every voucher it signed becomes void"
+                                 % k.kid.hex(), err=True)
+        except click.Abort:  # no answer (end of input)
+            click.echo("", err=True)
+            sure = False
+        if not sure:
+            click.echo("key %s not revoked" % k.kid.hex(), err=True)
+            return 1
     k = keystore.revoke(state.conn, k.kid)
     click.echo("key %s revoked" % k.kid.hex())
+    return 0
 
 
 # --- devices ------------------------------------------------------------------------------
@@ -259,7 +371,7 @@ def device_add(state, eui64, max_voucher, max_credit, public_key, label):
 @click.pass_obj
 def device_list(state):
     """List registered meters with their limits and issuance counts."""
-    devices = registry.list_devices(state.conn)
+    devices = registry.list_devices(state.reader)
     if not devices:
         click.echo("no devices (run `topup device add EUI64`)", err=True)
         return 0
@@ -282,7 +394,7 @@ def device_list(state):
 @click.pass_obj
 def device_show(state, eui64):
     """Show one meter: limits, keys, sequence and what was issued to it."""
-    conn = state.conn
+    conn = state.reader
     d = registry.get_device(conn, eui64)
     total, last = conn.execute("SELECT coalesce(sum(amount), 0), max(issued) FROM vouchers "
                                "WHERE device = ?", (eui64,)).fetchone()
@@ -317,94 +429,6 @@ def device_show(state, eui64):
 
 # --- issue --------------------------------------------------------------------------------
 
-class _Output:
-    """Where issued vouchers go, set up (and checked) before anything is issued."""
-
-    def __init__(self, fmt, out, count, device):
-        self.fmt = fmt
-        self.count = count
-        self.device = device
-        self.stream = None
-        self.dir = None
-        self.file = None
-        self.written = []
-        if fmt in ("text", "json", "qr"):
-            if out is None or out == "-":
-                self.stream = sys.stdout
-            else:
-                self.stream = self._open(out, "w")
-                self.file = out
-        elif fmt == "cbor" and (out is None or out == "-"):
-            if sys.stdout.isatty():
-                raise TopupError("refusing to write binary CBOR to a terminal; use --out PATH")
-            self.stream = sys.stdout.buffer
-        else:  # cbor / png / svg to files
-            if out is None:
-                out = "."
-            # One voucher to a file; a trailing "/" (or an existing folder) means a folder.
-            if count == 1 and not os.path.isdir(out) and not out.endswith(os.sep):
-                self.file = out
-                self._check_parent(out)
-            else:
-                self.dir = out
-                if os.path.exists(out) and not os.path.isdir(out):
-                    raise TopupError("--out %s must be a directory for %d vouchers" % (out, count))
-                try:
-                    os.makedirs(out, exist_ok=True)
-                except OSError as e:
-                    raise TopupError("cannot create directory %s: %s" % (out, e.strerror)) from None
-
-    def _check_parent(self, path):
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise TopupError("cannot write %s: no directory %s" % (path, parent))
-
-    def _open(self, path, mode):
-        try:
-            return open(path, mode, encoding="utf-8" if "b" not in mode else None)
-        except OSError as e:
-            raise TopupError("cannot write %s: %s" % (path, e.strerror or e)) from None
-
-    def write(self, batch):
-        fmt = self.fmt
-        if fmt == "text":
-            self.stream.write("".join(delivery.to_text(v.cose) + "\n" for v in batch))
-        elif fmt == "json":
-            self.stream.write("".join(delivery.to_json(v) + "\n" for v in batch))
-        elif fmt == "qr":
-            for v in batch:
-                self.stream.write("%s  seq %d  %s\n" % (registry.format_eui64(v.device),
-                                                        v.sequence, format_pence(v.amount)))
-                delivery.qr_terminal(v.cose, self.stream)
-                self.stream.write(delivery.to_text(v.cose) + "\n\n")
-        elif self.stream is not None:  # cbor to stdout: a CBOR sequence (RFC 8742)
-            for v in batch:
-                self.stream.write(v.cose)
-        else:
-            for v in batch:
-                path = self.file or os.path.join(
-                    self.dir, "%s-%d.%s" % (registry.format_eui64(v.device), v.sequence, fmt))
-                try:
-                    if fmt == "png":
-                        delivery.write_png(v.cose, path)
-                    elif fmt == "svg":
-                        delivery.write_svg(v.cose, path)
-                    else:
-                        delivery.write_cbor(v.cose, path)
-                except OSError as e:
-                    # The voucher is issued and stored: say how to deliver it again.
-                    raise TopupError("voucher %d issued and stored, but cannot write %s: %s "
-                                     "(deliver it with `topup show`)"
-                                     % (v.sequence, path, e.strerror or e)) from None
-                self.written.append(path)
-        if self.stream is not None:
-            self.stream.flush()
-
-    def close(self):
-        if self.file and self.stream is not None:
-            self.stream.close()
-
-
 def _progress_bar(total, what="issuing"):
     """A rich progress bar on stderr when it is a terminal, else None."""
     if total < 2 or not sys.stderr.isatty():
@@ -420,7 +444,72 @@ def _progress_bar(total, what="issuing"):
     return bar, progress
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+_OUT_HELP = ("Output file (several vouchers in text/json/qr, or one), or folder (png/svg/"
+             "cbor, several; one file each); default stdout (png/svg: the current folder). "
+             "Files appear whole, via a temporary file renamed into place; an existing file "
+             "is refused unless --force; a device or FIFO (e.g. /dev/null) is written in "
+             "place, never replaced.")
+_FORCE_HELP = "Replace existing output files (never a device or FIFO: those are written in place)."
+
+
+def _note(message):
+    click.echo("topup: %s" % message, err=True)
+
+
+def _rest_path(path):
+    root, ext = os.path.splitext(path)
+    return "%s-rest%s" % (root, ext)
+
+
+def _export_command(state, sink, selection, fmt, nothing_written):
+    """The one command that writes what `selection` (e.g. `--batch 7`) left undelivered."""
+    import shlex
+    cmd = "topup %svouchers export %s --undelivered -f %s" % (state.db_option(), selection, fmt)
+    if sink.dir is not None:
+        cmd += " -o %s" % shlex.quote(os.path.join(sink.dir, ""))
+    elif sink.destination != "-":
+        out = sink.label if nothing_written and not os.path.lexists(sink.label) \
+            else _rest_path(sink.label)
+        if sink.out is not None and sink.out.in_place:
+            out = sink.label
+        cmd += " -o %s" % shlex.quote(out)
+    return cmd
+
+
+def _say_what_happened(state, conn, batch_id, requested, sink, why):
+    """After an issue that did not finish: what is stored, what was written where, and
+    the command that exports the rest — all read back from the database."""
+    from . import vouchers as vq
+    if batch_id is None:
+        _note("%s before any voucher was stored: nothing was issued" % why)
+        return
+    stored, delivered, undelivered, amount = vq.batch_summary(conn, batch_id)
+    n = vq.count(stored)
+    _note("%s — %d of %d voucher%s stored (batch %d)" % (
+        why, n, requested, "" if requested == 1 else "s", batch_id))
+    _note("stored in the database: %d voucher%s, %s, %s in all" % (
+        n, "" if n == 1 else "s", vq.format_ranges(stored), format_pence(amount)))
+    for dest, rs in sorted(delivered.items(), key=lambda kv: kv[0] or ""):
+        _note("written whole to %s: %d, %s" % (
+            sink.label if dest == sink.destination else vq.describe_destination(dest),
+            vq.count(rs), vq.format_ranges(rs)))
+    if not delivered:
+        _note("written to %s: none" % sink.label)
+    if undelivered:
+        extra = ""
+        if getattr(sink.out, "partial", False):
+            extra = " (the first of them reached %s in part: a write failed mid-way there)" \
+                % sink.label
+        _note("stored but not written: %d, %s%s; write them with:" % (
+            vq.count(undelivered), vq.format_ranges(undelivered), extra))
+        click.echo("  %s" % _export_command(state, sink, "--batch %d" % batch_id, sink.fmt,
+                                            not delivered), err=True)
+    else:
+        _note("every stored voucher was written; nothing is missing")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True},
+             short_help="Issue COUNT vouchers of AMOUNT for meter EUI64.")
 @click.argument("eui64", callback=_device_arg)
 @click.argument("amount")
 @click.option("-n", "--count", type=click.IntRange(1, 10_000_000), default=1, show_default=True,
@@ -428,69 +517,103 @@ def _progress_bar(total, what="issuing"):
 @click.option("--expires-in", type=click.IntRange(1, 36500), metavar="DAYS",
               help="Vouchers expire this many days after issue (default: never).")
 @click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="text",
-              show_default=True, help="text, json (JSON Lines), cbor, qr (terminal), png, svg.")
-@click.option("-o", "--out", metavar="PATH",
-              help="Output file (one voucher) or directory (png/svg/cbor, several); "
-                   "default stdout (png/svg: the current directory).")
+              show_default=True, help=FORMAT_HELP + ".")
+@click.option("-o", "--out", metavar="PATH", help=_OUT_HELP)
+@click.option("--force", is_flag=True, help=_FORCE_HELP)
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=issuer.DEFAULT_BATCH,
               show_default=True, help="Vouchers per durable transaction.")
 @click.pass_obj
-def issue(state, eui64, amount, count, expires_in, fmt, out, batch_size):
-    """Issue COUNT vouchers of AMOUNT (e.g. 10.50 or £10.50) for meter EUI64.
+def issue(state, eui64, amount, count, expires_in, fmt, out, force, batch_size):
+    """Issue COUNT vouchers of AMOUNT (10.50, £10.50 or 50p) for meter EUI64.
 
-    Each batch's sequence numbers are reserved durably (committed) before its vouchers
-    are written out.
+    Each transaction's sequence numbers are reserved durably (committed) before its
+    vouchers are written out, and what was written where is recorded once it is written
+    whole. If the run stops early (Ctrl-C, SIGTERM, a full disk, a write error) it says
+    exactly which vouchers are stored, which were written where, and the one command that
+    writes the rest (`topup vouchers export --batch N --undelivered`); after a kill -9,
+    `topup vouchers list --undelivered` finds them.
     """
     conn = state.conn
     dev = registry.get_device(conn, eui64)
     pence = parse_pence(amount, maximum=dev.max_voucher,
                         limit_name="device %s's per-voucher maximum" % dev.name)
     signer = keystore.unlock_active(conn, _passphrase())
-    output = _Output(fmt, out, count, eui64)
+    predicted = None
+    if fmt in ("png", "svg", "cbor"):  # one file each: refuse clashes before issuing
+        nxt = dev.next_sequence
+        predicted = [(eui64, s) for s in range(nxt, nxt + min(count, 100_000))]
+    sink = Sink(fmt, out, count, force, predicted=predicted)
     bar, progress = _progress_bar(count)
-    first = last = None
-    done = 0
-    try:
-        if bar is not None:
-            bar.start()
-        for batch in issuer.issue_batches(conn, signer, eui64, pence, count,
-                                          expires_in=None if expires_in is None
-                                          else expires_in * 86400,
-                                          batch_size=batch_size, progress=progress):
-            if first is None:
-                first = batch[0].sequence
-            last = batch[-1].sequence
-            done += len(batch)
-            output.write(batch)
-    finally:
-        if bar is not None:
-            bar.stop()
-        output.close()
-        if done and done < count:
-            click.echo("topup: %d of %d vouchers were issued and recorded before the stop "
-                       "(sequences %d-%d)" % (done, count, first, last), err=True)
-    seqs = "sequence %d" % first if first == last else "sequences %d-%d" % (first, last)
-    click.echo("issued %d voucher%s of %s for %s, %s, key %s" % (
-        count, "" if count == 1 else "s", format_pence(pence), dev.name, seqs,
-        signer.kid.hex()), err=True)
-    if output.file and fmt in ("text", "json", "qr"):
-        click.echo("wrote %s" % output.file, err=True)
-    for path in output.written[:5]:
+    batch_id, failure = None, None
+    with Interrupts() as stop:
+        batches = issuer.issue_batches(conn, signer, eui64, pence, count,
+                                       expires_in=None if expires_in is None
+                                       else expires_in * 86400, batch_size=batch_size,
+                                       progress=progress, fmt=fmt,
+                                       destination=sink.destination, delivered=sink.delivered)
+        try:
+            if bar is not None:
+                bar.start()
+            for batch in batches:
+                batch_id = batch.batch
+                sink.write(batch)
+                if stop:
+                    break
+        except TopupError as e:  # a write error, or the issuer refused to go on
+            failure = e
+        except sqlite3.Error as e:
+            failure = TopupError("database: %s" % e)
+            failure.exit_code = 1
+        except KeyboardInterrupt:
+            stop.signal = stop.signal or "SIGINT"
+        finally:
+            batches.close()
+            if bar is not None:
+                bar.stop()
+        # Put the output file in place (whole vouchers only) and record what it holds.
+        try:
+            sink.finish()
+        except TopupError as e:
+            failure = failure or e
+        finally:
+            sink.abort()
+            if batch_id is not None and sink.pending:
+                issuer.record_deliveries(conn, sink.pending, batch_id, fmt, sink.destination)
+                sink.pending.clear()
+        if batch_id is None and failure is not None:
+            raise failure  # refused before anything was stored: a plain one-line error
+        if failure is not None or stop:
+            why = ("stopped: %s" % failure.message if failure is not None
+                   else "interrupted by %s" % stop.description)
+            _say_what_happened(state, conn, batch_id, count, sink, why)
+            if failure is not None:
+                return failure.exit_code if failure.exit_code != EXIT_USER else 1
+            return stop.exit_code
+    from . import vouchers as vq
+    stored, _, _, _ = vq.batch_summary(conn, batch_id)
+    click.echo("issued %d voucher%s of %s for %s, %s, key %s (batch %d)" % (
+        count, "" if count == 1 else "s", format_pence(pence), dev.name,
+        vq.format_ranges(stored), signer.kid.hex(), batch_id), err=True)
+    if sink.out is not None and sink.destination != "-":
+        click.echo("wrote %s" % sink.label, err=True)
+    for path in sink.files[:5]:
         click.echo("wrote %s" % path, err=True)
-    if len(output.written) > 5:
-        click.echo("wrote %d more files in %s" % (len(output.written) - 5, output.dir), err=True)
+    if len(sink.files) > 5:
+        click.echo("wrote %d more files in %s" % (len(sink.files) - 5, sink.dir), err=True)
     return 0
 
 
 # --- show ---------------------------------------------------------------------------------
 
-@cli.command()
+@cli.command(short_help="Deliver an existing voucher again in another format.")
 @click.argument("voucher", metavar="VOUCHER_OR_FILE")
 @click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="qr",
-              show_default=True, help="text, json, cbor, qr (terminal), png, svg.")
+              show_default=True, help=FORMAT_HELP + ".")
 @click.option("-o", "--out", metavar="PATH", help="Output file (default stdout; png/svg: "
-              "DEVICE-SEQUENCE.png/.svg in the current directory).")
-def show(voucher, fmt, out):
+              "DEVICE-SEQUENCE.png/.svg in the current directory). An existing file is "
+              "refused unless --force.")
+@click.option("--force", is_flag=True, help=_FORCE_HELP)
+def show(voucher, fmt, out, force):
     """Deliver an existing voucher again in another format (no database needed).
 
     Decodes VOUCHER_OR_FILE (text form, or a file with text, raw CBOR or JSON) without
@@ -502,21 +625,22 @@ def show(voucher, fmt, out):
     except perr.Rejected as e:
         raise TopupError("not a voucher: %s" % e) from None
     item = issuer.Issued(v.device, v.sequence, v.amount, v.issued, v.expires, v.kid, v.ref, raw)
-    output = _Output(fmt, out, 1, v.device)
+    sink = Sink(fmt, out, 1, force, predicted=[(v.device, v.sequence)])
     try:
-        output.write([item])
+        sink.write([item])
+        sink.finish()
     finally:
-        output.close()
-    for path in output.written:
+        sink.abort()
+    for path in sink.files:
         click.echo("wrote %s" % path, err=True)
-    if output.file and fmt in ("text", "json", "qr"):
-        click.echo("wrote %s" % output.file, err=True)
+    if sink.out is not None and sink.destination != "-":
+        click.echo("wrote %s" % sink.label, err=True)
     return 0
 
 
 # --- verify -------------------------------------------------------------------------------
 
-@cli.command()
+@cli.command(short_help="Check vouchers; exit 0 if every one would be accepted.")
 @click.argument("voucher", metavar="VOUCHER_OR_FILE")
 @click.option("--device", "eui64", callback=_device_arg, metavar="EUI64",
               help="Check acceptance by this registered meter (default: the voucher's own).")
@@ -524,20 +648,89 @@ def show(voucher, fmt, out):
               help="Meter time for the expiry check (default: now).")
 @click.pass_obj
 def verify(state, voucher, eui64, now):
-    """Decode a voucher and explain it; exit 0 if acceptable, 1 if rejected.
+    """Decode vouchers and explain them; exit 0 if every one is acceptable, 1 if not.
 
-    VOUCHER_OR_FILE is a text form (OTU1:…) or a file holding one, raw CBOR, or JSON.
+    VOUCHER_OR_FILE is a text form (OTU1:…) or a file: text forms (one a line), JSON or
+    JSON Lines (what `topup issue -f json` writes), or CBOR (one voucher, or a CBOR
+    sequence). Only the signed bytes count: a JSON voucher whose other fields (amount,
+    sequence, device, …) disagree with them is reported and makes the exit code 1.
     """
-    conn = state.conn
+    conn = state.reader
     if eui64 is not None:
         registry.get_device(conn, eui64)  # unknown device is a user error, before anything
-    try:
-        raw, source = delivery.load(voucher)
-    except perr.Rejected as e:
-        return _print_rejection(_console(), e.reason, e.detail, "text form")
+    items = delivery.load_items(voucher)
     when = int(time.time()) if now is None else now
-    rep = explain(conn, raw, device=eui64, now=when)
-    return _print_report(_console(), rep, source, when)
+    con = _console()
+    if len(items) == 1:
+        item = items[0]
+        if item.error is not None:
+            code = _print_rejection(con, item.error.reason, item.error.detail, item.source)
+        else:
+            rep = explain(conn, item.raw, device=eui64, now=when)
+            code = _print_report(con, rep, item.source, when)
+        return max(code, _print_disagreements(con, item))
+    from .verify import Cache
+    cache = Cache(conn)
+    bad = odd = 0
+    out = []
+    for item in items:
+        if item.error is not None:
+            line = "REJECTED: %s (%d)%s" % (
+                perr.name(item.error.reason), item.error.reason,
+                ": " + item.error.detail if item.error.detail else "")
+            bad += 1
+            v = None
+        else:
+            rep = explain(conn, item.raw, device=eui64, now=when, cache=cache)
+            v = rep.voucher
+            what = ("%s seq %d %s " % (registry.format_eui64(v.device), v.sequence,
+                                       format_pence(v.amount)) if v is not None else "")
+            if rep.accepted:
+                line = "%sACCEPTED" % what
+            else:
+                bad += 1
+                line = "%sREJECTED: %s (%d)%s" % (
+                    what, perr.name(rep.reason), rep.reason,
+                    ": " + rep.detail if rep.detail else "")
+        out.append("%s: %s\n" % (item.source, line))
+        if item.claims is not None and item.raw is not None:
+            wrong = delivery.json_disagreements(item.claims, item.raw, v)
+            out.extend("  %s\n" % _disagreement(*w) for w in wrong)
+            odd += bool(wrong)
+        if len(out) > 2000:
+            click.echo("".join(out), nl=False)
+            out = []
+    click.echo("".join(out), nl=False)
+    click.echo("%d voucher%s: %d accepted, %d rejected%s (at %s)" % (
+        len(items), "" if len(items) == 1 else "s", len(items) - bad, bad,
+        ", %d whose JSON fields disagree with the signed bytes" % odd if odd else "",
+        delivery.utc(when)))
+    return 1 if bad or odd else 0
+
+
+def _disagreement(field, given, truth):
+    return ("WARNING: JSON field %s says %r, but the signed voucher says %r (a meter goes "
+            "by the signed bytes)" % (field, given, truth))
+
+
+def _print_disagreements(con, item):
+    """Warn about the informative JSON fields of `item` that disagree with its signed
+    bytes; 1 if there are any, else 0."""
+    from rich.markup import escape
+    if item.claims is None or item.raw is None:
+        return 0
+    wrong = delivery.json_disagreements(item.claims, item.raw)
+    for w in wrong:
+        text = _disagreement(*w)
+        con.print("[bold yellow]WARNING[/]" + escape(text[len("WARNING"):]))
+    return 1 if wrong else 0
+
+
+def _when(ts):
+    """A Unix time as a date and the number, or the number alone where no calendar date
+    can show it (a voucher may carry any time up to 2^48 - 1)."""
+    iso = delivery.utc_or_none(ts)
+    return "%s (%d)" % (iso, ts) if iso else "%d (Unix seconds; no calendar date)" % ts
 
 
 def _print_rejection(con, reason, detail, source):
@@ -563,9 +756,9 @@ def _print_report(con, rep, source, now):
         line("device", registry.format_eui64(v.device))
         line("sequence", v.sequence)
         line("amount", "%s (%d p)" % (format_pence(v.amount), v.amount))
-        line("issued", "%s (%d)" % (delivery.utc(v.issued), v.issued))
-        line("expires", "never" if v.expires is None else "%s (%d)%s" % (
-            delivery.utc(v.expires), v.expires, " — expired" if now >= v.expires else ""))
+        line("issued", _when(v.issued))
+        line("expires", "never" if v.expires is None else "%s%s" % (
+            _when(v.expires), " — expired" if now >= v.expires else ""))
         line("ref", v.ref.hex())
     else:
         line("payload", "[red]does not decode[/]: %s" % escape(str(rep.payload_error)))
@@ -657,22 +850,28 @@ def receipts_import(state, files):
               help="Only this meter's receipts.")
 @click.option("-f", "--format", "fmt", type=click.Choice(("cbor", "jsonl")), default="cbor",
               show_default=True, help="cbor (SPEC.md §6) or jsonl (JSON Lines, base64).")
+@click.option("--force", is_flag=True, help=_FORCE_HELP)
 @click.pass_obj
-def receipts_export(state, out, eui64, fmt):
-    """Write stored receipts to an export file, in (device, index) order."""
+def receipts_export(state, out, eui64, fmt, force):
+    """Write stored receipts to an export file, in (device, index) order.
+
+    The file appears whole (a temporary file renamed into place); an existing file is
+    refused unless --force; a device or FIFO is written in place, never replaced.
+    """
     from .receipts_io import write_receipts
     sql = "SELECT raw FROM receipts"
     args = ()
     if eui64 is not None:
         sql += " WHERE device = ?"
         args = (eui64,)
-    raws = [bytes(r[0]) for r in state.conn.execute(sql + " ORDER BY device, idx, hash", args)]
-    n = write_receipts(out, raws, fmt)
+    raws = [bytes(r[0]) for r in state.reader.execute(sql + " ORDER BY device, idx, hash",
+                                                      args)]
+    n = write_receipts(out, raws, fmt, force=force)
     click.echo("wrote %d receipt%s to %s" % (n, "" if n == 1 else "s", out), err=True)
     return 0
 
 
-@cli.command("reconcile")
+@cli.command("reconcile", short_help="Match receipts to issued vouchers; exit 1 on anomalies.")
 @click.option("--now", type=click.IntRange(0), metavar="UNIX",
               help="Judge expiry at this time (default: now).")
 @click.option("--expired", "policy", type=click.Choice(recon.POLICIES), default="refund",
@@ -692,32 +891,48 @@ def reconcile_cmd(state, now, policy):
     return 1 if res.anomalies else 0
 
 
-@cli.command("report")
+@cli.command("report", short_help="Report the last reconciliation: summary, CSV, HTML.")
 @click.option("--csv", "csv_path", metavar="PATH",
               help="One row per voucher with its status (anomalies go to PATH-anomalies.csv).")
 @click.option("--html", "html_path", metavar="PATH",
               help="A self-contained HTML report with charts (no network needed).")
+@click.option("--force", is_flag=True, help=_FORCE_HELP)
 @click.pass_obj
-def report_cmd(state, csv_path, html_path):
-    """Report the last reconciliation: terminal summary, CSV for finance, HTML."""
+def report_cmd(state, csv_path, html_path, force):
+    """Report the last reconciliation: terminal summary, CSV for finance, HTML.
+
+    Files appear whole or not at all (a temporary file renamed into place); existing files
+    are refused unless --force.
+    """
     from . import report
-    s = report.load(state.conn)
+    s = report.load(state.reader)
     if csv_path is None and html_path is None:
         report.print_summary(_console(), s)
         return 0
+    report.check_outputs(csv_path, html_path, force)
     if csv_path is not None:
-        for path in report.write_csv(s, csv_path):
+        for path in report.write_csv(s, csv_path, force=force):
             click.echo("wrote %s" % path, err=True)
     if html_path is not None:
-        click.echo("wrote %s" % report.write_html(s, html_path), err=True)
+        click.echo("wrote %s" % report.write_html(s, html_path, force=force), err=True)
     if s.imported_since:
         click.echo("topup: note: %d receipts were imported after this reconciliation; run "
                    "`topup reconcile` again" % s.imported_since, err=True)
     return 0
 
 
-@cli.command("headend")
-@click.option("--port", "-p", envvar="TOPUP_WAN_PORT", required=True, metavar="PORT",
+def required_port(env, what):
+    """An option callback: the port, or a one-line error naming the option and `env`."""
+    def check(ctx, param, value):
+        if not value:
+            raise TopupError("no %s: give --port PORT or set %s" % (what, env))
+        return value
+    return check
+
+
+@cli.command("headend", short_help="Receive the receipts meters push over the WAN.")
+@click.option("--port", "-p", envvar="TOPUP_WAN_PORT", metavar="PORT",
+              callback=required_port("TOPUP_WAN_PORT", "WAN port"),
               help="The meters' WAN link: a serial port or pyserial URL (env TOPUP_WAN_PORT).")
 @click.option("--idle-exit", type=click.FloatRange(0, min_open=True), metavar="SECONDS",
               help="Stop once this long has passed with no new receipt stored (traffic alone "
@@ -763,19 +978,242 @@ def headend_cmd(state, port, idle_exit):
                   why, server.pushes, server.stored, server.acks, server.refused))
 
 
-def _add_engineer_commands():
-    # flash, provision, sim, han: the engineer's and the rig's side (hil/).
-    from hil.commands import COMMANDS
-    for command in COMMANDS:
-        cli.add_command(command)
+# --- vouchers: find, export again, cancel ------------------------------------------------
+
+from . import vouchers as _vq  # noqa: E402
 
 
-_add_engineer_commands()
+@cli.group()
+def vouchers():
+    """Stored vouchers: list, export (again), void."""
 
 
-def main(argv=None):
+def _selection(fn):
+    """The options that select stored vouchers."""
+    for opt in reversed([
+            click.option("--device", "eui64", callback=_device_arg, metavar="EUI64",
+                         help="Only this meter's vouchers."),
+            click.option("--seq", "seq", metavar="N-M",
+                         help="Only these sequences (N, N-M, N- or -M)."),
+            click.option("--batch", type=click.IntRange(1), metavar="N",
+                         help="Only issue batch N (one `topup issue`; it prints the number)."),
+            click.option("--status", type=click.Choice(_vq.STATUSES),
+                         help="Only vouchers with this status (the last reconciliation's, "
+                              "with cancellations, revocations and expiry since)."),
+            click.option("--undelivered", "delivered_", flag_value="undelivered",
+                         help="Only vouchers stored but never written whole anywhere."),
+            click.option("--delivered", "delivered_", flag_value="delivered",
+                         help="Only vouchers written whole somewhere.")]):
+        fn = opt(fn)
+    return fn
+
+
+def _selected(conn, eui64, seq, batch, status, delivery_, with_bytes=True):
+    return _vq.select(conn, device=eui64, seq=_vq.parse_range(seq) if seq else None,
+                      batch=batch, status=status, delivery=delivery_, with_bytes=with_bytes)
+
+
+@vouchers.command("list")
+@_selection
+@click.pass_obj
+def vouchers_list(state, eui64, seq, batch, status, delivered_):
+    """List stored vouchers: device, sequence, amount, status, batch, where written."""
+    from rich.markup import escape
+    from rich.table import Table
+    t = Table(box=None, pad_edge=False)
+    for col in ("device", "seq", "amount", "status", "issued", "expires", "batch",
+                "written to", "ref"):
+        t.add_column(col, justify="right" if col in ("seq", "amount", "batch") else "left")
+    n = total = unreconciled = 0
+    per = {}
+    for r in _selected(state.reader, eui64, seq, batch, status, delivered_, with_bytes=False):
+        n += 1
+        total += r.amount
+        c, p = per.get(r.status, (0, 0))
+        per[r.status] = (c + 1, p + r.amount)
+        if r.delivery == "delivered":
+            where = _vq.describe_destination(*r.delivered_to[:2])
+        else:
+            where = "NOT WRITTEN" if r.delivery == "undelivered" else "(not recorded)"
+        st = r.status + ("" if r.reconciled or r.status == "void" else "*")
+        unreconciled += st.endswith("*")
+        t.add_row(registry.format_eui64(r.device), str(r.sequence), format_pence(r.amount), st,
+                  delivery.utc(r.issued), delivery.utc(r.expires) or "never",
+                  "-" if r.batch is None else str(r.batch), escape(where), r.ref.hex())
+    if not n:
+        click.echo("no vouchers match", err=True)
+        return 0
+    _console().print(t)
+    click.echo("%d voucher%s, %s: %s" % (
+        n, "" if n == 1 else "s", format_pence(total),
+        ", ".join("%s %d (%s)" % (st, per[st][0], format_pence(per[st][1]))
+                  for st in _vq.STATUSES if st in per)))
+    if unreconciled:
+        click.echo("(* issued since the last `topup reconcile`: status from its expiry alone)",
+                   err=True)
+    return 0
+
+
+@vouchers.command("export")
+@_selection
+@click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="text",
+              show_default=True, help=FORMAT_HELP + ".")
+@click.option("-o", "--out", metavar="PATH", help=_OUT_HELP)
+@click.option("--force", is_flag=True, help=_FORCE_HELP)
+@click.option("--include-void", is_flag=True, help="Export cancelled (void) vouchers too.")
+@click.pass_obj
+def vouchers_export(state, eui64, seq, batch, status, delivered_, fmt, out, force,
+                    include_void):
+    """Write stored vouchers again, in any format `topup issue` has, and record where.
+
+    With --undelivered (and --batch N), writes exactly what an interrupted `topup issue`
+    stored but did not write. Writing a voucher twice is harmless: it is the same voucher,
+    and a meter applies it once. Void vouchers are left out unless --include-void.
+    """
+    conn = state.reader
+    rows = list(_selected(conn, eui64, seq, batch, status, delivered_))
+    skipped = 0
+    if not include_void:
+        kept = [r for r in rows if r.status != "void"]
+        skipped, rows = len(rows) - len(kept), kept
+    if skipped:
+        _note("left out %d void voucher%s (--include-void to export them)"
+              % (skipped, "" if skipped == 1 else "s"))
+    if not rows:
+        _note("no vouchers match; nothing written")
+        return 0
+    predicted = [(r.device, r.sequence) for r in rows] if fmt in ("png", "svg", "cbor") else None
+    sink = Sink(fmt, out, len(rows), force, predicted=predicted)
+    failure = None
+    with Interrupts() as stop:
+        try:
+            for i in range(0, len(rows), issuer.DEFAULT_BATCH):
+                sink.write([r.issued_voucher() for r in rows[i:i + issuer.DEFAULT_BATCH]])
+                if stop:
+                    break
+        except TopupError as e:
+            failure = e
+        except KeyboardInterrupt:
+            stop.signal = stop.signal or "SIGINT"
+        try:
+            sink.finish()
+        except TopupError as e:
+            failure = failure or e
+        finally:
+            sink.abort()
+        written = list(sink.pending)
+        if written:
+            if state.writable:
+                issuer.record_deliveries(conn, written, None, fmt, sink.destination)
+            else:
+                _note("the database is read-only: this export is not recorded as a delivery")
+    n = _vq.count(written)
+    if failure is not None or stop:
+        why = ("stopped: %s" % failure.message if failure is not None
+               else "interrupted by %s" % stop.description)
+        _note("%s: wrote %d of %d voucher%s to %s (%s)" % (
+            why, n, len(rows), "" if len(rows) == 1 else "s", sink.label,
+            _vq.format_ranges(written)))
+        if n < len(rows):
+            rest = rows[n:]  # written in order, whole vouchers only
+            _note("the rest were not written: %d, %s; write them with:" % (
+                len(rest), _vq.format_ranges(issuer.ranges((r.device, r.sequence)
+                                                            for r in rest))))
+            click.echo("  %s" % _rest_command(state, sink, rest, eui64, batch, status,
+                                              delivered_, fmt, include_void, n == 0), err=True)
+        if failure is not None:
+            return failure.exit_code if failure.exit_code != EXIT_USER else 1
+        return stop.exit_code
+    _note("exported %d voucher%s (%s) to %s" % (n, "" if n == 1 else "s",
+                                               _vq.format_ranges(written), sink.label))
+    return 0
+
+
+def _rest_command(state, sink, rest, eui64, batch, status, delivered_, fmt, include_void,
+                  nothing_written):
+    """The export command that writes `rest` (the tail of a selection, in order)."""
+    import shlex
+    words = ["topup", state.db_option().strip() or None, "vouchers", "export"]
+    devices = {r.device for r in rest}
+    if len(devices) == 1:
+        words += ["--device", registry.format_eui64(rest[0].device),
+                  "--seq", "%d-%d" % (rest[0].sequence, rest[-1].sequence)]
+    elif eui64 is not None:
+        words += ["--device", registry.format_eui64(eui64)]
+    if batch is not None:
+        words += ["--batch", str(batch)]
+    if status:
+        words += ["--status", status]
+    if delivered_:
+        words.append("--" + delivered_)
+    if include_void:
+        words.append("--include-void")
+    words += ["-f", fmt]
+    if sink.dir is not None:
+        words += ["-o", shlex.quote(os.path.join(sink.dir, ""))]
+    elif sink.destination != "-":
+        out = sink.label if nothing_written and (sink.out.in_place or not os.path.lexists(
+            sink.label)) else _rest_path(sink.label)
+        words += ["-o", shlex.quote(out)]
+    return " ".join(w for w in words if w)
+
+
+@vouchers.command("void")
+@click.argument("ref", required=False, metavar="[REF]")
+@click.option("--device", "eui64", callback=_device_arg, metavar="EUI64",
+              help="The meter (with --seq), instead of REF.")
+@click.option("--seq", type=click.IntRange(1), metavar="N", help="The voucher's sequence.")
+@click.option("--note", metavar="TEXT", help="Why (kept with it, shown in the report).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def vouchers_void(state, ref, eui64, seq, note, yes):
+    """Cancel one voucher: REF (its reference, 8 or more hex digits), or --device and --seq.
+
+    Reconciliation then counts it void: not a liability, no refund due. The meter cannot
+    be told (it has no WAN): if it applies the voucher all the same, the credit is on the
+    meter, the voucher counts redeemed and reconciliation names it (`void_redeemed`).
+    Refused for a voucher already redeemed or already void.
+    """
+    conn = state.conn
+    if (ref is None) == (eui64 is None and seq is None):
+        raise TopupError("name one voucher: REF, or --device EUI64 --seq N")
+    if ref is None and (eui64 is None or seq is None):
+        raise TopupError("--device and --seq go together")
+    row = _vq.find(conn, ref=ref, device=eui64, sequence=seq)
+    what = "voucher %d of %s (%s, ref %s)" % (row.sequence, registry.format_eui64(row.device),
+                                             format_pence(row.amount), row.ref.hex())
+    if not yes:
+        try:
+            sure = click.confirm("Cancel %s?" % what, err=True)
+        except click.Abort:  # no answer (end of input)
+            click.echo("", err=True)
+            sure = False
+        if not sure:
+            click.echo("%s not cancelled" % what, err=True)
+            return 1
+    when = _vq.void(conn, row, note=note)
+    click.echo("cancelled %s at %s; `topup reconcile` counts it void" % (what, delivery.utc(when)))
+    return 0
+
+
+for _command in cli.commands.values():
+    add_global_options(_command)
+
+
+def compose(*commands, name="topup", help=None):
+    """A `topup` group with the supplier's commands and `commands` (e.g. hil's engineer
+    commands), sharing the root's options and state; global options on every command."""
+    group = TopupGroup(name=name, commands=dict(cli.commands), callback=cli.callback,
+                       params=list(cli.params), help=help or cli.help,
+                       context_settings=dict(cli.context_settings))
+    for command in commands:
+        group.add_command(add_global_options(command))
+    return group
+
+
+def main(argv=None, group=None):
     """Run `topup` with `argv` (default sys.argv[1:]); return the exit code."""
-    return cli.main(args=argv, prog_name="topup", standalone_mode=False)
+    return (group or cli).main(args=argv, prog_name="topup", standalone_mode=False)
 
 
 if __name__ == "__main__":

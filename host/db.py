@@ -3,7 +3,9 @@
 #
 # `create(path)` is the only way a database comes into being (`topup init`); `open_db`
 # refuses a missing file, a file that is not SQLite, or an SQLite file that is not ours,
-# and never writes to such a file.
+# and never writes to such a file. A database that cannot be written (a read-only mount,
+# no write permission) is said to be so: commands that only read open it read-only
+# (`open_db(path, write=False)`), and commands that must write refuse in one clear line.
 import os
 import sqlite3
 import urllib.parse
@@ -13,7 +15,7 @@ from protocol.cose import kid_for
 from .errors import TopupError
 
 APPLICATION_ID = 0x4F545531  # "OTU1"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_S = 60.0  # a concurrent issuer waits this long for the write lock
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -174,8 +176,46 @@ def _v3(conn):
                      [(d, p, kid_for(p), created) for d, p, created in rows])
 
 
+# Version 4: what was written where. Every `topup issue` (or program call of the issuer)
+# is an issue batch; each voucher names its batch. A delivery is a run of one device's
+# consecutive sequences written whole to a destination (an output file, a folder, stdout)
+# or handed to a program: recorded only after the write has completed (after the rename of
+# an output file), so a voucher without a delivery was never confirmed written anywhere
+# and `topup vouchers list --undelivered` finds it even after a kill -9. Re-delivering a
+# voucher that did get out is harmless (a meter applies one voucher once). A single
+# voucher can be cancelled (voided): reconciliation counts it void, and names a meter that
+# applies it anyway (`void_redeemed`).
+SCHEMA_V4 = """
+CREATE TABLE issue_batches (
+    batch       INTEGER PRIMARY KEY,
+    device      BLOB NOT NULL,
+    amount      INTEGER NOT NULL,          -- pence, each voucher
+    requested   INTEGER NOT NULL,          -- vouchers asked for
+    created     INTEGER NOT NULL,          -- Unix time of its first commit
+    format      TEXT,                      -- text, json, cbor, qr, png, svg; NULL: a program
+    destination TEXT                       -- absolute path, folder/, '-' (stdout); NULL: a program
+);
+
+CREATE TABLE deliveries (
+    id          INTEGER PRIMARY KEY,
+    device      BLOB NOT NULL,
+    first       INTEGER NOT NULL,          -- sequences first..last, all of them written
+    last        INTEGER NOT NULL,
+    at          INTEGER NOT NULL,
+    batch       INTEGER,                   -- the issue batch that wrote them; NULL: an export
+    format      TEXT,
+    destination TEXT                       -- as issue_batches.destination
+);
+CREATE INDEX deliveries_by_range ON deliveries (device, first);
+
+ALTER TABLE vouchers ADD COLUMN batch INTEGER;    -- issue_batches.batch; NULL: issued before v4
+ALTER TABLE vouchers ADD COLUMN voided INTEGER;   -- Unix time it was cancelled (topup vouchers void)
+ALTER TABLE vouchers ADD COLUMN void_note TEXT;
+"""
+
+
 # From version n to n + 1: an SQL script, or a function of the connection.
-MIGRATIONS = {1: SCHEMA_V2, 2: _v3}
+MIGRATIONS = {1: SCHEMA_V2, 2: _v3, 3: SCHEMA_V4}
 
 
 def _run_migration(conn, version):
@@ -263,11 +303,62 @@ def _check_file(path):
         raise TopupError("%s is not a topup database (not an SQLite file)" % path)
 
 
-def open_db(path):
-    """Open an existing topup database for reading and writing, or raise TopupError."""
-    _check_file(path)
+def _read_only_why(path):
+    """Why `path` (an existing database) cannot be written, or None if it can."""
+    parent = os.path.dirname(os.path.abspath(path))
     try:
-        conn = _connect(path, "rw")
+        if os.statvfs(parent).f_flag & os.ST_RDONLY:
+            return "it is on a read-only file system"
+    except OSError:
+        pass
+    if not os.access(path, os.W_OK):
+        return "this user may not write to it"
+    if not os.access(parent, os.W_OK):
+        return "this user may not write to its directory %s (SQLite keeps its journal " \
+               "there)" % parent
+    return None
+
+
+def _open_read_only(path):
+    """A read-only connection to a database that cannot be written."""
+    try:
+        conn = _connect(path, "ro")
+        conn.execute("PRAGMA schema_version").fetchone()  # opening is lazy: read once
+        return conn
+    except sqlite3.OperationalError:
+        pass
+    # In WAL mode even a reader needs the -shm index, which it cannot create here. With no
+    # write-ahead log holding anything, the main file is the whole database: read it as
+    # immutable. A log with content needs a writer to recover it first.
+    wal = path + "-wal"
+    if os.path.exists(wal) and os.path.getsize(wal) > 0:
+        raise TopupError("cannot read %s here: its write-ahead log %s holds changes that only "
+                         "a writer can recover; open it once where it can be written"
+                         % (path, wal))
+    try:
+        conn = sqlite3.connect(_uri(path, "ro") + "&immutable=1", uri=True,
+                               timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        conn.execute("PRAGMA schema_version").fetchone()
+        return conn
+    except sqlite3.Error as e:
+        raise TopupError("cannot open %s read-only: %s" % (path, e)) from None
+
+
+def open_db(path, write=True):
+    """Open an existing topup database, or raise TopupError.
+
+    write=False: the caller only reads; a database that cannot be written (read-only
+    mount, permissions) is opened read-only. write=True: such a database is refused, in
+    words that say why.
+    """
+    _check_file(path)
+    why = _read_only_why(path)
+    if why is not None and write:
+        raise TopupError("%s is read-only (%s); this command writes to the database. "
+                         "Commands that only read (key list, device list|show, vouchers list, "
+                         "verify, report, receipts export) work on it" % (path, why))
+    try:
+        conn = _connect(path, "rw") if why is None else _open_read_only(path)
     except sqlite3.Error as e:
         raise TopupError("cannot open %s: %s" % (path, e)) from None
     try:
@@ -276,6 +367,8 @@ def open_db(path):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.DatabaseError as e:
         conn.close()
+        if why is None and "readonly" in str(e).lower():
+            raise TopupError("%s is read-only (%s)" % (path, e)) from None
         raise TopupError("%s is not a topup database, or is damaged (%s)" % (path, e)) from None
     if app_id != APPLICATION_ID:
         conn.close()
@@ -287,6 +380,14 @@ def open_db(path):
     if version < 1:
         conn.close()
         raise TopupError("%s is an unfinished topup database (schema version %d)" % (path, version))
+    if why is not None:
+        if version < SCHEMA_VERSION:
+            conn.close()
+            raise TopupError("%s has schema version %d and is read-only (%s): open it once "
+                             "where it can be written to upgrade it to version %d"
+                             % (path, version, why, SCHEMA_VERSION))
+        conn.execute("PRAGMA query_only = ON")
+        return conn
     try:
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
         if mode.lower() != "wal":

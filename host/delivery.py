@@ -24,9 +24,23 @@ def to_text(raw):
 
 
 def utc(ts):
+    """ISO 8601 UTC for Unix time `ts`; for a time no calendar date can show (before year
+    1 or after 9999: a voucher may carry any time up to 2^48 - 1 s, SPEC.md §2), the raw
+    number of seconds, said so. None for None."""
     if ts is None:
         return None
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_or_none(ts) or "%d s after 1970 (no calendar date)" % ts
+
+
+def utc_or_none(ts):
+    """ISO 8601 UTC for `ts`, or None if there is none (None, or out of the calendar)."""
+    if ts is None:
+        return None
+    try:
+        return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def to_dict(v):
@@ -37,9 +51,9 @@ def to_dict(v):
         "amount_pence": v.amount,
         "amount": format_pence(v.amount),
         "issued": v.issued,
-        "issued_utc": utc(v.issued),
+        "issued_utc": utc_or_none(v.issued),
         "expires": v.expires,
-        "expires_utc": utc(v.expires),
+        "expires_utc": utc_or_none(v.expires),
         "kid": v.kid.hex(),
         "ref": v.ref.hex(),
         "text": to_text(v.cose),
@@ -48,8 +62,46 @@ def to_dict(v):
 
 
 def to_json(v):
-    """One line of JSON (JSON Lines for a batch)."""
-    return json.dumps(to_dict(v), separators=(",", ":"))
+    """One line of JSON (JSON Lines for a batch), UTF-8 (the £ is written as it is)."""
+    return json.dumps(to_dict(v), separators=(",", ":"), ensure_ascii=False)
+
+
+def json_disagreements(obj, raw, v=None):
+    """The informative fields of a JSON voucher (`obj`, as `to_dict` writes it) that
+    disagree with the signed bytes `raw`: [(field, the JSON's value, the signed value)].
+    Only the COSE bytes count (a meter sees nothing else); fields a JSON object leaves out
+    are not checked. [] if the bytes do not decode (the verdict says why). `v`: the
+    voucher already parsed from `raw`, if it was."""
+    if v is None:
+        try:
+            v = pv.parse(raw)
+        except Rejected:
+            return []
+    from .issuer import Issued
+    truth = to_dict(Issued(v.device, v.sequence, v.amount, v.issued, v.expires, v.kid, v.ref,
+                           bytes(raw)))
+    out = []
+    for field, value in truth.items():
+        if field not in obj:
+            continue
+        given = obj[field]
+        same = given == value
+        if not same and field == "device" and isinstance(given, str):
+            try:
+                from .registry import parse_eui64
+                same = parse_eui64(given) == v.device
+            except TopupError:
+                same = False
+        if not same and field in ("kid", "ref") and isinstance(given, str):
+            same = given.lower() == value
+        if not same and field == "text" and isinstance(given, str):
+            try:
+                same = pv.from_text(given) == bytes(raw)
+            except Rejected:
+                same = False
+        if not same:
+            out.append((field, given, value))
+    return out
 
 
 def qr(raw):
@@ -84,32 +136,120 @@ def load(arg):
     protocol.errors.Rejected(MALFORMED) if a text form does not decode.
     Returns (bytes, description of the source).
     """
+    items = load_items(arg)
+    first = items[0]
+    if first.error is not None:
+        raise first.error
+    return first.raw, first.source
+
+
+class Item:
+    """One voucher found in an argument or file: `raw` bytes (or `error`, a Rejected, if
+    the item does not even decode), `source` (where it was: "line 3 of batch.jsonl"), and
+    `claims`, the JSON object it came in (None for text and CBOR)."""
+
+    __slots__ = ("raw", "source", "claims", "error")
+
+    def __init__(self, raw, source, claims=None, error=None):
+        self.raw, self.source, self.claims, self.error = raw, source, claims, error
+
+
+def load_items(arg):
+    """Every voucher in a text form, or in a file: one or more text forms (one a line),
+    JSON (one object, or JSON Lines as `topup issue -f json` writes them), or CBOR (one
+    COSE_Sign1, or a CBOR sequence of them as `topup issue -f cbor` writes to stdout).
+
+    Raises TopupError if `arg` is neither a text form nor a readable file. An item that does
+    not decode is returned with its `error` (MALFORMED), not raised.
+    """
     stripped = arg.strip()
     if stripped[:len(pv.TEXT_PREFIX)].upper() == pv.TEXT_PREFIX:
-        return pv.from_text(stripped), "text form"
+        return [_text_item(stripped, "text form")]
     if not os.path.exists(arg):
         raise TopupError("%r is neither a voucher text (OTU1:…) nor a file" % _short(arg))
     if os.path.isdir(arg):
         raise TopupError("%s is a directory, not a voucher file" % arg)
     try:
         with open(arg, "rb") as f:
-            data = f.read(1 << 16)
+            data = f.read(64 << 20)
     except OSError as e:
         raise TopupError("cannot read %s: %s" % (arg, e.strerror or e)) from None
+    if not data.strip():
+        raise TopupError("%s is empty" % arg)
     head = data.lstrip()[:len(pv.TEXT_PREFIX)]
     if head.upper() == pv.TEXT_PREFIX.encode("ascii"):
         try:
             text = data.decode("ascii")
         except UnicodeDecodeError:
-            raise Rejected(1, "file %s starts like a text form but is not ASCII" % arg) from None
-        return pv.from_text(text), "text form in %s" % arg
+            return [Item(None, "text form in %s" % arg, error=Rejected(
+                1, "file %s starts like a text form but is not ASCII" % arg))]
+        lines = [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+        if len(lines) == 1:
+            return [_text_item(lines[0][1], "text form in %s" % arg)]
+        return [_text_item(ln, "line %d of %s" % (n, arg)) for n, ln in lines]
     if data.lstrip()[:1] == b"{":
         try:
             obj = json.loads(data)
-            return pv.from_text(obj["text"]), "JSON in %s" % arg
-        except (ValueError, KeyError, TypeError):
-            pass
-    return data, "raw CBOR in %s" % arg
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            return [_json_item(obj, "JSON in %s" % arg)]
+        out = []
+        for n, line in enumerate(data.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            where = "line %d of %s" % (n, arg)
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                out.append(Item(None, where, error=Rejected(1, "not a JSON object")))
+                continue
+            out.append(_json_item(obj, where))
+        return out
+    return _cbor_items(data, arg)
+
+
+def _text_item(text, source):
+    try:
+        return Item(pv.from_text(text), source)
+    except Rejected as e:
+        return Item(None, source, error=e)
+
+
+def _json_item(obj, source):
+    """The voucher of a JSON object: its COSE bytes (cose_base64, else text)."""
+    if not isinstance(obj, dict):
+        return Item(None, source, error=Rejected(1, "not a JSON object"))
+    raw = None
+    try:
+        if isinstance(obj.get("cose_base64"), str):
+            raw = base64.b64decode(obj["cose_base64"], validate=True)
+        elif isinstance(obj.get("text"), str):
+            raw = pv.from_text(obj["text"])
+    except (ValueError, Rejected) as e:
+        return Item(None, source, obj, Rejected(1, "its voucher bytes do not decode (%s)"
+                                                % (getattr(e, "detail", "") or e)))
+    if raw is None:
+        return Item(None, source, obj, Rejected(1, 'no "cose_base64" or "text" member'))
+    return Item(raw, source, obj)
+
+
+def _cbor_items(data, arg):
+    """Split a CBOR sequence of COSE_Sign1 items; anything that does not split is one item
+    (whose check then says what is wrong with it)."""
+    from .receipts_io import _skip
+    items, pos = [], 0
+    try:
+        while pos < len(data):
+            end = _skip(data, pos)
+            items.append((pos, data[pos:end]))
+            pos = end
+    except (EOFError, ValueError):
+        items = None
+    if not items or len(items) == 1:
+        return [Item(data, "raw CBOR in %s" % arg)]
+    return [Item(raw, "item %d (byte %d) of %s" % (n, at, arg))
+            for n, (at, raw) in enumerate(items, 1)]
 
 
 def _short(s, n=40):

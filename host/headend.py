@@ -148,7 +148,7 @@ class HeadEnd:
                 else:
                     held = "nothing acknowledged (#%d not held verified)" % first
                 self.log("meter %s: %d receipt(s) from #%d, %d new%s; %s" % (
-                    payload[1].hex(), len(payload[3]), first, new,
+                    registry.format_eui64(payload[1]), len(payload[3]), first, new,
                     ", %d with a bad signature" % bad if bad else "", held))
             except errors.Rejected as e:
                 reply_type, reply = han.ERROR, {1: e.reason}

@@ -6,6 +6,14 @@
 # after COMMIT they are on disk. A concurrent run waits on the write lock (busy timeout).
 #
 # The core knows nothing of the screen: bulk runs report through `progress(done, total)`.
+#
+# What was written where (schema v4, host/db.py): every run is an issue batch (one row in
+# issue_batches, written with its first transaction; every voucher names it). A caller
+# that writes the vouchers somewhere says where (`fmt`, `destination`) and reports what it
+# has written whole through `delivered()`, which the next transaction records (so the
+# bookkeeping costs no extra commit) — and `record_deliveries` records the rest at the
+# end. A program that takes the vouchers itself (no destination) has each transaction's
+# vouchers recorded as handed over in that same transaction.
 import collections
 import collections.abc
 import struct
@@ -41,14 +49,16 @@ class Batch(collections.abc.Sequence):
     """The vouchers of one committed transaction: a sequence of Issued, built on demand.
 
     Within a batch only the sequence, reference and bytes differ from voucher to voucher.
+    `batch` is the issue batch (issue_batches.batch) the transaction belongs to.
     """
 
-    __slots__ = ("device", "amount", "issued", "expires", "kid", "rows")
+    __slots__ = ("device", "amount", "issued", "expires", "kid", "rows", "batch")
 
-    def __init__(self, device, amount, issued, expires, kid, rows):
+    def __init__(self, device, amount, issued, expires, kid, rows, batch=None):
         self.device, self.amount, self.issued, self.expires, self.kid = (
             device, amount, issued, expires, kid)
         self.rows = rows  # [(sequence, ref, cose)]
+        self.batch = batch
 
     def __len__(self):
         return len(self.rows)
@@ -177,13 +187,21 @@ def _check_request(dev, amount, count, expires_in):
 
 
 def issue_batches(conn, signer, device, amount, count=1, expires_in=None, now=None,
-                  batch_size=DEFAULT_BATCH, progress=None):
+                  batch_size=DEFAULT_BATCH, progress=None, fmt=None, destination=None,
+                  delivered=None):
     """Issue `count` vouchers of `amount` pence to `device`; yield Batches of Issued.
 
     Each list is yielded only after its transaction has committed. `expires_in` is in
     seconds from the issue time; `now` fixes the issue time (default: the clock, read per
     batch). Everything the caller got wrong is checked before the first transaction, so a
     refused request changes nothing.
+
+    `destination` (with `fmt`): where the caller writes the vouchers; then `delivered()`
+    is called before each transaction and returns the caller's list of [(device, first,
+    last)] written whole and not yet recorded: they are recorded in that transaction and
+    removed from the list once it commits (the caller records what is left with
+    `record_deliveries`). Without a destination the vouchers are recorded as handed to
+    the calling program when they are committed.
     """
     device = bytes(device)
     dev = get_device(conn, device)
@@ -191,10 +209,13 @@ def issue_batches(conn, signer, device, amount, count=1, expires_in=None, now=No
     enc = VoucherEncoder(signer.kid, signer.secret64)
     kid = signer.kid
     done = 0
+    batch_id = None
     if progress:
         progress(0, count)
     while done < count:
         n = min(batch_size, count - done)
+        pending = delivered() if delivered is not None and batch_id is not None else []
+        written = list(pending)
         with transaction(conn):
             row = conn.execute("SELECT next_sequence, max_voucher FROM devices WHERE device = ?",
                                (device,)).fetchone()
@@ -211,25 +232,65 @@ def issue_batches(conn, signer, device, amount, count=1, expires_in=None, now=No
             issued = int(time.time()) if now is None else int(now)
             expires = None if expires_in is None else issued + int(expires_in)
             check_fields(device, first, amount, issued, expires)
+            if batch_id is None:
+                batch_id = conn.execute(
+                    "INSERT INTO issue_batches (device, amount, requested, created, format, "
+                    "destination) VALUES (?, ?, ?, ?, ?, ?)",
+                    (device, amount, count, issued, fmt if destination else None,
+                     destination)).lastrowid
+            _insert_deliveries(conn, written, batch_id, fmt, destination)
             rows = [(seq, reference(raw), raw)
                     for seq, raw in enc.encode_run(device, first, n, amount, issued, expires)]
             # What is constant in the batch goes into the statement as literals (integers
             # and hex we made ourselves), so only three values are bound per voucher.
             conn.executemany(
                 "INSERT INTO vouchers (device, sequence, amount, issued, expires, kid, ref,"
-                " cose) VALUES (X'%s', ?, %d, %d, %s, X'%s', ?, ?)"
+                " cose, batch) VALUES (X'%s', ?, %d, %d, %s, X'%s', ?, ?, %d)"
                 % (device.hex(), amount, issued, "NULL" if expires is None else "%d" % expires,
-                   kid.hex()), rows)
+                   kid.hex(), batch_id), rows)
             cur = conn.execute("UPDATE devices SET next_sequence = ? WHERE device = ? AND "
                                "next_sequence = ?", (first + n, device, first))
             if cur.rowcount != 1:  # cannot happen under BEGIN IMMEDIATE; refuse loudly
                 raise RuntimeError("next_sequence moved inside a write transaction")
+            if destination is None:  # handed to the calling program as this commits
+                _insert_deliveries(conn, [(device, first, first + n - 1)], batch_id, None,
+                                   None, issued)
+        del pending[:len(written)]
         # COMMIT has returned: the reservation is durable. Now the vouchers may leave.
-        batch = Batch(device, amount, issued, expires, kid, rows)
+        batch = Batch(device, amount, issued, expires, kid, rows, batch_id)
         done += n
         if progress:
             progress(done, count)
         yield batch
+
+
+def _insert_deliveries(conn, ranges, batch, fmt, destination, at=None):
+    at = int(time.time()) if at is None else int(at)
+    conn.executemany("INSERT INTO deliveries (device, first, last, at, batch, format, "
+                     "destination) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     [(bytes(d), a, b, at, batch, fmt, destination) for d, a, b in ranges])
+
+
+def record_deliveries(conn, ranges, batch=None, fmt=None, destination=None, now=None):
+    """Record that vouchers [(device, first sequence, last sequence)] were written whole to
+    `destination` in format `fmt` (by issue batch `batch`, or an export: None)."""
+    ranges = list(ranges)
+    if not ranges:
+        return
+    with transaction(conn):
+        _insert_deliveries(conn, ranges, batch, fmt, destination, now)
+
+
+def ranges(pairs):
+    """[(device, first, last)] runs of consecutive sequences from (device, sequence) pairs
+    given in (device, sequence) order."""
+    out = []
+    for device, seq in pairs:
+        if out and out[-1][0] == device and out[-1][2] + 1 == seq:
+            out[-1][2] = seq
+        else:
+            out.append([device, seq, seq])
+    return [tuple(r) for r in out]
 
 
 def issue(conn, signer, device, amount, count=1, **kw):

@@ -2,6 +2,16 @@
 # a key derived from the passphrase by argon2id (its own salt and limits stored per key).
 # Several keys may exist; at most one is active (the one `issue` signs with), and a key
 # may be revoked: vouchers signed by a revoked key are void.
+#
+# New keys are sealed at libsodium's MODERATE limits (3 passes, 256 MiB: about a second
+# per unlock). A key sealed with weaker limits (the INTERACTIVE limits of earlier
+# versions) still opens, and is sealed again at MODERATE, with a new salt, the next time
+# the passphrase opens it. Limits are never lowered.
+#
+# Tests may set TOPUP_INSECURE_FAST_KDF=1 to seal new keys at argon2id's minimum limits
+# (and then re-seal nothing); it makes the passphrase nearly worthless and is for tests only.
+import os
+import sqlite3
 import time
 
 import nacl.exceptions
@@ -15,8 +25,17 @@ from protocol.cose import kid_for
 from .db import transaction
 from .errors import TopupError
 
-OPSLIMIT = nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE
-MEMLIMIT = nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE
+OPSLIMIT = nacl.pwhash.argon2id.OPSLIMIT_MODERATE
+MEMLIMIT = nacl.pwhash.argon2id.MEMLIMIT_MODERATE
+FAST_KDF_ENV = "TOPUP_INSECURE_FAST_KDF"
+
+
+def limits():
+    """(opslimit, memlimit) that keys are sealed with now: MODERATE, unless the tests'
+    TOPUP_INSECURE_FAST_KDF=1 asks for argon2id's minimum."""
+    if os.environ.get(FAST_KDF_ENV) == "1":
+        return nacl.pwhash.argon2id.OPSLIMIT_MIN, nacl.pwhash.argon2id.MEMLIMIT_MIN
+    return OPSLIMIT, MEMLIMIT
 
 
 class KeyInfo:
@@ -55,10 +74,47 @@ def _derive(passphrase, salt, opslimit, memlimit):
                                     opslimit=opslimit, memlimit=memlimit)
 
 
-def _seal(seed, passphrase):
+def _seal(seed, passphrase, opslimit, memlimit):
     salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES)
-    box = nacl.secret.SecretBox(_derive(passphrase, salt, OPSLIMIT, MEMLIMIT))
+    box = nacl.secret.SecretBox(_derive(passphrase, salt, opslimit, memlimit))
     return salt, bytes(box.encrypt(seed))
+
+
+def _weaker(opslimit, memlimit, target):
+    return opslimit < target[0] or memlimit < target[1]
+
+
+def rewrap(conn, passphrase, seeds=None):
+    """Seal again, at today's limits, every key sealed with weaker ones that `passphrase`
+    opens. `seeds`: {kid: seed} already unsealed (saves a derivation). Best effort: a
+    database that cannot be written right now keeps the old sealing (it still opens).
+    Returns the kids re-sealed."""
+    target = limits()
+    done = []
+    rows = conn.execute("SELECT kid, salt, sealed_seed, opslimit, memlimit FROM keys"
+                        ).fetchall()
+    for kid, salt, sealed, ops, mem in rows:
+        if not _weaker(ops, mem, target):
+            continue
+        kid = bytes(kid)
+        seed = (seeds or {}).get(kid)
+        if seed is None:
+            try:
+                seed = _unseal((salt, sealed, ops, mem), passphrase)
+            except TopupError:
+                continue  # sealed under another passphrase: leave it
+        new_salt, new_sealed = _seal(seed, passphrase, *target)
+        try:
+            with transaction(conn):
+                cur = conn.execute(
+                    "UPDATE keys SET salt = ?, sealed_seed = ?, opslimit = ?, memlimit = ? "
+                    "WHERE kid = ? AND salt = ?", (new_salt, new_sealed, target[0], target[1],
+                                                   kid, salt))
+            if cur.rowcount == 1:
+                done.append(kid)
+        except (TopupError, sqlite3.Error):  # busy, read-only: it still opens as it is
+            break
+    return done
 
 
 def _unseal(row, passphrase):
@@ -114,10 +170,11 @@ def check_passphrase(conn, passphrase):
     New keys must share the store's passphrase, so a typo cannot silently create a key
     nobody can open. With no keys yet, any passphrase is the store's first.
     """
-    r = conn.execute("SELECT salt, sealed_seed, opslimit, memlimit FROM keys "
+    r = conn.execute("SELECT salt, sealed_seed, opslimit, memlimit, kid FROM keys "
                      "ORDER BY active DESC, revoked IS NOT NULL, created LIMIT 1").fetchone()
     if r is not None:
-        _unseal(r, passphrase)
+        seed = _unseal(r[:4], passphrase)
+        rewrap(conn, passphrase, {bytes(r[4]): seed})
 
 
 def new_key(conn, passphrase, activate=False, now=None, seed=None):
@@ -127,7 +184,8 @@ def new_key(conn, passphrase, activate=False, now=None, seed=None):
     check_passphrase(conn, passphrase)  # before anything is written
     seed = nacl.utils.random(32) if seed is None else bytes(seed)
     signer = Signer(seed)
-    salt, sealed = _seal(seed, passphrase)
+    ops, mem = limits()
+    salt, sealed = _seal(seed, passphrase, ops, mem)
     created = int(time.time()) if now is None else int(now)
     with transaction(conn):
         if conn.execute("SELECT 1 FROM keys WHERE kid = ?", (signer.kid,)).fetchone():
@@ -138,7 +196,7 @@ def new_key(conn, passphrase, activate=False, now=None, seed=None):
             conn.execute("UPDATE keys SET active = 0 WHERE active = 1")
         conn.execute("INSERT INTO keys (kid, public_key, salt, sealed_seed, opslimit, memlimit,"
                      " created, active) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                     (signer.kid, signer.public_key, salt, sealed, OPSLIMIT, MEMLIMIT, created,
+                     (signer.kid, signer.public_key, salt, sealed, ops, mem, created,
                       1 if make_active else 0))
     return get_key(conn, signer.kid)
 
@@ -181,4 +239,5 @@ def unlock_active(conn, passphrase):
     signer = Signer(seed)
     if signer.kid != bytes(r[0]):
         raise TopupError("key store is damaged: key %s does not match its seed" % bytes(r[0]).hex())
+    rewrap(conn, passphrase, {signer.kid: seed})
     return signer

@@ -55,3 +55,18 @@ def format_pence(pence):
     sign = "-" if pence < 0 else ""
     pounds, p = divmod(abs(int(pence)), 100)
     return "%s£%s.%02d" % (sign, "{:,}".format(pounds), p)
+
+
+def format_mp(mp):
+    """A meter balance in milli-pence (SPEC.md: 1 p = 1000 mp) for a reader: pounds and
+    pence, truncated towards zero, with a sub-penny remainder stated separately so that
+    nothing is rounded away: `£12.50`, `£12.49 + 0.999p`, `-£0.01 - 0.5p`, `-0.5p`."""
+    mp = int(mp)
+    sign = -1 if mp < 0 else 1
+    pence, milli = divmod(abs(mp), 1000)
+    if pence == 0 and milli:
+        return "%s%sp" % ("-" if sign < 0 else "", ("0.%03d" % milli).rstrip("0"))
+    text = format_pence(sign * pence)
+    if milli:
+        text += " %s %sp" % ("-" if sign < 0 else "+", ("0.%03d" % milli).rstrip("0"))
+    return text

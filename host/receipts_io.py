@@ -15,12 +15,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 
 from protocol import cbor, cose, receipt as pr
 from protocol.errors import Rejected
 
 from .errors import TopupError
+from .registry import format_eui64
 
 FORMATS = ("cbor", "jsonl")
 MAX_RECEIPT = 4096  # a v1 receipt is < 300 bytes; anything this big is not one
@@ -462,7 +462,7 @@ def encode_jsonl(raws):
         obj = {"cose_base64": base64.b64encode(bytes(raw)).decode("ascii")}
         try:
             r = parse(raw)
-            obj = {"device": r.device.hex(), "index": r.index, "kind": r.kind,
+            obj = {"device": format_eui64(r.device), "index": r.index, "kind": r.kind,
                    "cose_base64": obj["cose_base64"]}
         except Rejected:
             pass
@@ -470,42 +470,18 @@ def encode_jsonl(raws):
     return "".join(lines).encode("ascii")
 
 
-def write_receipts(path, raws, fmt="cbor"):
-    """Write receipts to `path` as an export file, atomically (temp file, fsync, rename).
+def write_receipts(path, raws, fmt="cbor", force=True):
+    """Write receipts to `path` as an export file, whole (host/output.py: a temporary file,
+    synced, renamed into place; a device or FIFO written in place, never replaced).
 
     `raws` are receipt COSE bytes. `fmt` is "cbor" (SPEC.md §6) or "jsonl". A reader never
-    sees a half-written file under `path`. Returns the number of receipts written.
+    sees a half-written file under `path`. force=False refuses to replace an existing
+    regular file (the CLI's default; `--force`). Returns the number of receipts written.
     """
+    from .output import write_whole
     if fmt not in FORMATS:
         raise ValueError("format must be one of %s" % ", ".join(FORMATS))
     raws = [bytes(r) for r in raws]
     data = encode_cbor(raws) if fmt == "cbor" else encode_jsonl(raws)
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".receipts-", dir=parent)
-    except OSError as e:
-        raise TopupError("cannot write %s: %s" % (path, e.strerror or e)) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise TopupError("cannot write %s: %s" % (path, e.strerror or e)) from None
-        raise
-    try:
-        dfd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    write_whole(os.fspath(path), data, force=force)
     return len(raws)

@@ -33,8 +33,10 @@
 # Statuses, first that applies:
 #   redeemed    a verified receipt from the voucher's own meter applied it (when: meter
 #               time; which receipt; balance after)
-#   void        its issuer key is revoked (and it was never redeemed): the supplier has
-#               withdrawn it; neither a liability nor a refund counted here
+#   void        it was cancelled (`topup vouchers void`) or its issuer key is revoked, and it
+#               was never redeemed: the supplier has withdrawn it; neither a liability nor
+#               a refund counted here. A cancelled voucher that a meter applies all the
+#               same is redeemed (the credit is on the meter) and named: `void_redeemed`
 #   stale       the meter refuses it for ever, so a refund is due: its sequence is below the
 #               replay window as evidenced by receipts (sequence < highest applied - 64,
 #               SPEC.md §2.2), or at or below the sequence floor of one of the meter's key
@@ -87,6 +89,7 @@ ANOMALY_KINDS = {
     "device_mismatch": "voucher issued for another meter was applied",
     "applied_twice": "one voucher applied by more than one receipt",
     "meter_fault": "the meter reported flash damage (a fault receipt, SPEC.md §4.1)",
+    "void_redeemed": "a cancelled (voided) voucher was applied by its meter all the same",
 }
 
 # SPEC.md §4.1: what a kind-4 receipt counts.
@@ -614,12 +617,13 @@ WITH %s, highest AS (SELECT device, max(sequence) AS h FROM vt GROUP BY device),
 floors AS (SELECT device, max(floor) AS f FROM device_keys GROUP BY device)
 INSERT OR IGNORE INTO voucher_status (device, sequence, status, amount, closed_at)
 SELECT v.device, v.sequence,
-       CASE WHEN k.revoked IS NOT NULL THEN 'void'
+       CASE WHEN k.revoked IS NOT NULL OR v.voided IS NOT NULL THEN 'void'
             WHEN v.sequence < h.h - %d OR v.sequence <= f.f THEN 'stale'
             WHEN v.expires <= :now THEN 'expired'
             ELSE 'outstanding' END,
        v.amount,
-       CASE WHEN k.revoked IS NOT NULL THEN k.revoked
+       CASE WHEN k.revoked IS NOT NULL OR v.voided IS NOT NULL
+                 THEN min(coalesce(k.revoked, v.voided), coalesce(v.voided, k.revoked))
             WHEN v.sequence < h.h - %d OR v.sequence <= f.f THEN NULL
             WHEN v.expires <= :now THEN v.expires END
 FROM vouchers v JOIN keys k ON k.kid = v.kid
@@ -775,6 +779,24 @@ def _reconcile(conn, res, devices):
                 "not_issued", dev, idx, h, seq,
                 "receipt %d applied sequence %d for %s, which was never issued" % (
                     idx, seq, format_pence(amount))))
+
+    # Cancelled vouchers: why they are void, and those a meter applied all the same.
+    conn.execute("UPDATE voucher_status SET note = (SELECT CASE WHEN v.void_note IS NULL "
+                 "THEN 'cancelled' ELSE 'cancelled: ' || v.void_note END FROM vouchers v "
+                 "WHERE v.device = voucher_status.device AND v.sequence = "
+                 "voucher_status.sequence) WHERE status = 'void' AND EXISTS (SELECT 1 FROM "
+                 "vouchers v WHERE v.device = voucher_status.device AND v.sequence = "
+                 "voucher_status.sequence AND v.voided IS NOT NULL)")
+    for dev, seq, voided, idx, h, t in conn.execute(
+            "SELECT s.device, s.sequence, v.voided, s.receipt_index, s.receipt, s.closed_at "
+            "FROM voucher_status s JOIN vouchers v ON v.device = s.device AND v.sequence = "
+            "s.sequence WHERE s.status = 'redeemed' AND v.voided IS NOT NULL "
+            "ORDER BY s.device, s.sequence").fetchall():
+        anomalies.append(Anomaly(
+            "void_redeemed", dev, idx, h, seq,
+            "voucher %d was cancelled on %s but receipt %d applied it (meter time %s)%s" % (
+                seq, _utc(voided), idx, _utc(t),
+                "; if it was refunded or replaced, it was paid for twice")))
 
     count, pence = res.count, res.pence
     for status, n, total in conn.execute(

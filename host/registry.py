@@ -25,12 +25,21 @@ _PLAIN = re.compile(r"[0-9A-Fa-f]{16}\Z")
 
 
 def parse_eui64(text):
-    """8 bytes from `00-11-22-33-44-55-66-77`, `00:11:…:77` or `0011223344556677`."""
+    """8 bytes from `00-11-22-33-44-55-66-77`, `00:11:…:77` or `0011223344556677`.
+
+    All zeros and all ones are refused: they are the "no address" and broadcast values of
+    an EUI-64 (an unprovisioned meter reports no device at all), never a meter's id."""
     s = str(text).strip()
+    eui = None
     if _SEPARATED.match(s):
-        return bytes.fromhex(s.replace(s[2], ""))
-    if _PLAIN.match(s):
-        return bytes.fromhex(s)
+        eui = bytes.fromhex(s.replace(s[2], ""))
+    elif _PLAIN.match(s):
+        eui = bytes.fromhex(s)
+    if eui is not None:
+        if eui in (bytes(8), b"\xff" * 8):
+            raise TopupError("device id %s is not a meter's EUI-64 (all %s is reserved)"
+                             % (format_eui64(eui), "zeros" if eui == bytes(8) else "ones"))
+        return eui
     raise TopupError("device id %r is not an EUI-64 (write 00-11-22-33-44-55-66-77, "
                      "00:11:22:33:44:55:66:77 or 16 hex digits)" % (text,))
 

@@ -5,11 +5,14 @@
 import csv
 import datetime
 import html
+import io
 import math
 import os
+import re
 
 from .errors import TopupError
 from .money import format_pence
+from .output import OutputFile, check_target
 from .reconcile import ANOMALY_KINDS, STATUSES
 from .registry import format_eui64
 
@@ -21,7 +24,8 @@ STATUS_MEANING = {
     "stale": "the meter refuses it (below its replay window, or at or below the sequence "
              "floor of a provisioning or factory reset), never redeemed: refund due",
     "expired": "past its expiry, never redeemed",
-    "void": "issuer key revoked, never redeemed: withdrawn",
+    "void": "cancelled (the voucher voided, or its issuer key revoked) before it was "
+            "redeemed: withdrawn, nothing owed",
 }
 STATUS_COLOUR = {"outstanding": "#d97706", "redeemed": "#15803d", "stale": "#b91c1c",
                  "expired": "#7c3aed", "void": "#6b7280"}
@@ -30,7 +34,10 @@ STATUS_COLOUR = {"outstanding": "#d97706", "redeemed": "#15803d", "stale": "#b91
 def utc(ts, date_only=False):
     if ts is None:
         return ""
-    d = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    try:
+        d = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        return "%d" % ts  # beyond any calendar date: the Unix time itself
     return d.strftime("%Y-%m-%d" if date_only else "%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -76,6 +83,14 @@ class Summary:
     def refund_due(self, status):
         return status == "stale" or (status == "expired" and self.policy == "refund")
 
+    @property
+    def refund_statuses(self):
+        return ("stale", "expired") if self.policy == "refund" else ("stale",)
+
+    @property
+    def withdrawn_statuses(self):
+        return ("void",) if self.policy == "refund" else ("void", "expired")
+
     def voucher_rows(self):
         """Every issued voucher with its status, in (device, sequence) order."""
         return self.conn.execute(
@@ -100,27 +115,74 @@ class Summary:
                 out.setdefault(a[2], [None, {}, 0])[2] += 1
         return [(d, v[0], v[1], v[2]) for d, v in sorted(out.items())]
 
+    @property
+    def end(self):
+        """The last moment the report describes: the as-of time of the reconciliation, and
+        never later than when it ran (nothing after that is known)."""
+        return min(self.as_of, self.at)
+
     def liability_series(self):
-        """[(day start, outstanding pence at the end of that day)] up to the as-of day."""
+        """[(day start, outstanding pence at the end of that day)], one per UTC day from
+        the first issue to the day of `end` (never a day after it)."""
         deltas = {}
         first = None
+        last = self.end // DAY
         for issued, amount, closed in self.conn.execute(
                 "SELECT v.issued, v.amount, s.closed_at FROM vouchers v JOIN voucher_status s "
                 "ON s.device = v.device AND s.sequence = v.sequence"):
             d = issued // DAY
+            if d > last:
+                continue  # issued after the report's end
             deltas[d] = deltas.get(d, 0) + amount
             first = d if first is None or d < first else first
             if closed is not None:
                 c = max(closed // DAY, d)
-                deltas[c] = deltas.get(c, 0) - amount
+                if c <= last:
+                    deltas[c] = deltas.get(c, 0) - amount
         if first is None:
             return []
-        last = max(self.as_of // DAY, max(deltas))
         series, level = [], 0
         for d in range(first, last + 1):
             level += deltas.get(d, 0)
             series.append((d * DAY, level))
         return series
+
+    def rows_with_status(self, statuses, limit=None):
+        """Voucher rows (as voucher_rows) whose status is in `statuses`, largest amount
+        first, at most `limit`; and (count, pence) of all of them."""
+        marks = ",".join("?" * len(statuses))
+        total = self.conn.execute("SELECT count(*), coalesce(sum(amount), 0) FROM "
+                                  "voucher_status WHERE status IN (%s)" % marks,
+                                  statuses).fetchone()
+        rows = self.conn.execute(
+            "SELECT v.device, v.sequence, s.status, v.amount, v.issued, v.expires, v.kid, "
+            "k.revoked, s.closed_at, s.receipt_index, s.balance_after, s.receipt, v.ref, "
+            "d.label, s.note FROM voucher_status s "
+            "JOIN vouchers v ON v.device = s.device AND v.sequence = s.sequence "
+            "JOIN keys k ON k.kid = v.kid LEFT JOIN devices d ON d.device = v.device "
+            "WHERE s.status IN (%s) ORDER BY v.amount DESC, v.device, v.sequence%s"
+            % (marks, "" if limit is None else " LIMIT %d" % limit), statuses).fetchall()
+        return rows, total
+
+    def owed_by_meter(self):
+        """[(device, label, outstanding (n, pence), refund due (n, pence))] for every meter
+        with something outstanding or a refund due: most owed first."""
+        refund = ["stale"] + (["expired"] if self.policy == "refund" else [])
+        out = {}
+        for dev, label, status, n, total in self.conn.execute(
+                "SELECT s.device, d.label, s.status, count(*), sum(s.amount) FROM "
+                "voucher_status s LEFT JOIN devices d ON d.device = s.device "
+                "WHERE s.status IN ('outstanding', 'stale', 'expired') "
+                "GROUP BY s.device, s.status"):
+            e = out.setdefault(bytes(dev), [label, [0, 0], [0, 0]])
+            if status == "outstanding":
+                e[1] = [n, total]
+            elif status in refund:
+                e[2] = [e[2][0] + n, e[2][1] + total]
+        rows = [(d, v[0], tuple(v[1]), tuple(v[2])) for d, v in out.items()
+                if v[1][0] or v[2][0]]
+        rows.sort(key=lambda r: (-r[3][1], -r[2][1], r[0]))
+        return rows
 
     def redemptions_per_day(self):
         """[(day start, count, pence)] of redeemed vouchers by meter day, no gaps."""
@@ -197,7 +259,7 @@ VOUCHER_COLUMNS = ("device", "sequence", "status", "amount_pence", "amount", "li
                    "closed_utc", "receipt_index", "balance_after_mp", "receipt_hash",
                    "voucher_ref", "label", "note")
 ANOMALY_COLUMNS = ("id", "kind", "device", "receipt_index", "sequence", "receipt_hash",
-                   "detail")
+                   "voucher_ref", "detail")
 
 
 def anomalies_path(path):
@@ -205,35 +267,126 @@ def anomalies_path(path):
     return root + "-anomalies" + (ext or ".csv")
 
 
-def _open(path):
+def check_outputs(csv_path=None, html_path=None, force=False):
+    """Refuse, before writing anything, an output that exists (without force) or cannot be
+    written: the CSV, its anomalies file and the HTML."""
+    if csv_path is not None and check_target(csv_path, force) != "in place":
+        check_target(anomalies_path(csv_path), force)
+    if html_path is not None:
+        check_target(html_path, force)
+
+
+class _Rows:
+    """CSV rows into an OutputFile, handed over in whole rows (host/output.py)."""
+
+    def __init__(self, out, every=5000):
+        self.out, self.every = out, every
+        self.buf = io.StringIO()
+        self.w = csv.writer(self.buf)
+        self.n = 0
+
+    def row(self, values):
+        self.w.writerow(values)
+        self.n += 1
+        if self.n % self.every == 0:
+            self.flush()
+
+    def flush(self):
+        data = self.buf.getvalue().encode("utf-8")
+        if data:
+            self.out.write(data)
+        self.buf.seek(0)
+        self.buf.truncate()
+
+
+def _write_rows(path, force, fill):
+    out = OutputFile(path, force)
     try:
-        return open(path, "w", newline="", encoding="utf-8")
-    except OSError as e:
-        raise TopupError("cannot write %s: %s" % (path, e.strerror or e)) from None
+        rows = _Rows(out)
+        fill(rows)
+        rows.flush()
+        out.commit()
+    finally:
+        out.abort()
+    return path
 
 
-def write_csv(s, path, anomalies=None):
+_ABBREVIATED = re.compile(r"(?<![0-9a-f])([0-9a-f]{12,63})(?![0-9a-f])…?")
+
+
+def _related_hashes(conn, dev, idx, seq):
+    """Full hex hashes an anomaly's detail may abbreviate: the receipts at and next to its
+    index (their hashes, prev hashes and voucher references) and the vouchers issued
+    under its sequence."""
+    found = set()
+    if dev is not None and idx is not None:
+        for h, prev, ref in conn.execute(
+                "SELECT hash, prev, voucher_ref FROM receipts WHERE device = ? AND idx "
+                "BETWEEN ? AND ?", (dev, idx - 1, idx + 1)):
+            found.update(bytes(x).hex() for x in (h, prev, ref) if x is not None)
+    if dev is not None and seq is not None:
+        for (ref,) in conn.execute("SELECT ref FROM vouchers WHERE device = ? AND sequence = ?",
+                                   (dev, seq)):
+            found.add(bytes(ref).hex())
+        for (ref,) in conn.execute("SELECT voucher_ref FROM receipts WHERE device = ? AND "
+                                   "kind = 1 AND sequence = ?", (dev, seq)):
+            if ref is not None:
+                found.add(bytes(ref).hex())
+    return found
+
+
+def whole_hashes(conn, dev, idx, seq, detail):
+    """`detail` with every abbreviated hash ("1a2b3c4d5e6f…", or 12 hex digits alone)
+    written out in full where exactly one related hash starts with it."""
+    if not _ABBREVIATED.search(detail):
+        return detail
+    related = _related_hashes(conn, dev, idx, seq)
+
+    def full(m):
+        hits = [h for h in related if h.startswith(m.group(1))]
+        return hits[0] if len(hits) == 1 else m.group(0)
+    return _ABBREVIATED.sub(full, detail)
+
+
+def write_csv(s, path, anomalies=None, force=False):
     """Vouchers (one row each, with status) to `path`; anomalies to `anomalies` (default:
-    PATH with -anomalies before the extension). Returns the two paths."""
-    anomalies = anomalies or anomalies_path(path)
-    with _open(path) as f:
-        w = csv.writer(f)
-        w.writerow(VOUCHER_COLUMNS)
+    PATH with -anomalies before the extension; none when PATH is a device or FIFO). Each
+    file appears whole or not at all; existing files only with force. Returns the paths
+    written."""
+    to_device = check_target(path, force) == "in place"
+    if anomalies is None and to_device:
+        anomalies = False  # PATH is a device or FIFO: no PATH-anomalies.csv beside it
+    anomalies = anomalies_path(path) if anomalies is None else anomalies
+    if anomalies:
+        check_target(anomalies, force)
+
+    def vouchers(out):
+        out.row(VOUCHER_COLUMNS)
         for (dev, seq, status, amount, issued, expires, kid, revoked, closed, ridx, bal,
              rhash, ref, label, note) in s.voucher_rows():
-            w.writerow((format_eui64(dev), seq, status, amount, "%d.%02d" % divmod(amount, 100),
-                        "yes" if status == "outstanding" else "no",
-                        "yes" if s.refund_due(status) else "no",
-                        utc(issued), utc(expires), bytes(kid).hex(), utc(revoked), utc(closed),
-                        "" if ridx is None else ridx, "" if bal is None else bal,
-                        bytes(rhash).hex() if rhash else "", bytes(ref).hex(), label or "",
-                        note or ""))
-    with _open(anomalies) as f:
-        w = csv.writer(f)
-        w.writerow(ANOMALY_COLUMNS)
+            out.row((format_eui64(dev), seq, status, amount, "%d.%02d" % divmod(amount, 100),
+                     "yes" if status == "outstanding" else "no",
+                     "yes" if s.refund_due(status) else "no",
+                     utc(issued), utc(expires), bytes(kid).hex(), utc(revoked), utc(closed),
+                     "" if ridx is None else ridx, "" if bal is None else bal,
+                     bytes(rhash).hex() if rhash else "", bytes(ref).hex(), label or "",
+                     note or ""))
+
+    def anomaly_rows(out):
+        out.row(ANOMALY_COLUMNS)
         for i, kind, dev, idx, h, seq, detail in s.anomalies:
-            w.writerow((i, kind, format_eui64(dev) if dev else "", "" if idx is None else idx,
-                        "" if seq is None else seq, h.hex() if h else "", detail))
+            ref = None
+            if h is not None:
+                r = s.conn.execute("SELECT voucher_ref FROM receipts WHERE device IS ? AND "
+                                   "hash = ?", (dev, h)).fetchone()
+                ref = bytes(r[0]).hex() if r and r[0] is not None else None
+            out.row((i, kind, format_eui64(dev) if dev else "", "" if idx is None else idx,
+                     "" if seq is None else seq, h.hex() if h else "", ref or "",
+                     whole_hashes(s.conn, dev, idx, seq, detail)))
+    _write_rows(path, force, vouchers)
+    if not anomalies:
+        return (path,)
+    _write_rows(anomalies, force, anomaly_rows)
     return path, anomalies
 
 
@@ -269,6 +422,8 @@ td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
 svg text { font: 11px system-ui, sans-serif; fill: #4b5563; }
 svg .title { font-size: 13px; font-weight: 600; fill: #1f2937; }
 footer { color: #9ca3af; font-size: 12px; margin: 24px 0; }
+tr.sum td { font-weight: 600; border-top: 2px solid #9ca3af; }
+p.total { margin: 4px 0 8px; }
 """
 
 
@@ -302,7 +457,8 @@ def _bucket(points, limit):
 
 
 def svg_line_chart(series, title, width=1040, height=260):
-    """Step-free line/area chart of [(unix time, pence)] with a money axis."""
+    """Step chart of [(day start, pence at the end of that day)] with a money axis: each
+    day's level is drawn across that day, so one day of data is a band, not a point."""
     left, right, top, bottom = 64, 16, 28, 36
     w, h = width - left - right, height - top - bottom
     out = ['<svg class="chart" role="img" aria-label="%s" viewBox="0 0 %d %d" width="100%%" '
@@ -312,11 +468,11 @@ def svg_line_chart(series, title, width=1040, height=260):
         out.append('<text x="%d" y="%d">no vouchers issued</text></svg>' % (left, top + h // 2))
         return "".join(out)
     size = _bucket(series, 400)
-    pts = [series[i] for i in range(0, len(series), size)]
-    if pts[-1] != series[-1]:
-        pts.append(series[-1])
-    top_v = _nice_max(max(v for _, v in pts))
-    t0, t1 = pts[0][0], max(pts[-1][0], pts[0][0] + 1)
+    # The level at the end of each bucket of `size` days, drawn across the bucket.
+    pts = [series[min(i + size, len(series)) - 1][1] for i in range(0, len(series), size)]
+    starts = [series[i][0] for i in range(0, len(series), size)]
+    t0, t1 = starts[0], series[-1][0] + DAY
+    top_v = _nice_max(max(pts))
 
     def x(t):
         return left + (t - t0) * w / (t1 - t0)
@@ -329,12 +485,20 @@ def svg_line_chart(series, title, width=1040, height=260):
                    % (left, y(v), left + w, y(v)))
         out.append('<text x="%d" y="%.1f" text-anchor="end">%s</text>'
                    % (left - 6, y(v) + 4, _e(_money_axis(v))))
-    line = " ".join("%.1f,%.1f" % (x(t), y(v)) for t, v in pts)
-    area = "%.1f,%.1f %s %.1f,%.1f" % (x(pts[0][0]), y(0), line, x(pts[-1][0]), y(0))
+    steps = []
+    for i, v in enumerate(pts):
+        end = starts[i + 1] if i + 1 < len(starts) else t1
+        steps += [(starts[i], v), (end, v)]
+    line = " ".join("%.1f,%.1f" % (x(t), y(v)) for t, v in steps)
+    area = "%.1f,%.1f %s %.1f,%.1f" % (x(t0), y(0), line, x(t1), y(0))
     out.append('<polygon points="%s" fill="#fde68a" fill-opacity="0.6"/>' % area)
-    out.append('<polyline points="%s" fill="none" stroke="#d97706" stroke-width="2"/>' % line)
-    for t in _ticks(t0, t1, 6):
-        anchor = "end" if x(t) > left + w - 40 else "middle"
+    out.append('<polyline points="%s" fill="none" stroke="#d97706" stroke-width="2">'
+               '<title>%s at the end of %s</title></polyline>'
+               % (line, _e(format_pence(pts[-1])), utc(series[-1][0], date_only=True)))
+    out.append('<text x="%.1f" y="%.1f" text-anchor="end">%s</text>'
+               % (left + w - 4, max(y(pts[-1]) - 6, top + 12), _e(format_pence(pts[-1]))))
+    for t in _ticks(t0, series[-1][0], 6):
+        anchor = "end" if x(t) > left + w - 40 else "start" if x(t) < left + 40 else "middle"
         out.append('<text x="%.1f" y="%d" text-anchor="%s">%s</text>'
                    % (x(t), top + h + 18, anchor, utc(t, date_only=True)))
     out.append('<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#9ca3af"/>'
@@ -355,9 +519,10 @@ def _ticks(t0, t1, n):
     return out
 
 
-def svg_bar_chart(bars, title, width=510, height=260, unit=""):
-    """Vertical bars [(label, value)] (labels thinned to fit)."""
-    left, right, top, bottom = 48, 12, 28, 36
+def svg_bar_chart(bars, title, width=510, height=260, money=False):
+    """Vertical bars [(label, value)] (labels thinned to fit); money=True: values are
+    pence, shown in pounds."""
+    left, right, top, bottom = 56, 12, 28, 36
     w, h = width - left - right, height - top - bottom
     out = ['<svg class="chart" role="img" aria-label="%s" viewBox="0 0 %d %d" width="100%%" '
            'preserveAspectRatio="xMidYMid meet">' % (_e(title), width, height),
@@ -372,15 +537,15 @@ def svg_bar_chart(bars, title, width=510, height=260, unit=""):
         yy = top + h - v * h / top_v
         out.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#e5e7eb"/>'
                    % (left, yy, left + w, yy))
-        out.append('<text x="%d" y="%.1f" text-anchor="end">%g%s</text>'
-                   % (left - 6, yy + 4, round(v, 1), unit))
+        out.append('<text x="%d" y="%.1f" text-anchor="end">%s</text>'
+                   % (left - 6, yy + 4, _e(_money_axis(v) if money else "%g" % round(v, 1))))
     every = max(1, math.ceil(len(bars) / 8))
     for i, (label, v) in enumerate(bars):
         bh = v * h / top_v
         out.append('<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="#15803d">'
                    '<title>%s: %s</title></rect>'
                    % (left + i * bw + bw * 0.1, top + h - bh, max(bw * 0.8, 0.5), bh,
-                      _e(label), _e(v)))
+                      _e(label), _e(format_pence(v) if money else v)))
         if i % every == 0:
             out.append('<text x="%.1f" y="%d" text-anchor="middle">%s</text>'
                        % (left + i * bw + bw / 2, top + h + 18, _e(label)))
@@ -416,6 +581,37 @@ def svg_hbar_chart(bars, title, width=510, height=260):
     return "".join(out)
 
 
+def _voucher_table(parts, s, title, statuses, blurb, max_rows, empty):
+    """One table of vouchers with these statuses: a totals line for all of them (what the
+    CSV sums to), the largest first, at most max_rows shown."""
+    rows, (n, total) = s.rows_with_status(statuses, limit=max_rows)
+    parts.append('<h2>%s</h2><div class="panel"><p>%s</p>' % (_e(title), _e(blurb)))
+    parts.append('<p class="total"><b>{:,} voucher%s, %s</b>%s</p>'.format(n) % (
+        "" if n == 1 else "s", _e(format_pence(total)),
+        " — in the CSV: rows with status %s" % " or ".join(statuses)))
+    if not n:
+        parts.append("<p>%s</p></div>" % _e(empty))
+        return
+    parts.append('<table><tr><th>device</th><th>label</th><th class="n">sequence</th>'
+                 '<th>status</th><th class="n">amount</th><th>issued</th><th>expires</th>'
+                 '<th>closed</th><th>why</th></tr>')
+    for (dev, seq, status, amount, issued, expires, _kid, revoked, closed, _ri, _bal, _rh,
+         _ref, label, note) in rows:
+        why = note or ("issuer key revoked" if status == "void" and revoked else "")
+        parts.append('<tr><td class="mono">%s</td><td>%s</td><td class="n">%d</td><td>'
+                     '<span class="pill" style="background:%s">%s</span></td><td class="n">%s'
+                     '</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>'
+                     % (_e(format_eui64(dev)), _e(label or ""), seq, STATUS_COLOUR[status],
+                        status, _e(format_pence(amount)), _e(utc(issued)), _e(utc(expires)),
+                        _e(utc(closed)), _e(why)))
+    parts.append('<tr class="sum"><td colspan="4">total (all %d)</td><td class="n">%s</td>'
+                 '<td colspan="4"></td></tr></table>' % (n, _e(format_pence(total))))
+    if n > len(rows):
+        parts.append('<p class="note">The %d largest of %d shown; the total is of all %d; the '
+                     'CSV has one row per voucher.</p>' % (len(rows), n, n))
+    parts.append("</div>")
+
+
 def render_html(s, max_rows=500):
     """The report as one HTML document (a str)."""
     parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
@@ -430,13 +626,41 @@ def render_html(s, max_rows=500):
     if s.imported_since:
         parts.append('<p class="note">%d receipts were imported after this run; run '
                      '<code>topup reconcile</code> again to include them.</p>' % s.imported_since)
+    withdrawn = sum(s.pence[st] for st in s.withdrawn_statuses)
     cards = [("Outstanding liability", format_pence(s.liability), ""),
-             ("Redeemed", format_pence(s.pence["redeemed"]), ""),
              ("Refunds due", format_pence(s.refunds_due), "bad" if s.refunds_due else ""),
+             ("Redeemed", format_pence(s.pence["redeemed"]), ""),
+             ("Void (nothing owed)", format_pence(withdrawn), ""),
              ("Anomalies", str(len(s.anomalies)), "bad" if s.anomalies else "good")]
     parts.append('<div class="cards">%s</div>' % "".join(
         '<div class="card %s"><div class="k">%s</div><div class="v">%s</div></div>'
         % (cls, _e(k), _e(v)) for k, v, cls in cards))
+
+    # What is owed to whom: each meter's outstanding vouchers and refunds due.
+    owed = s.owed_by_meter()
+    parts.append('<h2>Owed, by meter</h2><div class="panel"><p>Outstanding: paid for, not '
+                 'yet redeemed (a liability). Refunds due: the customer paid and the meter '
+                 'will never apply them.</p>')
+    if not owed:
+        parts.append("<p>Nothing outstanding and no refunds due.</p>")
+    else:
+        parts.append('<table><tr><th>device</th><th>label</th><th class="n">outstanding</th>'
+                     '<th class="n">refunds due</th></tr>')
+        for dev, label, (on, op), (rn, rp) in owed[:max_rows]:
+            parts.append('<tr><td class="mono">%s</td><td>%s</td><td class="n">%s</td>'
+                         '<td class="n">%s</td></tr>' % (
+                             _e(format_eui64(dev)), _e(label or ""),
+                             "%d · %s" % (on, _e(format_pence(op))) if on else "-",
+                             "%d · %s" % (rn, _e(format_pence(rp))) if rn else "-"))
+        parts.append('<tr class="sum"><td colspan="2">total (%d meters)</td><td class="n">%d · '
+                     '%s</td><td class="n">%d · %s</td></tr></table>' % (
+                         len(owed), s.count["outstanding"], _e(format_pence(s.liability)),
+                         sum(s.count[st] for st in s.refund_statuses),
+                         _e(format_pence(s.refunds_due))))
+        if len(owed) > max_rows:
+            parts.append('<p class="note">The %d meters owed most of %d shown; totals are of '
+                         'all.</p>' % (max_rows, len(owed)))
+    parts.append("</div>")
 
     red = s.redemptions_per_day()
     size = _bucket(red, 60)
@@ -444,14 +668,15 @@ def render_html(s, max_rows=500):
     for i in range(0, len(red), size):
         chunk = red[i:i + size]
         bars.append((utc(chunk[0][0], date_only=True)[5:] if size == 1
-                     else utc(chunk[0][0], date_only=True), sum(c[1] for c in chunk)))
+                     else utc(chunk[0][0], date_only=True), sum(c[2] for c in chunk)))
     kinds = [(k, s.by_kind[k]) for k in ANOMALY_KINDS if k in s.by_kind]
     parts.append('<h2>Charts</h2><div class="charts">')
     parts.append('<div class="panel wide">%s</div>'
                  % svg_line_chart(s.liability_series(), "Outstanding liability over time "
-                                  "(end of each UTC day)"))
+                                  "(end of each UTC day, to %s)" % utc(s.end, date_only=True)))
     parts.append('<div class="panel">%s</div>' % svg_bar_chart(
-        bars, "Redemptions per %s (meter time)" % ("day" if size == 1 else "%d days" % size)))
+        bars, "Redemptions per %s in pounds (meter time)"
+        % ("day" if size == 1 else "%d days" % size), money=True))
     parts.append('<div class="panel">%s</div>' % svg_hbar_chart(kinds, "Anomalies by kind"))
     parts.append("</div>")
 
@@ -462,10 +687,26 @@ def render_html(s, max_rows=500):
         if st == "expired":
             meaning += ": refund due" if s.policy == "refund" else ": void by policy"
         parts.append('<tr><td><span class="pill" style="background:%s">%s</span></td>'
-                     '<td class="n">%d</td><td class="n">%s</td><td>%s</td></tr>'
-                     % (STATUS_COLOUR[st], st, s.count[st], _e(format_pence(s.pence[st])),
+                     '<td class="n">{:,}</td><td class="n">%s</td><td>%s</td></tr>'
+                     .format(s.count[st]) % (STATUS_COLOUR[st], st, _e(format_pence(s.pence[st])),
                         _e(meaning)))
-    parts.append("</table></div>")
+    parts.append('<tr class="sum"><td>all</td><td class="n">%d</td><td class="n">%s</td>'
+                 '<td></td></tr></table></div>' % (sum(s.count.values()),
+                                                   _e(format_pence(sum(s.pence.values())))))
+
+    _voucher_table(parts, s, "Outstanding vouchers (liability)", ("outstanding",),
+                   "Paid for and still redeemable on their meters.", max_rows,
+                   "None: nothing is outstanding.")
+    _voucher_table(parts, s, "Refunds due", s.refund_statuses,
+                   "The customer paid and the meter will never apply them: stale (below the "
+                   "meter's replay window, or at or below a provisioning's sequence floor)%s."
+                   % (" or expired" if s.policy == "refund" else ""), max_rows,
+                   "None: no refunds are due.")
+    _voucher_table(parts, s, "Void", s.withdrawn_statuses,
+                   "Cancelled before they were redeemed (the voucher voided, or its issuer "
+                   "key revoked)%s: nothing is owed for them." % (
+                       "" if s.policy == "refund" else ", or expired (policy: void)"),
+                   max_rows, "None.")
 
     parts.append('<h2>Anomalies</h2><div class="panel">')
     if not s.anomalies:
@@ -508,45 +749,15 @@ def render_html(s, max_rows=500):
     if len(devs) > max_rows:
         parts.append('<p class="note">First %d of %d meters.</p>' % (max_rows, len(devs)))
     parts.append("</div>")
-
-    parts.append('<h2>Refunds due and outstanding vouchers</h2><div class="panel">'
-                 '<table><tr><th>device</th><th class="n">sequence</th><th>status</th>'
-                 '<th class="n">amount</th><th>issued</th><th>expires</th><th>closed</th>'
-                 '<th>why</th></tr>')
-    shown = total = 0
-    for row in s.voucher_rows():
-        dev, seq, status, amount, issued, expires, _kid, _rev, closed = row[:9]
-        note = row[14]
-        if status == "redeemed":
-            continue
-        total += 1
-        if shown >= max_rows:
-            continue
-        shown += 1
-        parts.append('<tr><td class="mono">%s</td><td class="n">%d</td><td><span class="pill" '
-                     'style="background:%s">%s</span></td><td class="n">%s</td><td>%s</td>'
-                     '<td>%s</td><td>%s</td><td>%s</td></tr>'
-                     % (_e(format_eui64(dev)), seq, STATUS_COLOUR[status], status,
-                        _e(format_pence(amount)), _e(utc(issued)), _e(utc(expires)),
-                        _e(utc(closed)), _e(note or "")))
-    parts.append("</table>")
-    if total > shown:
-        parts.append('<p class="note">First %d of %d; the CSV has one row per voucher.</p>'
-                     % (shown, total))
-    elif not total:
-        parts.append("<p>None: every issued voucher was redeemed.</p>")
-    parts.append("</div>")
     parts.append("<footer>offline-topup · generated by <code>topup report</code> from the "
                  "supplier database; self-contained, no network needed.</footer>")
     parts.append("</main></body></html>\n")
     return "".join(parts)
 
 
-def write_html(s, path):
-    text = render_html(s)
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as e:
-        raise TopupError("cannot write %s: %s" % (path, e.strerror or e)) from None
+def write_html(s, path, force=False):
+    """The HTML report to `path`, whole (a temporary file renamed into place); an existing
+    file only with force."""
+    from .output import write_whole
+    write_whole(path, render_html(s).encode("utf-8"), force=force)
     return path

@@ -44,16 +44,47 @@ class Report:
         return self.reason == OK
 
 
-def explain(conn, raw, device=None, now=None):
+class Cache:
+    """What `explain` looks up once per database when it checks many vouchers: keys, the
+    trust list, devices (without their issuance counts)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.keys = {}
+        self.devices = {}
+        self._trusted = None
+
+    def key(self, kid):
+        if kid not in self.keys:
+            self.keys[kid] = keystore.get_key(self.conn, kid)
+        return self.keys[kid]
+
+    def trusted(self):
+        if self._trusted is None:
+            self._trusted = keystore.trusted(self.conn)
+        return self._trusted
+
+    def device(self, eui):
+        if eui not in self.devices:
+            r = self.conn.execute("SELECT %s FROM devices WHERE device = ?"
+                                  % registry._COLUMNS, (eui,)).fetchone()
+            self.devices[eui] = registry.Device(*r) if r else None
+        return self.devices[eui]
+
+
+def explain(conn, raw, device=None, now=None, cache=None):
     """Build a Report for `raw` voucher bytes.
 
     device: EUI-64 bytes of the device to check against (must be registered; TopupError
-    if not), or None for the voucher's own device if it is registered.
+    if not), or None for the voucher's own device if it is registered. cache: a Cache, to
+    check many vouchers without looking the same things up each time.
     """
     rep = Report()
     rep.raw = bytes(raw)
+    if cache is None:
+        cache = Cache(conn)
     if device is not None:
-        rep.device = registry.get_device(conn, device)  # unknown device: user error
+        rep.device = cache.device(device) or registry.get_device(conn, device)
     try:
         msg = cose.decode(rep.raw)
     except Rejected as e:
@@ -61,7 +92,7 @@ def explain(conn, raw, device=None, now=None):
         return rep
     rep.tagged = msg.tagged
     rep.kid = msg.kid
-    rep.key = keystore.get_key(conn, msg.kid)
+    rep.key = cache.key(msg.kid)
     if rep.key is not None:
         rep.signature = msg.verify(rep.key.public_key, nacl_verify)
     try:
@@ -71,7 +102,7 @@ def explain(conn, raw, device=None, now=None):
     v = rep.voucher
     if v is not None:
         if rep.device is None:
-            rep.device = registry.find_device(conn, v.device)
+            rep.device = cache.device(v.device)
             if rep.device is None:
                 rep.device_note = "not registered: device limits not checked"
         stored = find_sequence(conn, v.device, v.sequence)
@@ -85,7 +116,7 @@ def explain(conn, raw, device=None, now=None):
             rep.db_match = "different"
     dev = rep.device
     try:
-        pv.verify(rep.raw, keystore.trusted(conn),
+        pv.verify(rep.raw, cache.trusted(),
                   device=dev.device if dev else None, now=now,
                   max_amount=dev.max_voucher if dev else None, verify_sig=nacl_verify)
     except Rejected as e:

@@ -122,7 +122,9 @@ def test_flash_provision_and_han_commands(hil_transport, issuer):
     fresh = ok(topup(issuer, "issue", issuer.eui, "4.00")).strip()
     out = ok(topup(issuer, "han", "submit", "--port", t.han_port, fresh))
     assert "APPLIED: receipt %d, sequence %d, £4.00 added" % (first2, nxt2) in out
-    ok(topup(issuer, "han", "receipts", "--port", t.han_port, "--from", first2, "--out", export))
+    r = topup(issuer, "han", "receipts", "--port", t.han_port, "--from", first2, "--out", export)
+    assert "already exists; use --force to replace it" in one_line_error(r)   # never silently
+    ok(topup(issuer, "han", "receipts", "--port", t.han_port, "--from", first2, "--out", export, "--force"))
     ok(topup(issuer, "receipts", "import", export))
     r = topup(issuer, "reconcile")
     assert r.returncode == 0 and "no anomalies" in r.stdout, r.stdout + r.stderr
@@ -140,7 +142,7 @@ def test_status_and_receipt_lines_in_plain_words():
                           5: False, 6: 12, 7: 40, 8: 0, 9: {1: 2, 4: 1}, 10: 1790000000,
                           11: True, 12: 9, 13: True})
     text = "\n".join(lines)
-    assert "balance           £12.34567" in text
+    assert "balance           £12.34 + 0.567p" in text
     assert "sequence floor    9 (every voucher up to it is refused as stale)" in text
     assert ("meter time        2026-09-21T14:13:20Z (1790000000), resumed from its floor at "
             "start-up" in text)
@@ -160,8 +162,8 @@ def test_status_and_receipt_lines_in_plain_words():
     r = receipt_format.parse(m.faults({5: 1, 2: 3}, 1790000000))
     assert receipt_line(r) == ("   0  faults      flash: 3 × record lost (unrepairable, not a "
                                "torn write) [2], 1 × newest state record lost (rolled forward "
-                               "from receipts, or back one checkpoint) [5] balance -£0.015 → "
-                               "-£0.015")
+                               "from receipts, or back one checkpoint) [5] balance -£0.01 - 0.5p → "
+                               "-£0.01 - 0.5p")
 
 
 def test_absent_port_is_a_clear_error(issuer, tmp_path):

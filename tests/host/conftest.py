@@ -17,12 +17,10 @@ OTHER = "AA-BB-CC-DD-EE-FF-00-11"
 
 @pytest.fixture(autouse=True)
 def fast_kdf(monkeypatch):
-    """Keys made in tests use argon2id's minimum limits (stored with each key, so
-    subprocesses unlock them just as fast). test_db_keystore checks the real defaults."""
-    import nacl.pwhash
-    from host import keystore
-    monkeypatch.setattr(keystore, "OPSLIMIT", nacl.pwhash.argon2id.OPSLIMIT_MIN)
-    monkeypatch.setattr(keystore, "MEMLIMIT", nacl.pwhash.argon2id.MEMLIMIT_MIN)
+    """Keys made in tests use argon2id's minimum limits (TOPUP_INSECURE_FAST_KDF=1, which
+    subprocesses inherit: they neither seal at MODERATE nor re-seal what the tests made).
+    test_db_keystore checks the real default (MODERATE) and the re-sealing."""
+    monkeypatch.setenv("TOPUP_INSECURE_FAST_KDF", "1")
 
 
 class Run:

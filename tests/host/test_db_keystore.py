@@ -83,20 +83,61 @@ def test_seed_is_sealed_and_unlocks_only_with_the_passphrase(tmp_path):
         keystore.unlock_active(conn, "nope")
 
 
-def test_keys_are_sealed_with_argon2id_interactive_limits_by_default(tmp_path, monkeypatch):
-    import importlib
+def _limits(conn):
+    return conn.execute("SELECT opslimit, memlimit FROM keys").fetchone()
+
+
+def test_keys_are_sealed_with_argon2id_moderate_limits_by_default(tmp_path, monkeypatch):
     import nacl.pwhash
-    fresh = importlib.reload(keystore)  # undo the fast_kdf fixture for this test
-    try:
-        assert fresh.OPSLIMIT == nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE
-        assert fresh.MEMLIMIT == nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE
-        conn = db.create(str(tmp_path / "t.db"))
-        fresh.new_key(conn, PASSPHRASE)
-        assert conn.execute("SELECT opslimit, memlimit FROM keys").fetchone() == (
-            nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE, nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE)
-        assert len(conn.execute("SELECT salt FROM keys").fetchone()[0]) == 16
-    finally:
-        importlib.reload(keystore)
+    monkeypatch.delenv("TOPUP_INSECURE_FAST_KDF")  # the production default, once
+    moderate = (nacl.pwhash.argon2id.OPSLIMIT_MODERATE, nacl.pwhash.argon2id.MEMLIMIT_MODERATE)
+    assert (keystore.OPSLIMIT, keystore.MEMLIMIT) == keystore.limits() == moderate
+    conn = db.create(str(tmp_path / "t.db"))
+    k = keystore.new_key(conn, PASSPHRASE)
+    assert _limits(conn) == moderate
+    assert len(conn.execute("SELECT salt FROM keys").fetchone()[0]) == 16
+    assert keystore.unlock_active(conn, PASSPHRASE).kid == k.kid
+    assert _limits(conn) == moderate  # nothing to re-seal
+
+
+def test_a_key_sealed_with_older_limits_opens_and_is_resealed_at_moderate(tmp_path,
+                                                                          monkeypatch):
+    """A key file from an earlier version (INTERACTIVE limits) still opens; the first
+    unlock seals it again at MODERATE with a new salt, and it opens from then on."""
+    import nacl.pwhash
+    a = nacl.pwhash.argon2id
+    conn = db.create(str(tmp_path / "t.db"))
+    monkeypatch.setattr(keystore, "limits", lambda: (a.OPSLIMIT_INTERACTIVE,
+                                                     a.MEMLIMIT_INTERACTIVE))
+    k = keystore.new_key(conn, PASSPHRASE, seed=bytes(range(32)))
+    old_salt, old_sealed = conn.execute("SELECT salt, sealed_seed FROM keys").fetchone()
+    assert _limits(conn) == (a.OPSLIMIT_INTERACTIVE, a.MEMLIMIT_INTERACTIVE)
+    monkeypatch.undo()
+    monkeypatch.delenv("TOPUP_INSECURE_FAST_KDF", raising=False)
+    with pytest.raises(TopupError, match="^wrong passphrase$"):
+        keystore.unlock_active(conn, "nope")
+    assert _limits(conn) == (a.OPSLIMIT_INTERACTIVE, a.MEMLIMIT_INTERACTIVE)  # untouched
+    signer = keystore.unlock_active(conn, PASSPHRASE)
+    assert signer.kid == k.kid
+    salt, sealed = conn.execute("SELECT salt, sealed_seed FROM keys").fetchone()
+    assert _limits(conn) == (a.OPSLIMIT_MODERATE, a.MEMLIMIT_MODERATE)
+    assert salt != old_salt and sealed != old_sealed
+    assert keystore.unlock_active(conn, PASSPHRASE).secret64 == signer.secret64
+
+
+def test_limits_are_never_lowered(tmp_path, monkeypatch):
+    import nacl.pwhash
+    a = nacl.pwhash.argon2id
+    conn = db.create(str(tmp_path / "t.db"))
+    monkeypatch.setattr(keystore, "limits", lambda: (a.OPSLIMIT_INTERACTIVE,
+                                                     a.MEMLIMIT_INTERACTIVE))
+    keystore.new_key(conn, PASSPHRASE)
+    monkeypatch.undo()
+    monkeypatch.setenv("TOPUP_INSECURE_FAST_KDF", "1")  # minimum limits: nothing re-sealed down
+    before = conn.execute("SELECT salt, sealed_seed, opslimit, memlimit FROM keys").fetchone()
+    keystore.unlock_active(conn, PASSPHRASE)
+    assert conn.execute("SELECT salt, sealed_seed, opslimit, memlimit FROM keys"
+                        ).fetchone() == before
 
 
 def test_several_keys_exactly_one_active_and_revocation(tmp_path):

@@ -62,3 +62,21 @@ def test_public_key_hex():
     assert parse_public_key("ab" * 32) == b"\xab" * 32
     with pytest.raises(TopupError):
         parse_public_key("ab" * 31)
+
+
+def test_balances_in_pounds_and_pence_with_the_sub_penny_remainder_apart():
+    from host.money import format_mp
+    assert format_mp(12_500_000) == "£125.00"
+    assert format_mp(1_249_999) == "£12.49 + 0.999p"
+    assert format_mp(23_799_898) == "£237.99 + 0.898p"
+    assert format_mp(-1500) == "-£0.01 - 0.5p"
+    assert format_mp(-500) == "-0.5p" and format_mp(5) == "0.005p" and format_mp(0) == "£0.00"
+    assert format_mp(123_456_789_012) == "£1,234,567.89 + 0.012p"
+
+
+def test_reserved_eui64s():
+    import pytest
+    from host.errors import TopupError
+    for text in ("00-00-00-00-00-00-00-00", "ff:ff:ff:ff:ff:ff:ff:ff", "FFFFFFFFFFFFFFFF"):
+        with pytest.raises(TopupError, match="not a meter's EUI-64"):
+            parse_eui64(text)
