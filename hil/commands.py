@@ -164,7 +164,7 @@ def provision(state, port, device, initial_credit, ec_amount, ec_threshold, unit
                    % public.floor, err=True)
 
 
-@click.command()
+@click.command(short_help="Run a virtual meter board, driven from the console.")
 @click.option("--workdir", type=click.Path(file_okay=False), metavar="DIR",
               help="Keep the board's filesystem and flash here (default: a temporary folder).")
 @click.option("--wan/--no-wan", default=False, help="Initial WAN status (default down).")
