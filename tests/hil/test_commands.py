@@ -186,8 +186,11 @@ def test_a_board_that_does_not_answer_is_a_clear_error(issuer):
         t = time.monotonic()
         line = one_line_error(topup(issuer, "han", "status", "--port", port, "--timeout", "0.5"))
         assert "no answer from the meter within 0.5 s on the HAN port" in line
-        line = one_line_error(topup(issuer, "flash", "--port", port))
+        assert "is the meter application running?" in line and "reset" in line   # issue 9 item 12
+        r = topup(issuer, "flash", "--port", port)
+        line = one_line_error(r)
         assert "no MicroPython REPL answers on %s" % port in line, line
+        assert "not its HAN or WAN port" in line and r.stdout == "", r.stdout     # no stray b
         assert time.monotonic() - t < 60
     finally:
         os.close(master)
