@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 NODE   ?= node
 
-.PHONY: setup demo test test-cpython test-mpy check-firmware bench soak vectors clean
+.PHONY: setup demo test test-cpython test-mpy test-mpy-unix check-firmware bench soak vectors clean
 
 setup: $(VENV)/.stamp-install node_modules/.stamp-install
 
@@ -23,14 +23,19 @@ node_modules/.stamp-install: package.json package-lock.json
 demo: setup
 	$(PY) tools/demo.py
 
-# pytest last, so its summary closes the run.
-test: setup check-firmware test-mpy test-cpython
+# pytest last, so its summary closes the run (it holds the heap budget on the unix port).
+test: setup check-firmware test-mpy test-mpy-unix test-cpython
 
 test-cpython: setup
 	$(PY) -m pytest
 
+# The dual-VM suite (tests/protocol, tests/firmware) inside the wasm VM (the virtual
+# board's) and on the unix port (a real collector in a fixed heap).
 test-mpy: setup
 	$(NODE) tools/mpy_test.mjs
+
+test-mpy-unix: setup
+	$(PY) tools/mpy_unix_test.py
 
 # Firmware (firmware/, protocol/) against MicroPython 1.27 stubs: CPython-only APIs fail.
 # Installs pinned pyright and stubs into .stubs/ on first use (tools/firmware_check/).
@@ -44,6 +49,7 @@ vectors: setup
 bench: setup
 	$(PY) tests/bench/bench_ed25519.py
 	$(PY) tests/bench/bench_apply.py
+	$(PY) tests/bench/bench_heap.py --baseline 75f0c6f
 	$(PY) tests/bench/bench_wear.py
 	$(PY) tests/bench/bench_issue.py
 	$(PY) tests/bench/bench_reconcile.py

@@ -56,7 +56,8 @@ def provision(store, board, device, trust, limits=None, initial_credit=0, now=No
         _check(k in cfg.DEFAULT_LIMITS, "unknown limit %r" % (k,))
         _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, "limit %d must be a positive integer" % k)
         values[k] = v
-    _check(isinstance(initial_credit, int) and 0 <= initial_credit <= values[cfg.C_MAX_CREDIT],
+    _check(isinstance(initial_credit, int) and not isinstance(initial_credit, bool)
+           and 0 <= initial_credit <= values[cfg.C_MAX_CREDIT],
            "initial credit must be 0..maximum credit pence")
     for name, v in (("floor", floor), ("first_index", first_index)):
         _check(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFFFFFFFF,

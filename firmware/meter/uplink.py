@@ -31,7 +31,8 @@ class Uplink:
         self.stream = stream
         self.wan_up = wan_up
         self.ticks_ms = ticks_ms
-        self.deframer = han.Deframer()
+        # A board without a WAN link holds no buffer for one.
+        self.deframer = han.Deframer() if stream is not None else None
         self._pending = None      # [request id, ticks when sent, answer checked]
         self._next_id = 1
         self.pushed = 0

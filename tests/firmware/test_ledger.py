@@ -190,6 +190,7 @@ def test_provisioning_rejects_bad_arguments():
         (DEVICE, [public(ISSUER_SEED)], {cfg.C_MAX_CREDIT: 0}, 0),
         (DEVICE, [public(ISSUER_SEED)], None, -1),
         (DEVICE, [public(ISSUER_SEED)], {cfg.C_MAX_CREDIT: 100}, 101),
+        (DEVICE, [public(ISSUER_SEED)], None, True),     # a bool is not an amount, on every VM
     ]
     for device, trust, limits, initial in bad:
         try:
