@@ -82,7 +82,7 @@ def mac(key, device, kind, amount, sequence):
 
 
 class Code:
-    """A keypad code, parsed. `sequence` is the full sequence once rebuilt, else None."""
+    """A keypad code, parsed. `sequence` is the full sequence once rebuilt, else 0."""
 
     def __init__(self, digits, kind, amount, low, tag):
         self.digits = digits
@@ -90,7 +90,7 @@ class Code:
         self.amount = amount
         self.low = low
         self.tag = tag
-        self.sequence = None
+        self.sequence = 0
         self.ref = reference(digits)
 
 
