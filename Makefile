@@ -52,8 +52,10 @@ bench: setup
 	$(PY) tests/bench/bench_heap.py --baseline 75f0c6f
 	$(PY) tests/bench/bench_wear.py
 	$(PY) tests/bench/bench_issue.py
+	$(PY) tests/bench/bench_codes.py
 	$(PY) tests/bench/bench_reconcile.py
 	$(PY) tests/bench/bench_rig.py
+	$(PY) tests/bench/bench_ppmid.py
 
 # Long property runs with bounded defaults: SOAK=20 multiplies every example count.
 SOAK ?= 20

@@ -7,6 +7,8 @@
 #   board="esp32" | "pico"  only that board module (default: both)
 #   startup=False           leave boot.py/main.py out (frozen ones run in preference to
 #                           files of the same name on the filesystem)
+#   app="meter" | "ppmid"   the meter (default) or the customer's in-home device (PPMID):
+#                           ppmid/ instead of meter/, and ppmid/main.py frozen as main.py
 metadata(
     description="offline-topup meter firmware: offline signed top-up vouchers over the HAN",
     version="0.1.0",
@@ -14,13 +16,16 @@ metadata(
 
 import os
 
-options.defaults(board=None, startup=True)
+options.defaults(board=None, startup=True, app="meter")
 
 # require() gives each package its own metadata(); the library is this folder.
 add_library("offline-topup", ".")
 require("boards", library="offline-topup", board=options.board)
 
-if os.path.exists("meter/manifest.py"):
+if options.app == "ppmid":
+    package("ppmid", files=sorted(f for f in os.listdir("ppmid")
+                                  if f.endswith(".py") and f != "main.py"))
+elif os.path.exists("meter/manifest.py"):
     require("meter", library="offline-topup")
 else:
     package("meter", files=sorted(f for f in os.listdir("meter") if f.endswith(".py")))
@@ -39,4 +44,7 @@ else:
 
 if options.startup:
     module("boot.py")
-    module("main.py")
+    if options.app == "ppmid":
+        module("main.py", base_path="ppmid")
+    else:
+        module("main.py")

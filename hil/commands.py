@@ -88,8 +88,9 @@ def flash(port, source, no_reset):
 def provision(state, port, device, initial_credit, ec_amount, ec_threshold, unit_rate,
               standing_charge, factory_reset):
     """Provision a flashed board as a registered device: identity, trust list (this
-    database's issuer keys), limits, tariff and clock; register the meter's new receipt key
-    as a new key epoch (its first receipt index and sequence floor).
+    database's issuer keys), the keypad-code key (this database's active one), limits,
+    tariff and clock; register the meter's new receipt key as a new key epoch (its first
+    receipt index and sequence floor) with its key-agreement key, for `topup code`.
 
     The meter is told the highest sequence issued for it (every voucher up to it is then
     refused: `topup reconcile` counts the unredeemed ones stale, refund due) and the next
@@ -115,6 +116,7 @@ def provision(state, port, device, initial_credit, ec_amount, ec_threshold, unit
         raise TopupError("initial credit is over the device's maximum credit")
     now = int(time.time())
     floor = registry.issued_floor(conn, eui)
+    code_key = keystore.active_code_key(conn)     # keypad codes (SPEC.md §8), if there is one
 
     def rescue(raws, why):
         """Before the factory reset: store what the meter holds that the supplier may not."""
@@ -144,7 +146,8 @@ def provision(state, port, device, initial_credit, ec_amount, ec_threshold, unit
 
     public = _board_errors(do_provision, port, eui, keys, limits, initial, factory_reset,
                            now=now, floor=floor, first_index=registry.next_first_index(conn, eui),
-                           before_reset=rescue if factory_reset else None)
+                           before_reset=rescue if factory_reset else None,
+                           code_key=None if code_key is None else code_key.public_key)
     if public.reset is not None:
         click.echo("factory reset: the meter carried sequence floor %d and receipt index %d"
                    % public.reset)
@@ -158,6 +161,16 @@ def provision(state, port, device, initial_credit, ec_amount, ec_threshold, unit
                "(key epoch %d: receipts from #%d; sequences up to %d refused, next issued %d)"
                % (registry.format_eui64(eui), port, len(keys), public.hex(), epoch.epoch,
                   public.first_index, public.floor, record.next_sequence))
+    if public.ka is not None:
+        click.echo("keypad codes: yes (the meter's key-agreement key %s, code key %s "
+                   "registered; `topup code %s AMOUNT`)" % (public.ka.hex(), public.code_kid.hex(),
+                                                         registry.format_eui64(eui)))
+    else:
+        why = public.codes_note or "the meter takes no codes"
+        if code_key is None:
+            why = ("this database has no keypad-code key (`topup key new --code` makes one): "
+                   "the meter takes no codes, vouchers only")
+        click.echo("note: keypad codes: no — %s" % why, err=True)
     if public.floor:
         click.echo("note: vouchers up to sequence %d can no longer be applied on this meter; "
                    "`topup reconcile` counts those never redeemed stale (refund due)"
@@ -172,9 +185,22 @@ def provision(state, port, device, initial_credit, ec_amount, ec_threshold, unit
 @click.option("--no-rtc", is_flag=True,
               help="The board's clock restarts from 2000-01-01 at every power-on, as on an ESP32 "
                    "without a battery-backed RTC (default: it keeps time through a power cut).")
-def sim(workdir, wan, flash_firmware, no_rtc):
+@click.option("--ppmid", is_flag=True,
+              help="Also a PPMID on a second virtual board (flashed), its HAN joined to the "
+                   "meter's like a cable; the console presses its keys (`key 1234#`) and shows "
+                   "its display (`display`).")
+def sim(workdir, wan, flash_firmware, no_rtc, ppmid):
     """Start a virtual meter board, print its ports, and take console commands on standard
-    input (`help` lists them: WAN, button, pulses, time, power) until `quit` or Ctrl-C."""
+    input (`help` lists them: WAN, button, pulses, time, power) until `quit` or Ctrl-C.
+    With --ppmid, a PPMID board too (hil/two_board.py)."""
+    if ppmid:
+        from hil import two_board
+        from hil.flashing import FlashError
+        from hil.virtual import VirtualBoardError
+        try:
+            return two_board.run_sim(workdir, wan, flash_firmware, no_rtc, click.echo, _stdin_lines())
+        except (VirtualBoardError, FlashError, RuntimeError) as e:
+            raise TopupError(str(e)) from None
     from hil import sim_console
     from hil.virtual import VirtualBoard, VirtualBoardError
     tmp = None
@@ -240,7 +266,9 @@ def _client(port, timeout):
         raise TopupError(str(e)) from None
 
 
-def _han_call(fn, *args):
+def _han_call(fn, *args, new=None):
+    """`new`: what the request needs, named when a meter answers UNKNOWN_REQUEST (its
+    firmware predates it)."""
     from hil.han_client import HanError, HanTimeout
     try:
         return fn(*args)
@@ -249,7 +277,10 @@ def _han_call(fn, *args):
                          "session, or `topup flash --no-reset`, leaves the board at its REPL; "
                          "`mpremote connect REPL_PORT reset` starts it again)" % e) from None
     except HanError as e:
-        refused = TopupError(str(e))
+        text = str(e)
+        if new and e.reason == errors.UNKNOWN_REQUEST:
+            text += ": the meter's firmware predates %s (`topup flash` current firmware)" % new
+        refused = TopupError(text)
         refused.exit_code = 1  # the meter said no: not a usage mistake
         raise refused from None
 
@@ -264,14 +295,44 @@ _timeout = click.option("--timeout", type=click.FloatRange(0, 3600, min_open=Tru
 @han.command("status")
 @_port
 @_timeout
-def han_status(port, timeout):
-    """The meter's identity, balance, supply and WAN state, window, receipt count, clock,
-    sequence floor and flash health."""
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the status fields as one JSON object (balances in milli-pence, "
+                   "integers), for scripts.")
+def han_status(port, timeout, as_json):
+    """The meter's identity, balance, supply (on, armed, interrupted) and WAN state,
+    window, receipt count, clock, sequence floor, flash health and keypad-code lockout."""
     from protocol import han as han_format
     with _client(port, timeout) as c:
         raw = _han_call(c.request, han_format.STATUS, {})
+    if as_json:
+        import json
+        click.echo(json.dumps(status_json(raw), sort_keys=True))
+        return
     for line in status_lines(raw):
         click.echo(line)
+
+
+def status_json(raw):
+    """A status response (SPEC.md §5) as JSON-ready names and values: money in milli-pence
+    as integers (`balance_mp`, `emergency_mp`), the device as EUI-64 text, the supply state
+    as a word and its number, the fault counts with string keys. Fields an older meter does
+    not send are null; a field this tool does not know is kept as `field_N`."""
+    from hil.han_client import STATUS_FIELDS, SUPPLY_NAMES
+    out = {}
+    for key, name in STATUS_FIELDS.items():
+        v = raw.get(key)
+        if isinstance(v, (bytes, bytearray)):
+            v = registry.format_eui64(bytes(v)) if len(v) == 8 else bytes(v).hex()
+        elif isinstance(v, dict):
+            v = {str(k): n for k, n in sorted(v.items())}
+        out[name] = v
+    st = raw.get(15)
+    out["supply"] = (SUPPLY_NAMES.get(st, "state %d" % st) if isinstance(st, int)
+                     else None if raw.get(4) is None else "on" if raw.get(4) else "off")
+    for key in sorted(k for k in raw if k not in STATUS_FIELDS and isinstance(k, int)):
+        v = raw[key]
+        out["field_%d" % key] = bytes(v).hex() if isinstance(v, (bytes, bytearray)) else v
+    return out
 
 
 def status_lines(raw):
@@ -284,7 +345,7 @@ def status_lines(raw):
         ("firmware", g(2)),
         ("balance", _mp(g(3) or 0)),
         ("emergency credit", "in use (%s)" % _mp(g(8)) if g(8) else "not in use"),
-        ("supply", "on" if g(4) else "OFF"),
+        ("supply", supply_words(g(15), g(4))),
         ("WAN", "up" if g(5) else "down"),
         ("highest sequence", "%d" % (g(6) or 0)),
         ("receipts", "%d" % (g(7) or 0)),
@@ -303,25 +364,122 @@ def status_lines(raw):
     if g(13) is not None:
         out.append(("ledger", "DAMAGED: every credit change is refused until an engineer "
                               "provisions the meter again" if g(13) else "ok"))
+    if g(18) is not None:
+        out.append(("keypad codes", code_words(g(18), g(16), g(17))))
     return ["%-17s %s" % (k, v) for k, v in out]
+
+
+def supply_words(state, on=None):
+    """The supply state (status field 15, SPEC.md §9) in words; an older meter sends only
+    field 4 (on or not)."""
+    if state == 2:
+        return "on"
+    if state == 1:
+        return ("ARMED: credit is back; it switches on when the customer confirms (meter "
+                "button, PPMID, or `topup han confirm`)")
+    if state == 0:
+        return "INTERRUPTED (off): no credit left"
+    if state is not None:
+        return "state %r" % (state,)
+    return "on" if on else "OFF"
+
+
+def code_words(takes, locked_s, tries_left):
+    """Status fields 18, 16, 17: whether the meter takes codes and its lockout."""
+    from hil.han_client import minutes
+    if not takes:
+        return "not taken (no supplier code key installed at provisioning)"
+    if locked_s:
+        return "LOCKED for %s more after too many wrong codes (vouchers still accepted)" % (
+            minutes(locked_s))
+    if tries_left is None:
+        return "accepted"
+    return "accepted (%d wrong code%s allowed before a lockout)" % (
+        tries_left, "" if tries_left == 1 else "s")
 
 
 @han.command("submit")
 @_port
 @_timeout
-@click.argument("voucher")
-def han_submit(port, timeout, voucher):
-    """Hand a voucher (text form or file) to the meter; print its receipt."""
-    try:
-        raw, _ = delivery.load(voucher)
-    except errors.Rejected as e:
-        raise TopupError("not a voucher: %s" % e) from None
-    with _client(port, timeout) as c:
-        receipt, duplicate = _han_call(c.submit, raw)
+@click.argument("words", metavar="VOUCHER_OR_CODE", nargs=-1, required=True)
+def han_submit(port, timeout, words):
+    """Hand a voucher (text form or file) or a keypad code (20 digits, spaces or dashes
+    allowed: `1234 5678 9012 3456 7890`) to the meter, as the PPMID does; print its receipt.
+
+    A code is sent as typed: the meter checks it (CODE_INCOMPLETE, CODE_TYPO and CODE_LOCKED
+    do not count towards its lockout; CODE_WRONG does). A voucher or code already applied
+    gets its original receipt back (ALREADY APPLIED). A code may be given unquoted, in its
+    five groups."""
+    voucher = " ".join(words)
+    if len(words) > 1 and not delivery.looks_like_code(voucher):
+        raise TopupError("give one voucher (text form or file), or one keypad code")
+    if delivery.looks_like_code(voucher):
+        with _client(port, timeout) as c:
+            receipt, duplicate = _han_call(c.submit_code, voucher, new="keypad codes")
+        what = "code"
+    else:
+        try:
+            raw, _ = delivery.load(voucher)
+        except errors.Rejected as e:
+            raise TopupError("not a voucher or a keypad code: %s" % e) from None
+        with _client(port, timeout) as c:
+            receipt, duplicate = _han_call(c.submit, raw)
+        what = "voucher"
     r = receipt_format.parse(receipt)
-    click.echo("%s: receipt %d, sequence %d, %s added, balance %s → %s"
-               % ("ALREADY APPLIED (original receipt)" if duplicate else "APPLIED", r.index,
-                  r.sequence, _mp(r.amount * 1000), _mp(r.balance_before), _mp(r.balance_after)))
+    form = "code" if r.form == receipt_format.FORM_CODE else "voucher"
+    if form != what:       # the meter's receipt says what it applied: believe it, say so
+        click.echo("note: the meter's receipt names a %s" % form, err=True)
+    click.echo("%s%s: receipt %d, sequence %d, %s added, balance %s → %s%s"
+               % ("ALREADY APPLIED (original receipt)" if duplicate else "APPLIED",
+                  " (keypad code)" if form == "code" else "", r.index, r.sequence,
+                  _mp(r.amount * 1000), _mp(r.balance_before), _mp(r.balance_after),
+                  _supply_after(r.supply)))
+
+
+def _supply_after(state):
+    if state == 1:
+        return "; supply ARMED: the customer confirms to switch it on (`topup han confirm`)"
+    if state == 0:
+        return "; supply still interrupted"
+    if state == 2:
+        return "; supply on"
+    return ""
+
+
+@han.command("confirm")
+@_port
+@_timeout
+def han_confirm(port, timeout):
+    """Confirm an armed supply, as the customer does on the PPMID (SPEC.md §9): the meter
+    switches it on. A supply that is not armed is left as it is, and said so."""
+    from hil.han_client import SUPPLY_NAMES
+    with _client(port, timeout) as c:
+        before = _han_call(c.status).get("supply_state")
+        state = _han_call(c.confirm, new="supply arming")
+    if state == 2 and before == 1:
+        click.echo("supply on: the armed supply was confirmed")
+    elif state == 2:
+        click.echo("supply on (it was already on)")
+    else:
+        name = SUPPLY_NAMES.get(state, "state %r" % (state,))
+        click.echo("supply %s: nothing to confirm%s" % (
+            name, " (no credit: top up first, or take emergency credit)" if state == 0 else ""))
+
+
+@han.command("emergency")
+@_port
+@_timeout
+def han_emergency(port, timeout):
+    """Take emergency credit, as the customer does on the PPMID (SPEC.md §9); print its
+    receipt. Taking it while the supply is interrupted switches the supply on."""
+    with _client(port, timeout) as c:
+        state, receipt = _han_call(c.emergency, new="customer actions over the HAN")
+    if not receipt:
+        raise TopupError("the meter answered without a receipt (supply %r)" % (state,))
+    r = receipt_format.parse(receipt)
+    click.echo("EMERGENCY CREDIT: receipt %d, %s, balance %s%s"
+               % (r.index, _mp((r.amount or 0) * 1000), _mp(r.balance_after),
+                  _supply_after(state)))
 
 
 @han.command("receipts")
@@ -353,7 +511,8 @@ def receipt_line(r):
     """One receipt (protocol.receipt.Receipt) as a line of `topup han receipts`."""
     from host.reconcile import describe_faults
     if r.kind == 1:
-        what = "seq %s, %s" % (r.sequence, _mp((r.amount or 0) * 1000))
+        what = "seq %s, %s%s" % (r.sequence, _mp((r.amount or 0) * 1000),
+                                 " (code)" if r.form == receipt_format.FORM_CODE else "")
     elif r.kind == 2:
         what = _mp((r.amount or 0) * 1000)
     elif r.kind == 3:

@@ -241,16 +241,32 @@ def read_receipts(board):
     return [binascii.unhexlify(h) for h in re.findall(r"^RECEIPT ([0-9a-f]+)\s*$", out, re.M)], None
 
 
-def _meter_key(public, first_index, floor):
+def _meter_key(public, first_index, floor, ka=None, code_kid=None):
     from host.registry import MeterKey
-    return MeterKey(public, first_index, floor)
+    return MeterKey(public, first_index, floor, ka, code_kid)
+
+
+def _call(device, issuer_keys, limits, initial_credit, now, floor, first_index, code_key):
+    args = "%r, %r, %r, %d, None, %s, %d, %d" % (
+        binascii.hexlify(device).decode(), [binascii.hexlify(k).decode() for k in issuer_keys],
+        dict(limits or {}), initial_credit, "None" if now is None else "%d" % now, floor,
+        first_index)
+    if code_key is not None:
+        args += ", code_key_hex=%r" % binascii.hexlify(code_key).decode()
+    return "from meter import provisioning\nprovisioning.provision_board(%s)" % args
 
 
 def provision(port, device, issuer_keys, limits=None, initial_credit=0, factory_reset=False,
-              now=None, floor=0, first_index=0, before_reset=None):
+              now=None, floor=0, first_index=0, before_reset=None, code_key=None):
     """Run the firmware's provisioning on the board; return the meter's receipt key as a
     host.registry.MeterKey: the 32-byte public key with the index of its first receipt and
-    the meter's sequence floor, as the meter printed them (`PUBLIC … FIRST … FLOOR …`).
+    the meter's sequence floor, as the meter printed them (`PUBLIC … FIRST … FLOOR … KA …`).
+
+    code_key: the supplier's keypad-code public key (32 bytes, X25519; SPEC.md §8) to
+    install, or None. The result's `.ka` is then the meter's key-agreement public key and
+    `.code_kid` the code key's kid (both None when no code key was given, or when the
+    firmware on the board predates keypad codes: it prints no `KA`, and takes no
+    `code_key_hex`; it is then provisioned without one and `.codes_note` says why).
 
     device: 8 bytes; issuer_keys: 32-byte public keys the meter will trust;
     limits: {config key: value} (see firmware/meter/config.py); initial_credit: pence;
@@ -278,12 +294,18 @@ def provision(port, device, issuer_keys, limits=None, initial_credit=0, factory_
                                      "the board is older than this tool; run `topup flash` "
                                      "first" % out.strip())
                 reset = (int(m.group(1)), int(m.group(2)))
-            out = board.run("from meter import provisioning\n"
-                            "provisioning.provision_board(%r, %r, %r, %d, None, %s, %d, %d)" % (
-                                binascii.hexlify(device).decode(),
-                                [binascii.hexlify(k).decode() for k in issuer_keys],
-                                dict(limits or {}), initial_credit,
-                                "None" if now is None else "%d" % now, floor, first_index))
+            sent = code_key
+            try:
+                out = board.run(_call(device, issuer_keys, limits, initial_credit, now, floor,
+                                      first_index, sent))
+            except FlashError as e:
+                # Firmware older than keypad codes: no such keyword. Nothing was done yet
+                # (arguments bind before provisioning starts): provision it without codes.
+                if sent is None or "TypeError" not in str(e) or "keyword" not in str(e):
+                    raise
+                sent = None
+                out = board.run(_call(device, issuer_keys, limits, initial_credit, now, floor,
+                                      first_index, None))
         except FlashError as e:
             if "already provisioned" in str(e):
                 raise FlashError("the board is already provisioned: use --factory-reset to wipe "
@@ -297,15 +319,30 @@ def provision(port, device, issuer_keys, limits=None, initial_credit=0, factory_
         finally:
             # Entering the REPL stopped the meter: start it again whatever happened.
             board.soft_reset()
-        m = re.search(r"PUBLIC ([0-9a-f]{64}) FIRST (\d+) FLOOR (\d+)", out)
+        m = re.search(r"PUBLIC ([0-9a-f]{64}) FIRST (\d+) FLOOR (\d+)(?: KA ([0-9a-f]{64}))?",
+                      out)
         if not m:
             if re.search(r"PUBLIC [0-9a-f]{64}", out):
                 raise FlashError("the meter printed its key but not its first receipt index and "
                                  "sequence floor: the firmware on the board is older than this "
                                  "tool; run `topup flash` first")
             raise FlashError("provisioning gave no public key: %r" % out.strip())
-    key = _meter_key(binascii.unhexlify(m.group(1)), int(m.group(2)), int(m.group(3)))
+    ka = binascii.unhexlify(m.group(4)) if m.group(4) else None
+    note = None
+    if code_key is not None and (ka is None or sent is None):
+        note = ("the firmware on the board predates keypad codes (it %s): this meter takes "
+                "no codes, vouchers only; `topup flash` current firmware and provision it "
+                "again for codes" % ("printed no key-agreement key" if ka is None
+                                     else "takes no supplier code key"))
+    elif code_key is None:
+        note = "no supplier code key was installed: this meter takes no codes, vouchers only"
+    if note is not None:
+        ka = None
+    from protocol.cose import kid_for
+    key = _meter_key(binascii.unhexlify(m.group(1)), int(m.group(2)), int(m.group(3)), ka,
+                     kid_for(bytes(code_key)) if ka is not None else None)
     key.reset = reset
+    key.codes_note = note
     return key
 
 

@@ -11,18 +11,69 @@ from protocol import errors, han, receipt as receipt_format
 STATUS_FIELDS = {1: "device", 2: "firmware", 3: "balance_mp", 4: "supply_on", 5: "wan_up",
                  6: "highest_sequence", 7: "receipt_count", 8: "emergency_mp", 9: "faults",
                  10: "meter_time", 11: "clock_resumed", 12: "floor", 13: "damaged",
-                 14: "oldest_receipt"}
+                 14: "oldest_receipt", 15: "supply_state", 16: "code_locked_s",
+                 17: "code_tries_left", 18: "takes_codes"}
+
+# Request types of keypad codes and customer actions (SPEC.md §5, §8, §9).
+CODE = 5
+ACTION = 6
+ACTION_CONFIRM = 1
+ACTION_EMERGENCY = 2
+SUPPLY_NAMES = {0: "interrupted", 1: "armed", 2: "on"}
 
 
 class HanError(Exception):
-    """The meter answered with a reason code (SPEC.md §2.1)."""
+    """The meter answered with a reason code (SPEC.md §2.1); for keypad codes with the
+    seconds until code entry opens (`locked_s`, CODE_LOCKED) or the wrong codes left before
+    a lockout (`tries_left`, CODE_WRONG), SPEC.md §5."""
 
-    def __init__(self, reason):
+    def __init__(self, reason, locked_s=None, tries_left=None):
         super().__init__(reason)
         self.reason = reason
+        self.locked_s = locked_s if _uint(locked_s) else None
+        self.tries_left = tries_left if _uint(tries_left) else None
 
     def __str__(self):
-        return "meter refused: %s (%d)" % (errors.name(self.reason), self.reason)
+        text = "meter refused: %s (%d)" % (errors.name(self.reason), self.reason)
+        why = self.explain()
+        return "%s: %s" % (text, why) if why else text
+
+    def explain(self):
+        """What a keypad-code refusal means for the customer, in words ('' otherwise)."""
+        r = self.reason
+        if r == errors.CODE_WRONG:
+            left = ("" if self.tries_left is None else
+                    "; %d wrong code%s left before code entry locks" % (
+                        self.tries_left, "" if self.tries_left == 1 else "s")
+                    if self.tries_left else "; code entry is now locked")
+            return "the code is wrong or not for this meter (it counts towards the lockout%s)" \
+                % left
+        if r == errors.CODE_LOCKED:
+            if self.locked_s is None:
+                return "code entry is locked after too many wrong codes"
+            return ("code entry is locked after too many wrong codes for %s more "
+                    "(vouchers are still accepted)" % minutes(self.locked_s))
+        if r == errors.CODE_TYPO:
+            return ("a digit is mistyped or two neighbours swapped (the check digit does not "
+                    "fit): check the code and type it again; this does not count towards the "
+                    "lockout")
+        if r == errors.CODE_INCOMPLETE:
+            return ("a code is 20 digits (spaces and dashes allowed, nothing else); this does "
+                    "not count towards the lockout")
+        return ""
+
+
+def minutes(seconds):
+    """Seconds left as the PPMID shows them: whole minutes, rounded up ('59 min')."""
+    m = -(-int(seconds) // 60)
+    if m >= 120:
+        h, m = divmod(m, 60)
+        return "%d h %02d min" % (h, m)
+    return "%d min" % m
+
+
+def _uint(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 class HanTimeout(Exception):
@@ -78,7 +129,8 @@ class HanClient:
                 if rid != msg_id:
                     continue  # a late answer to an earlier request
                 if rtype == han.ERROR:
-                    raise HanError(rpayload.get(1, errors.BAD_REQUEST))
+                    raise HanError(rpayload.get(1, errors.BAD_REQUEST), rpayload.get(2),
+                                   rpayload.get(3))
                 if rtype != msg_type | han.RESPONSE:
                     continue
                 return rpayload
@@ -92,6 +144,25 @@ class HanClient:
         """Submit voucher bytes; return (receipt bytes, duplicate)."""
         reply = self.request(han.SUBMIT, {1: bytes(voucher)})
         return reply[1], bool(reply.get(2))
+
+    def submit_code(self, text):
+        """Submit a keypad code as typed (SPEC.md §8); return (receipt bytes, duplicate)."""
+        reply = self.request(CODE, {1: str(text)})
+        return reply[1], bool(reply.get(2))
+
+    def action(self, what):
+        """A customer action (SPEC.md §9): ACTION_CONFIRM or ACTION_EMERGENCY. Returns
+        (supply state, receipt bytes or None)."""
+        reply = self.request(ACTION, {1: what})
+        return reply.get(1), reply.get(2)
+
+    def confirm(self):
+        """Confirm an armed supply; return the supply state after it."""
+        return self.action(ACTION_CONFIRM)[0]
+
+    def emergency(self):
+        """Take emergency credit; return (supply state, receipt bytes)."""
+        return self.action(ACTION_EMERGENCY)
 
     def receipts(self, start=0):
         """Every receipt from index `start` to the newest, four per request."""

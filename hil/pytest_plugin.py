@@ -170,6 +170,18 @@ class Issuer:
                 del os.environ[keystore.FAST_KDF_ENV]
             else:
                 os.environ[keystore.FAST_KDF_ENV] = saved
+        self.code_key = None         # the supplier's keypad-code key (host.keystore.CodeKey)
+        if hasattr(keystore, "new_code_key"):
+            saved = os.environ.get(keystore.FAST_KDF_ENV)
+            os.environ[keystore.FAST_KDF_ENV] = "1"
+            try:
+                info = keystore.new_code_key(self.conn, PASSPHRASE)
+                self.code_key = keystore.unlock_code_key(self.conn, PASSPHRASE, info.kid)
+            finally:
+                if saved is None:
+                    del os.environ[keystore.FAST_KDF_ENV]
+                else:
+                    os.environ[keystore.FAST_KDF_ENV] = saved
         kw = {}
         if max_voucher is not None:
             kw["max_voucher"] = max_voucher
@@ -237,6 +249,23 @@ class Issuer:
         now = self.clock() if self.clock is not None else None
         return [v.cose for v in issuer.issue(self.conn, self.signer, device or self.device, amount,
                                               count, expires_in=expires_in, now=now)]
+
+    def issue_codes(self, amount, count=1):
+        """[20-digit code] of `amount` pence through the issuer (sequences reserved first, the
+        same sequence space as vouchers: SPEC.md §8), under the code key the meter has."""
+        from host import issuer
+        now = self.clock() if self.clock is not None else None
+        return [c.code for c in issuer.issue_codes(self.conn, self.code_key, self.device, amount,
+                                                   count, now=now)]
+
+    def code_cli(self, amount):
+        """One code from `topup code EUI64 AMOUNT` (its 20 digits, as printed, unspaced)."""
+        r = self.cli("code", self.eui, amount)
+        if r.exit_code:
+            raise AssertionError("topup code failed (%d): %s" % (r.exit_code, r.stderr))
+        digits = "".join(ch for ch in r.stdout if ch.isdigit())
+        assert len(digits) == 20, r.stdout
+        return digits
 
     def cli(self, *args, input=None):
         from click.testing import CliRunner
@@ -316,9 +345,20 @@ class BoardUnderTest:
         self.provisioned_now = int(time.time()) if now is None else now
         self.supplier_floor = self.issuer.floor()
         self.supplier_first = self.issuer.next_first_index()
-        self.public_key = t.provision(self.device, self.issuer.trust(), self.limits, credit,
-                                      factory_reset=True, now=self.provisioned_now,
-                                      floor=self.supplier_floor, first_index=self.supplier_first)
+        code_key = getattr(self.issuer, "code_key", None)
+        if code_key is None:
+            self.public_key = t.provision(self.device, self.issuer.trust(), self.limits, credit,
+                                          factory_reset=True, now=self.provisioned_now,
+                                          floor=self.supplier_floor, first_index=self.supplier_first)
+        else:
+            # The engineer's path with the supplier's code key (SPEC.md §8): the meter makes
+            # its key-agreement key, registered below with the receipt key.
+            from hil.flashing import provision
+            self.public_key = provision(t.repl_port, bytes(self.device), list(self.issuer.trust()),
+                                        self.limits, credit, True, now=self.provisioned_now,
+                                        floor=self.supplier_floor, first_index=self.supplier_first,
+                                        code_key=code_key.public_key)
+            t.wait_meter(device=bytes(self.device))
         self.issuer.register_meter_key(self.public_key)
         return self
 
@@ -377,3 +417,43 @@ def han(board):
     client = board.han()
     yield client
     client.close()
+
+
+# --- the PPMID: a second virtual board on the meter's HAN ----------------------------------------
+@pytest.fixture(scope="session")
+def hil_ppmid(request, tmp_path_factory, hil_transport):
+    """A virtual PPMID board (firmware/ppmid/), started and flashed once for the session.
+    The two-board rig needs the virtual meter (its HAN's second port is the cable's end)."""
+    from hil.transport import VirtualTransport
+    if not isinstance(hil_transport, VirtualTransport):
+        pytest.skip("the two-board rig (a PPMID on the meter's HAN) needs the virtual board")
+    from hil.two_board import Ppmid, flash_ppmid
+    from hil.virtual import VirtualBoard
+    vb = VirtualBoard(tmp_path_factory.mktemp("virtual-ppmid"), clock=hil_transport.clock(),
+                      freeze=True)
+    vb.start()
+    try:
+        flash_ppmid(vb.repl_port)
+        yield Ppmid(vb)
+    finally:
+        vb.stop()
+
+
+@pytest.fixture
+def ppmid(board, hil_ppmid):
+    """The session's PPMID, freshly booted, joined to this test's meter by a cable (the rig
+    presses its keys and reads its display: hil.two_board.Ppmid); `ppmid.cable` unplugs."""
+    from hil.two_board import Cable
+    vb = hil_ppmid.board
+    if not vb.running:
+        vb.start()
+    cable = Cable(board.transport.board.link_port, vb.han_port)
+    hil_ppmid.cable = cable
+    try:
+        gen = vb.display()["gen"]
+        vb.hard_reset()
+        hil_ppmid.wait_for("Credit \u00a3", timeout=15, since=gen)     # its own first status
+        yield hil_ppmid
+    finally:
+        cable.close()
+        hil_ppmid.cable = None

@@ -66,6 +66,28 @@ time. Provisioning takes the larger of each and of the supplier's figures: every
 up to the floor is STALE; receipt indices continue from the first index, whose receipt has
 prev = 32 zero bytes (a new epoch, signed with the new key); meter time never goes back.
 
+Supply (SPEC §9). The supply is on (2), interrupted (0) or armed (1); the relay is closed
+only when on. A provisioning with opening credit starts on, without it interrupted. When
+credit (balance + emergency credit in use) is exhausted an on or armed supply is
+interrupted, and that is committed in the same pass (at its end, unless another commit of
+the pass already carried it). A top-up that lifts credit above zero arms an interrupted
+supply (in its own commit); the customer's confirmation -- the button while armed, or the
+PPMID's action 1 -- switches an armed supply on (committed at once). Emergency credit taken
+(the button when not armed, or action 2) switches the supply on if credit is then above
+zero. Receipts of kinds 1 and 2 carry the supply state after them.
+
+Keypad codes (SPEC §8), one HAN request in one pass: 0. the exact digits of a code applied
+and still on flash: the original receipt. 1. code entry locked (meter time < until):
+CODE_LOCKED. 2. not 20 digits (spaces and dashes allowed): CODE_INCOMPLETE. 3. Damm check
+digit fails: CODE_TYPO. Then the lockout state a wrong code would leave (count + 1; at the
+5th: count 0, lockouts + 1, locked for 1 h doubling per lockout up to 7 days) is committed
+before the MAC check, unless the flash already holds exactly it. 4. The code is not one the
+supplier issued for this meter at a sequence among the candidates rebuilt from its low 14
+bits (around max(highest, floor)): CODE_WRONG. Otherwise the series ends (cleared in RAM; on
+flash with the top-up's commit, or at once when a refusal follows and the flash holds more
+than this code's own pending failure), and the code goes on as a voucher from check 9, with
+the per-voucher maximum first. Every refusal is counted in the rejections receipt.
+
 `Books` checks the receipts read over the HAN; `Harness` drives a board with a set of
 models (a power cut can leave the meter in more than one allowed state: the board's
 answers and status tell which) and checks them after every step.
@@ -89,10 +111,58 @@ LOST_CLOCK = 946684800           # 2000-01-01T00:00:00Z
 GENESIS = bytes(32)
 # Refusals a kind-3 receipt may count: the voucher checks and RECEIPT_LOST (never BUSY,
 # STORAGE, EC_UNAVAILABLE, DAMAGED, NOT_PROVISIONED: those are not verdicts).
-COUNTED = frozenset(range(1, 11)) | {errors.RECEIPT_LOST}
+COUNTED = frozenset(range(1, 11)) | {errors.RECEIPT_LOST, errors.CODE_WRONG, errors.CODE_TYPO,
+                                     errors.CODE_INCOMPLETE, errors.CODE_LOCKED}
 FAULT_CODES = frozenset(range(1, 6))
 _BY_NAME = {v: k for k, v in errors.NAMES.items()}
 MAX_CANDIDATES = 24
+SUPPLY_OFF, SUPPLY_ARMED, SUPPLY_ON = 0, 1, 2          # SPEC §9 (status field 15)
+MAX_WRONG = 5                                         # SPEC §8: the lockout
+FIRST_LOCK_SECONDS = 3600
+MAX_LOCK_SECONDS = 7 * 86400
+MAX_LOCKOUTS = 16
+CODE_CLEAR = (0, 0, 0)                                # (wrong, lockouts, locked until)
+CODE_SPAN = 1 << 14
+FORM_CODE = 2
+_DAMM = ("0317598642", "7092154863", "4206871359", "1750983426", "6123045978",
+         "3674209581", "5869720134", "8945362017", "9438617205", "2581436790")
+
+
+def damm_ok(digits):
+    """Damm's check over a string of digits (H. M. Damm 2004): True if it ends in its check digit."""
+    d = 0
+    for ch in digits:
+        d = int(_DAMM[d][int(ch)])
+    return d == 0
+
+
+def code_digits(text):
+    """SPEC §8: the 20 digits of typed text (spaces and dashes allowed), else None."""
+    if not isinstance(text, str) or any(ch not in "0123456789 -" for ch in text):
+        return None
+    digits = text.replace(" ", "").replace("-", "")
+    return digits if len(digits) == 20 else None
+
+
+def code_fields(digits):
+    """(kind, amount, low 14 bits of the sequence) of a code's 19 leading digits (SPEC §8)."""
+    n = int(digits[:19])
+    return n >> 61, (n >> 45) & 0xFFFF, (n >> 31) & (CODE_SPAN - 1)
+
+
+def code_ref(digits):
+    """SPEC §8: SHA-256 of "OTU1 code " and the 20 digits, first 16 bytes."""
+    return hashlib.sha256(b"OTU1 code " + digits.encode()).digest()[:16]
+
+
+def code_candidates(low, anchor):
+    base = max(1, anchor - WINDOW)
+    c = base + ((low - base) % CODE_SPAN)
+    return [x for x in (c, c - CODE_SPAN, c + CODE_SPAN) if 1 <= x <= 0xFFFFFFFF]
+
+
+def lock_seconds(n):
+    return min(FIRST_LOCK_SECONDS << (n - 1), MAX_LOCK_SECONDS) if n <= 8 else MAX_LOCK_SECONDS
 
 
 def energy_mp(wh, unit_rate):
@@ -106,14 +176,21 @@ def standing_mp(seconds, standing):
 
 
 def voucher_ref(raw):
-    """SPEC §2.2: the first 16 bytes of SHA-256 of the voucher bytes as received."""
+    """SPEC §2.2: the first 16 bytes of SHA-256 of the voucher bytes as received (a keypad
+    code, given as its digits: its reference, SPEC §8)."""
+    if isinstance(raw, str):
+        return code_ref(raw)
     return hashlib.sha256(bytes(raw)).digest()[:16]
 
 
 def voucher_fields(raw):
     """{kid, sequence, amount, issued, expires} read from voucher bytes (for the rig's own
-    bookkeeping; nothing is decided here), or None if they do not decode as a voucher."""
+    bookkeeping; nothing is decided here), or None if they do not decode as a voucher.
+    A keypad code (a str of its 20 digits) gives its amount (kid, issued: None)."""
     from tests.oracle import cbor_decode
+    if isinstance(raw, str):
+        _, amount, _ = code_fields(raw)
+        return {"kid": None, "sequence": None, "amount": amount, "issued": None, "expires": None}
     try:
         top = cbor_decode(bytes(raw), allow_tag=True)
         if isinstance(top, tuple):
@@ -239,6 +316,10 @@ class Books:
             if r.amount != amount or r.voucher != voucher_ref(raw):
                 self._fail("receipt %d: sequence %d applied for %d p / ref %s, issued as %d p"
                            % (r.index, r.sequence, r.amount, r.voucher.hex(), amount))
+            if (r.form == FORM_CODE) != isinstance(raw, str):
+                self._fail("receipt %d says it applied a %s; sequence %d was issued as a %s"
+                           % (r.index, "code" if r.form == FORM_CODE else "voucher", r.sequence,
+                              "code" if isinstance(raw, str) else "voucher"))
             if r.balance_after != r.balance_before + 1000 * r.amount:
                 self._fail("receipt %d: %d + %d p != %d" % (r.index, r.balance_before, r.amount,
                                                             r.balance_after))
@@ -288,6 +369,7 @@ class MeterModel:
         self.board_clock = now if board_clock is None else board_clock
         self.tag = "start"
         self.trace = None
+        self.codes = {}                        # digits -> sequence: the codes issued for it
         self.lost_receipts = set()             # receipt indices lost to flash damage
         self._provision(opening_mp, now, floor, first_index)
 
@@ -305,6 +387,8 @@ class MeterModel:
             "rejections": {}, "rej_at": now,
             "bad_sigs": 0, "backoff_until": 0,
             "faults_seen": {},
+            "supply": SUPPLY_ON if opening_mp > 0 else SUPPLY_OFF,
+            "code": CODE_CLEAR,
         }
         self.c = copy.deepcopy(self.s)
         self.committed_at = now
@@ -314,6 +398,7 @@ class MeterModel:
         self.last = now
         self.resumed = False
         self.commits = 0
+        self.interrupt_pending = False
 
     # -- views ------------------------------------------------------------------------------
     def balance_of(self, s):
@@ -334,22 +419,35 @@ class MeterModel:
         t = self.board_clock + self.offset
         return t if t > self.last else self.last
 
+    def credit_mp(self):
+        return self.balance_mp + 1000 * self.s["ec"]
+
     def supply_on(self):
-        return self.balance_mp + 1000 * self.s["ec"] > 0
+        return self.s["supply"] == SUPPLY_ON
+
+    def code_locked_for(self):
+        until = self.s["code"][2]
+        t = self.meter_time
+        return until - t if until > t else 0
 
     def expected_status(self, exact_time=True):
         """The HAN status fields the board must show."""
         out = {"balance_mp": self.balance_mp, "supply_on": self.supply_on(),
                "highest_sequence": self.s["highest"], "receipt_count": self.s["receipts"],
-               "emergency_mp": 1000 * self.s["ec"], "floor": self.s["floor"], "damaged": False}
+               "emergency_mp": 1000 * self.s["ec"], "floor": self.s["floor"], "damaged": False,
+               "supply_state": self.s["supply"]}
         if exact_time:
             out["meter_time"] = self.meter_time
             out["clock_resumed"] = self.resumed
+            locked = self.code_locked_for()
+            out["code_locked_s"] = locked
+            out["code_tries_left"] = 0 if locked else MAX_WRONG - self.s["code"][0]
         return out
 
     def key(self):
         return _canon((self.s, self.c, self.committed_at, self.unsaved, self.dirty, self.offset,
-                       self.last, self.resumed, self.board_clock, sorted(self.lost_receipts)))
+                       self.last, self.resumed, self.board_clock, sorted(self.lost_receipts),
+                       self.interrupt_pending))
 
     def fork(self):
         return copy.deepcopy(self)
@@ -372,13 +470,30 @@ class MeterModel:
         if wh or cost:
             self.unsaved += cost
             self.dirty = True
+        self._exhausted()
+
+    def _exhausted(self):
+        """SPEC §9: credit gone, an on or armed supply is interrupted (committed this pass)."""
+        s = self.s
+        if s["supply"] != SUPPLY_OFF and self.credit_mp() <= 0:
+            s["supply"] = SUPPLY_OFF
+            self.interrupt_pending = True
+
+    def _settle(self):
+        """The end of a pass: an interruption no commit has carried yet is committed."""
+        if self.interrupt_pending:
+            now = self._now()
+            self._accrue(0, now)
+            self._commit(now)
 
     def _commit(self, now, receipt=None):
-        """receipt: (kind, balance before, balance after) written first, at the next index."""
+        """receipt: (kind, balance before, balance after[, form]) written first, at the next
+        index; kinds 1 and 2 carry the supply state after them."""
         s = self.s
         if receipt is not None:
-            kind, before, after = receipt
-            s["log"][s["receipts"]] = (kind, before, after, now)
+            kind, before, after = receipt[:3]
+            supply = s["supply"] if kind in (receipt_format.TOPUP, receipt_format.EMERGENCY) else None
+            s["log"][s["receipts"]] = (kind, before, after, now, supply)
             s["receipts"] += 1
         if self.trace is not None:
             self.trace.append({"before": self.c, "after": copy.deepcopy(s), "receipt": receipt,
@@ -387,6 +502,7 @@ class MeterModel:
         self.committed_at = now
         self.unsaved = 0
         self.dirty = False
+        self.interrupt_pending = False
         self.commits += 1
 
     def _meter(self, wh):
@@ -417,9 +533,11 @@ class MeterModel:
 
     # one pass of the main loop, with the action's input
     def step(self, wh=0):
-        """A pass with nothing new but `wh` pulses: metering (+ checkpoint), rejections rule."""
+        """A pass with nothing new but `wh` pulses: metering (+ checkpoint), rejections rule,
+        an interruption committed."""
         self._meter(wh)
         self._record_rejections()
+        self._settle()
 
     def idle(self):
         """The main loop goes on with nothing new: what the last pass left due (a signed
@@ -437,20 +555,55 @@ class MeterModel:
         self.idle()
 
     def button(self):
-        """A press of the emergency-credit button. Return the receipt index or None (refused)."""
+        """A press of the customer's button: confirms an armed supply, else takes emergency
+        credit. Return the emergency receipt's index or None."""
         self._meter(0)
+        if self.s["supply"] == SUPPLY_ARMED:
+            self._confirm()
+            granted = None
+        else:
+            granted = self._emergency()
+        self._record_rejections()
+        self._settle()
+        self.idle()
+        return granted
+
+    def _confirm(self):
+        now = self._now()
+        self._accrue(0, now)
+        if self.s["supply"] == SUPPLY_ARMED:
+            self.s["supply"] = SUPPLY_ON
+            self._commit(now)
+        return self.s["supply"]
+
+    def _emergency(self):
         now = self._now()
         self._accrue(0, now)
         s = self.s
-        granted = None
-        if not s["ec"] and self.balance_mp < self.ec_threshold * 1000:
-            s["ec"] = self.ec_amount
-            granted = s["receipts"]
-            b = self.balance_mp
-            self._commit(now, (receipt_format.EMERGENCY, b, b))
-        self._record_rejections()
-        self.idle()
+        if s["ec"] or self.balance_mp >= self.ec_threshold * 1000:
+            return None
+        s["ec"] = self.ec_amount
+        if self.credit_mp() > 0:
+            s["supply"] = SUPPLY_ON
+        granted = s["receipts"]
+        b = self.balance_mp
+        self._commit(now, (receipt_format.EMERGENCY, b, b))
         return granted
+
+    def action(self, what):
+        """The PPMID's action over the HAN (SPEC §9): 1 confirm, 2 emergency credit. Return
+        ("supply", state) or ("emergency", receipt index) or ("rejected", EC_UNAVAILABLE)."""
+        self._meter(0)
+        if what == 1:
+            answer = ("supply", self._confirm())
+        else:
+            got = self._emergency()
+            answer = ("rejected", errors.EC_UNAVAILABLE) if got is None else ("emergency", got)
+        self._mark("answered")
+        self._record_rejections()
+        self._settle()
+        self.idle()
+        return answer
 
     # -- a submit ---------------------------------------------------------------------------
     def _kept(self, seq, index):
@@ -493,6 +646,7 @@ class MeterModel:
         answer = self._decide(raw, original)
         self._mark("answered")
         self._record_rejections()
+        self._settle()
         self.idle()
         return answer
 
@@ -547,6 +701,8 @@ class MeterModel:
             s["highest"] = seq
         if self.balance_mp >= 0:
             s["ec"] = 0                                 # emergency credit repaid
+        if s["supply"] == SUPPLY_OFF and self.credit_mp() > 0:
+            s["supply"] = SUPPLY_ARMED                  # armed, not on (SPEC §9)
         self._commit(now, (receipt_format.TOPUP, before, self.balance_mp))
         # a signed time ahead of meter time moves it on, uncharged, at most 7 days
         now = self._now()
@@ -563,6 +719,118 @@ class MeterModel:
         self._count(reason)
         return ("rejected", reason)
 
+    # -- a keypad code (SPEC §8) -------------------------------------------------------------
+    def _code_applied(self, digits):
+        """(sequence, receipt index) if these exact digits were applied, else None."""
+        ref = code_ref(digits)
+        for seq, (_, aref, index) in self.s["applied"].items():
+            if aref == ref:
+                return seq, index
+        return None
+
+    def code_options(self, text):
+        """[(answer, model)] for a code typed as `text` (as submit_options)."""
+        digits = code_digits(text)
+        hit = self._code_applied(digits) if digits and damm_ok(digits) else None
+        if hit is not None:
+            kept = self._kept(*hit)
+            if kept is None:
+                a, b = self.fork(), self.fork()
+                return [(a._submit_code(text, True), a), (b._submit_code(text, False), b)]
+            m = self.fork()
+            return [(m._submit_code(text, kept), m)]
+        m = self.fork()
+        return [(m._submit_code(text, False), m)]
+
+    def submit_code(self, text):
+        options = self.code_options(text)
+        if len(options) != 1:
+            raise AssertionError("the model allows several answers here")
+        answer, m = options[0]
+        self.__dict__.update(m.__dict__)
+        return answer
+
+    def _submit_code(self, text, original):
+        self._meter(0)
+        answer = self._decide_code(text, original)
+        self._mark("answered")
+        self._record_rejections()
+        self._settle()
+        self.idle()
+        return answer
+
+    def _decide_code(self, text, original):
+        s = self.s
+        digits = code_digits(text)
+        if original:
+            return ("duplicate", self._code_applied(digits)[1])
+        now = self._now()
+        wrong, lockouts, until = s["code"]
+        if until > now:
+            return self._refuse(errors.CODE_LOCKED)
+        if digits is None:
+            return self._refuse(errors.CODE_INCOMPLETE)
+        if not damm_ok(digits):
+            return self._refuse(errors.CODE_TYPO)
+        # the failure a wrong code leaves, committed before the MAC is checked
+        if wrong + 1 >= MAX_WRONG:
+            lockouts = min(lockouts + 1, MAX_LOCKOUTS)
+            failed = (0, lockouts, now + lock_seconds(lockouts))
+        else:
+            failed = (wrong + 1, lockouts, until)
+        if self.c["code"] == failed:
+            s["code"] = failed
+        else:
+            self._accrue(0, now)
+            s["code"] = failed
+            self._commit(now)
+        kind, amount, low = code_fields(digits)
+        anchor = max(s["highest"], s["floor"])
+        seq = self.codes.get(digits)
+        if seq is None or seq not in code_candidates(low, anchor):
+            return self._refuse(errors.CODE_WRONG)
+        # a good code: the series is over
+        if s["code"] != CODE_CLEAR:
+            s["code"] = CODE_CLEAR
+            self.dirty = True
+        answer = self._code_top_up(digits, seq, amount, now)
+        if answer[0] != "applied":
+            c = self.c["code"]
+            if c != CODE_CLEAR and c != (1, 0, 0):
+                self._accrue(0, now)
+                self._commit(now)
+        return answer
+
+    def _code_top_up(self, digits, seq, amount, now):
+        s = self.s
+        ref = code_ref(digits)
+        if amount > self.max_voucher:
+            return self._refuse(errors.OVER_VOUCHER_LIMIT)
+        if seq <= s["floor"] or seq < s["highest"] - WINDOW:
+            return self._refuse(errors.STALE)
+        if seq in s["applied"]:
+            _, aref, index = s["applied"][seq]
+            if self._kept(seq, index) is False:
+                return self._refuse(errors.RECEIPT_LOST)
+            if aref == ref:
+                return ("duplicate", index)
+            return self._refuse(errors.SEQUENCE_REUSED)
+        self._accrue(0, now)
+        if self.balance_mp + 1000 * amount > 1000 * self.max_credit:
+            return self._refuse(errors.OVER_CREDIT_LIMIT)
+        before = self.balance_mp
+        index = s["receipts"]
+        s["applied"][seq] = (amount, ref, index)
+        s["topups"] += amount
+        if seq > s["highest"]:
+            s["highest"] = seq
+        if self.balance_mp >= 0:
+            s["ec"] = 0
+        if s["supply"] == SUPPLY_OFF and self.credit_mp() > 0:
+            s["supply"] = SUPPLY_ARMED
+        self._commit(now, (receipt_format.TOPUP, before, self.balance_mp, FORM_CODE))
+        return ("applied", index)
+
     # -- power -----------------------------------------------------------------------------
     def power_lost(self):
         """The board was without power: its clock restarts unless it survives a cut."""
@@ -575,6 +843,7 @@ class MeterModel:
         self.s = copy.deepcopy(self.c)
         self.unsaved = 0
         self.dirty = False
+        self.interrupt_pending = False
         s = self.s
         floor = s["charged_to"]
         t = self.board_clock
@@ -651,6 +920,7 @@ class MeterModel:
         now = max(now, cclock)
         if trust is not None:
             self.trust = dict(trust)
+        self.codes = {}                       # a new key-agreement key: old codes no longer fit
         self.board_clock = now                # provisioning sets the board's clock
         self.lost_receipts = set()
         self._provision(opening_mp, now, floor, first_index)
@@ -666,6 +936,10 @@ def _roll_forward(before, after, receipt, at):
     for k in ("applied", "highest", "topups", "wh", "secs", "charged_to", "ec", "receipts", "log"):
         out[k] = copy.deepcopy(after[k])
     kind = receipt[0]
+    if kind in (receipt_format.TOPUP, receipt_format.EMERGENCY):
+        out["supply"] = after["supply"]         # receipt field 14
+    if kind == receipt_format.TOPUP and len(receipt) > 3 and receipt[3] == FORM_CODE:
+        out["code"] = CODE_CLEAR                # a good code ended the series
     if kind == receipt_format.REJECTIONS:
         out["rejections"] = {}
         out["rej_at"] = at
@@ -792,6 +1066,20 @@ class Harness:
             self.issued[voucher_fields(raw)["sequence"]] = raw
         return raws
 
+    def issue_codes(self, amount, count=1, cli=False):
+        """Keypad codes for this meter (through the issuer, or the real `topup code`)."""
+        if cli:
+            codes = [self.issuer.code_cli("%d.%02d" % divmod(amount, 100)) for _ in range(count)]
+        else:
+            codes = self.issuer.issue_codes(amount, count)
+        from host import issuer as host_issuer
+        for digits in codes:
+            row = [i for i in host_issuer.stored(self.issuer.conn, self.board.device) if i.code == digits]
+            self.issued[row[0].sequence] = digits
+            for m in self.models:
+                m.codes[digits] = row[0].sequence
+        return codes
+
     # -- following the board ----------------------------------------------------------------------
     def _keep(self, models, why):
         if not models:
@@ -835,6 +1123,46 @@ class Harness:
             self.books.sync(self.han, self.model.s["receipts"])
             if self.books.receipts[key[1]].raw != bytes(got[1]):
                 raise AssertionError("a resubmission got a receipt other than the original")
+        return got
+
+    def submit_code(self, text):
+        """A keypad code over the HAN (as a PPMID sends it); the answer must be one the model
+        allows. Return ("applied"|"duplicate", receipt bytes) or ("rejected", reason)."""
+        from hil.han_client import HanError
+        self._tick()
+        try:
+            receipt, dup = self.han.submit_code(text)
+            got = ("duplicate" if dup else "applied", receipt)
+        except HanError as e:
+            got = ("rejected", e.reason)
+        key = got if got[0] == "rejected" else (got[0], self.issuer.verify_receipt(got[1]).index)
+        self.follow_code(text, key)
+        return got
+
+    def follow_code(self, text, got):
+        """The meter answered `got` to a code typed as `text`: keep the models that allow it."""
+        options = [(a, m) for model in self.models for a, m in model.code_options(text)]
+        fits = [m for a, m in options if a == got]
+        self._keep(fits, "code %r: the meter said %s %s, the model %s" % (
+            text, got[0], _name(got), " or ".join("%s %s" % (a[0], _name(a)) for a, _ in options)))
+
+    def action(self, what):
+        """The PPMID's action over the HAN (1 confirm, 2 emergency credit), followed by the
+        models. Return what the meter answered."""
+        from hil.han_client import HanError
+        self._tick()
+        try:
+            state, receipt = self.han.action(what)
+            got = ("supply", state) if what == 1 else (
+                "emergency", self.issuer.verify_receipt(receipt).index)
+        except HanError as e:
+            got = ("rejected", e.reason)
+        options = []
+        for model in self.models:
+            m = model.fork()
+            options.append((m.action(what), m))
+        fits = [m for a, m in options if a == got]
+        self._keep(fits, "action %d: the meter said %r, the model %r" % (what, got, options[0][0]))
         return got
 
     def _all(self, fn):
@@ -904,7 +1232,8 @@ class Harness:
     def power_cut(self, kind, n=0, action=None, delay=0.0, linger=0.0):
         """A power cut — kind "kill" (at `delay` s into the action) or "flash" (after `n` more
         flash operations; `linger`: keep it armed that long after the answer) — while
-        `action` runs: None, ("submit", raw), ("pulses", n) or ("button",).  The board must
+        `action` runs: None, ("submit", raw), ("code", text), ("pulses", n) or ("button",).
+        The board must
         come back in a state the models allow (MeterModel.cut_options); a submit that was
         answered has its own commit landed.  Return (landed, CutResult)."""
         from hil.han_client import HanError, HanTimeout
@@ -917,6 +1246,11 @@ class Harness:
 
             def during(han):
                 return han.submit(raw)
+        elif action[0] == "code":
+            text, act = action[1], None
+
+            def during(han):
+                return han.submit_code(text)
         elif action[0] == "pulses":
             count = action[1]
 
@@ -952,8 +1286,8 @@ class Harness:
         if res.error is not None and not isinstance(res.error, (HanError, HanTimeout)):
             raise res.error
         # Only a submit's answer proves its commit (a status answer may come before the step).
-        answered = action is not None and action[0] == "submit" and (
-            res.result is not None or isinstance(res.error, HanError))
+        request = action is not None and action[0] in ("submit", "code")
+        answered = request and (res.result is not None or isinstance(res.error, HanError))
         got = None
         if answered:
             if res.result is not None:
@@ -962,10 +1296,13 @@ class Harness:
             else:
                 got = ("rejected", res.error.reason)
         if not res.cut:
-            if action is not None and action[0] == "submit":
+            if request:
                 if got is None:
                     raise AssertionError("a submit with no cut got no answer: %r" % (res.error,))
-                self.follow_submit(action[1], got)
+                if action[0] == "code":
+                    self.follow_code(action[1], got)
+                else:
+                    self.follow_submit(action[1], got)
             elif act is not None:
                 self._all(act)
             self.settle()
@@ -975,19 +1312,23 @@ class Harness:
         faults = self._boot_faults()
         candidates = []
         for model in self.models:
-            if action is not None and action[0] == "submit":
+            if request:
                 # each answer the model allows, then the cut
-                for answer, _ in model.submit_options(action[1]):
+                code = action[0] == "code"
+                options = model.code_options(action[1]) if code else model.submit_options(action[1])
+                for answer, _ in options:
                     if got is not None and answer != got:
                         continue
-                    candidates += _submit_cut_options(model, action[1], answer, answered, faults)
+                    candidates += _submit_cut_options(model, action[1], answer, answered, faults,
+                                                      code=code)
             else:
                 candidates += model.cut_options(act, answered=False, faults=faults)
         self._keep(candidates, "no state the rules allow after this power cut")
         self.settle(after_cut=True)
         self.check(full=True)
-        if action is not None and action[0] == "submit":
-            ref = voucher_ref(action[1])
+        if request:
+            digits = code_digits(action[1]) if action[0] == "code" else None
+            ref = code_ref(digits) if digits else voucher_ref(action[1]) if action[0] == "submit" else None
             landed = any(a[1] == ref for a in self.model.s["applied"].values())
         else:
             landed = self.model.tag != "lost"
@@ -1012,7 +1353,7 @@ class Harness:
                                      % (r.index, r.kind))
         for m in self.models:
             for r in new:
-                m.s["log"][r.index] = (r.kind, r.balance_before, r.balance_after, r.time)
+                m.s["log"][r.index] = (r.kind, r.balance_before, r.balance_after, r.time, r.supply)
                 m.s["receipts"] = r.index + 1
                 m.s["rej_at"] = r.time
             m.s["rejections"] = {errors.BAD_SIGNATURE: 1}
@@ -1137,22 +1478,25 @@ class Harness:
             w = m.s["log"].get(r.index)
             if w is None:
                 return "receipt %d (kind %d) is not one the model wrote" % (r.index, r.kind)
-            kind, before, after, at = w
-            got = (r.kind, r.balance_before, r.balance_after) + (() if self._real_clock else (r.time,))
-            exp = (kind, before, after) + (() if self._real_clock else (at,))
+            kind, before, after, at, supply = w
+            got = (r.kind, r.balance_before, r.balance_after, r.supply) + (() if self._real_clock else (r.time,))
+            exp = (kind, before, after, supply) + (() if self._real_clock else (at,))
             if got != exp:
-                return ("receipt %d is (kind, balance before, after, time) %s; the model says %s"
-                        % (r.index, got, exp))
+                return ("receipt %d is (kind, balance before, after, supply, time) %s; the model "
+                        "says %s" % (r.index, got, exp))
         return None
 
 
-def _submit_cut_options(model, raw, answer, answered, faults):
-    """cut_options for a submit whose answer (had it been given) is `answer`: the original
-    receipt is found (or not) as that answer says."""
+def _submit_cut_options(model, raw, answer, answered, faults, code=False):
+    """cut_options for a submit (a voucher, or a keypad code) whose answer (had it been
+    given) is `answer`: the original receipt is found (or not) as that answer says."""
     original = answer[0] == "duplicate"
 
     def act(m):
-        m._submit(raw, original=original)
+        if code:
+            m._submit_code(raw, original=original)
+        else:
+            m._submit(raw, original=original)
     return model.cut_options(act, answered=answered, faults=faults)
 
 

@@ -17,6 +17,14 @@ HELP = """commands (one a line):
   quit                    stop the board"""
 
 
+PPMID_HELP = """
+the PPMID (topup sim --ppmid):
+  key KEYS                press keypad keys: 0-9, * backspace, # send, D clear,
+                          A emergency credit, B confirm the supply, C balance
+                          (spaces and dashes are ignored: key 1234 5678 9012 3456 7890 #)
+  display                 what the PPMID's display shows"""
+
+
 class ConsoleError(Exception):
     pass
 
@@ -31,9 +39,10 @@ def _count(text, what, lo=1, hi=10 ** 7):
     return n
 
 
-def execute(board, line):
-    """Run one console line on the board; return the line to print (None for nothing).
-    Raises ConsoleError for a line it cannot run, StopIteration for `quit`."""
+def execute(board, line, ppmid=None):
+    """Run one console line on the board (the meter); return the line to print (None for
+    nothing).  `ppmid` (a hil.two_board.Ppmid) adds `key` and `display`.  Raises
+    ConsoleError for a line it cannot run, StopIteration for `quit`."""
     try:
         words = shlex.split(line)
     except ValueError as e:
@@ -44,7 +53,17 @@ def execute(board, line):
     if cmd in ("quit", "exit"):
         raise StopIteration
     if cmd in ("help", "?"):
-        return HELP
+        return HELP + (PPMID_HELP if ppmid is not None else "")
+    if cmd in ("key", "keys") and ppmid is not None:
+        keys = "".join(args).replace("-", "")
+        if not keys or any(k not in "0123456789*#ABCDabcd" for k in keys):
+            raise ConsoleError("keys are 0-9, *, #, A, B, C, D (e.g. key 1234#)")
+        gen = ppmid.display()["gen"]
+        ppmid.press(keys.upper())
+        ppmid.board.display_wait(gen, 1.0)
+        return _screen(ppmid)
+    if cmd == "display" and not args and ppmid is not None:
+        return _screen(ppmid)
     if cmd == "status":
         s = board.status()
         relay = {None: "not driven yet", True: "closed (supply on)", False: "open (supply off)"}[s.get("relay")]
@@ -84,12 +103,18 @@ def execute(board, line):
     raise ConsoleError("unknown command %r (try `help`)" % line.strip())
 
 
-def run(board, lines, echo):
+def _screen(ppmid):
+    """The PPMID's display, framed: 8 lines of 16 characters."""
+    rows = (ppmid.text.split("\n") + [""] * 8)[:8]
+    return "\n".join(["+" + "-" * 16 + "+"] + ["|%-16s|" % r for r in rows] + ["+" + "-" * 16 + "+"])
+
+
+def run(board, lines, echo, ppmid=None):
     """Run console lines (an iterable, e.g. sys.stdin) until `quit` or the end of them.
     Return True if `quit` was asked."""
     for line in lines:
         try:
-            out = execute(board, line)
+            out = execute(board, line, ppmid)
         except StopIteration:
             return True
         except ConsoleError as e:

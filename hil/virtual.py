@@ -6,14 +6,21 @@
 
 Processes and channels:
 
-- this launcher owns two pseudo-terminals (REPL and HAN; slave sides in raw mode, held open
-  for the board's lifetime, so their /dev/pts paths survive power cuts and restarts);
+- this launcher owns four pseudo-terminals (REPL, HAN, WAN and the HAN's second port `link`;
+  slave sides in raw mode, held open for the board's lifetime, so their /dev/pts paths
+  survive power cuts and restarts).  The HAN UART takes what either HAN port sends, frame by
+  frame, and sends on both (a HAN several devices have joined): the rig's cable to a PPMID
+  board uses `link_port` (hil/two_board.py) while tests talk to the meter on `han_port`;
 - one Node process (hil/vboard/main.mjs, its own process group) gets the two pty masters; its
   stdin/stdout are the control channel (JSON lines); its stderr goes to <workdir>/node.log;
 - inside it, the VM runs in a worker thread (hil/vboard/worker.mjs) fed from a
   SharedArrayBuffer, so the REPL stays responsive while firmware runs;
 - files in <workdir>: ``fs/`` is the board's filesystem (what mpremote's ``fs`` commands see),
   ``flash.bin`` the raw flash partition (NOR semantics, see firmware/boards/virtual.py).
+
+A PPMID (firmware/ppmid/ on this board: boards.virtual.PpmidBoard): the rig presses keys
+(`press_keys`) and reads the display's text and framebuffer (`display`, `display_wait`); its
+USB serial is the REPL pty.
 
 Power cuts: `kill()` SIGKILLs the Node process at whatever instant it is (then `start()` again
 on the same files); `cut_after(n)` lets n more flash erase/program operations complete and tears
@@ -115,10 +122,11 @@ class VirtualBoard:
         self._resume = None          # (clock, frozen, host time) when the Node process went
         self._res = {"proc": None, "fds": []}
         self._finalizer = weakref.finalize(self, _cleanup, self._res)
-        self._ptys = None            # (repl, han, wan) × (master, slave)
+        self._ptys = None            # (repl, han, wan, link) × (master, slave)
         self.repl_port = None
         self.han_port = None
         self.wan_port = None
+        self.link_port = None        # the HAN's second port: a cable to a PPMID (hil/two_board.py)
         self._lock = threading.Lock()
         self._cv = threading.Condition()
         self._replies = {}
@@ -140,9 +148,10 @@ class VirtualBoard:
         self._prepare_files()
         if self._ptys is None:
             self._open_ptys()
-        repl_master, _, han_master, _, wan_master, _ = self._ptys
+        repl_master, _, han_master, _, wan_master, _, link_master, _ = self._ptys
         cmd = [node, str(VBOARD / "main.mjs"),
                "--repl-fd", str(repl_master), "--han-fd", str(han_master), "--wan-fd", str(wan_master),
+               "--link-fd", str(link_master),
                "--fs", str(self.fs_dir), "--flash", str(self.flash_path), "--entry", str(entry),
                "--wan", "1" if self._opts["wan"] else "0", "--seed", str(self._opts["seed"]),
                "--heapsize", str(self._opts["heapsize"]),
@@ -154,7 +163,8 @@ class VirtualBoard:
             cmd += ["--frozen", "1"]
         with open(self.log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=log, pass_fds=(repl_master, han_master, wan_master),
+                                    stderr=log,
+                                    pass_fds=(repl_master, han_master, wan_master, link_master),
                                     start_new_session=True)
         self._res["proc"] = proc
         with self._cv:
@@ -206,7 +216,7 @@ class VirtualBoard:
         self._kill_proc()
         _cleanup(self._res)
         self._ptys = None
-        self.repl_port = self.han_port = self.wan_port = None
+        self.repl_port = self.han_port = self.wan_port = self.link_port = None
 
     def kill(self):
         """Power cut (a): SIGKILL the Node process now.  The ptys stay (start() again).  The
@@ -258,6 +268,25 @@ class VirtualBoard:
 
     def add_pulses(self, n):
         self._request("add_pulses", n=int(n))
+
+    # -- a PPMID's keypad and display (boards.virtual.PpmidBoard) -----------------------------
+    def press_keys(self, keys):
+        """Press keypad keys ("0"-"9", "*", "#", "A"-"D"), in order."""
+        self._request("press_keys", keys=str(keys))
+
+    def keys_pending(self):
+        """Keys pressed that the firmware has not taken yet."""
+        return self._request("keys_pending")
+
+    def display(self, pixels=False):
+        """The display as the firmware last drew it: {"gen": n, "text": lines joined by
+        newlines, "pixels": the 128x64 MONO_VLSB framebuffer as hex (pixels=True), or None}."""
+        return self._request("display", pixels=bool(pixels))
+
+    def display_wait(self, gen, timeout=1.0):
+        """Wait until the display is redrawn after generation `gen` (or `timeout` s pass);
+        return it as display() does."""
+        return self._request("display_wait", timeout=timeout + 2, gen=int(gen), ms=int(timeout * 1000))
 
     def set_clock(self, t):
         """Set the meter clock to Unix time t (it runs on from there unless frozen)."""
@@ -363,7 +392,7 @@ class VirtualBoard:
     def _open_ptys(self):
         fds = []
         try:
-            for _ in range(3):
+            for _ in range(4):
                 master, slave = os.openpty()
                 fds += [master, slave]
                 tty.setraw(slave)       # no echo, no line discipline: bytes as a UART has them
@@ -373,11 +402,13 @@ class VirtualBoard:
             raise
         os.set_blocking(fds[2], False)  # the HAN master: non-blocking reads in the VM
         os.set_blocking(fds[4], False)  # the WAN master, likewise
+        os.set_blocking(fds[6], False)  # the HAN's second port (link), likewise
         self._ptys = tuple(fds)
         self._res["fds"] = list(fds)
         self.repl_port = os.ttyname(fds[1])
         self.han_port = os.ttyname(fds[3])
         self.wan_port = os.ttyname(fds[5])
+        self.link_port = os.ttyname(fds[7])
 
     def _kill_proc(self):
         proc = self._res.get("proc")
@@ -467,6 +498,7 @@ def main(argv=None):
     print("REPL  %s" % board.repl_port)
     print("HAN   %s" % board.han_port)
     print("WAN   %s" % board.wan_port)
+    print("LINK  %s  (the HAN's second port)" % board.link_port)
     print("flash %s" % board.flash_path)
     print("fs    %s" % board.fs_dir)
     print("e.g.  mpremote connect %s exec \"print(1)\"" % board.repl_port, flush=True)

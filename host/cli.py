@@ -1,14 +1,17 @@
 # `topup`: the supplier's command line, in the conventions of esptool and mpremote.
 #
 #   topup [--db PATH] init
-#   topup key new [--activate] | key list | key activate KID | key revoke KID
-#   topup device add EUI64 [--max-voucher £] [--max-credit £] [--public-key HEX] [--label T]
+#   topup key new [--activate] [--code] | key list | key activate KID | key revoke KID
+#   topup device add EUI64 [--max-voucher £] [--max-credit £] [--public-key HEX]
+#                          [--ka-key HEX] [--label T]
 #   topup device list | device show EUI64
 #   topup issue EUI64 AMOUNT [--count N] [--expires-in DAYS] [--format F] [--out PATH] [--force]
+#   topup code EUI64 AMOUNT [--count N] [--format text|json|csv] [--out PATH] [--force]
 #   topup vouchers list|export [--device EUI64] [--seq N-M] [--batch N] [--status S]
-#                              [--undelivered] [--format F] [--out PATH] [--force]
+#                              [--form voucher|code] [--undelivered] [--format F]
+#                              [--out PATH] [--force]
 #   topup vouchers void REF | --device EUI64 --seq N [--note TEXT] [--yes]
-#   topup verify VOUCHER_OR_FILE [--device EUI64] [--now UNIX]
+#   topup verify VOUCHER_OR_FILE_OR_CODE [--device EUI64] [--now UNIX]
 #   topup show VOUCHER_OR_FILE [--format F] [--out PATH]     (deliver again: QR, PNG, ...)
 #   topup receipts import FILE... | receipts export PATH [--device EUI64] [--format F]
 #   topup reconcile [--now UNIX] [--expired refund|void]
@@ -33,13 +36,14 @@ import time
 import click
 
 from protocol import errors as perr
+from protocol import keycode
 from protocol.voucher import parse as pv_parse
 
 from . import db, delivery, issuer, keystore, reconcile as recon, registry
 from .errors import TopupError
 from .money import format_pence, parse_pence
 from .output import Interrupts
-from .sinks import FORMAT_HELP, FORMATS, Sink
+from .sinks import CODE_FORMAT_HELP, CODE_FORMATS, FORMAT_HELP, FORMATS, Sink
 from .verify import explain
 
 EXIT_USER = 2
@@ -258,49 +262,71 @@ def init(state):
     conn = db.create(state.db_path)
     conn.close()
     click.echo("created topup database %s (schema v%d, WAL)" % (state.db_path, db.SCHEMA_VERSION))
-    click.echo("next: `topup key new` to make an issuer key, `topup device add EUI64` to "
-               "register a meter", err=True)
+    click.echo("next: `topup key new` to make an issuer key (and the keypad-code key with "
+               "the first one), `topup device add EUI64` to register a meter", err=True)
 
 
 # --- keys ---------------------------------------------------------------------------------
 
 @cli.group()
 def key():
-    """Issuer keys: new, list, activate, revoke."""
+    """Issuer keys and keypad-code keys: new, list, activate, revoke."""
 
 
 @key.command("new")
 @click.option("--activate", is_flag=True, help="Make the new key the active one.")
+@click.option("--code", "code_only", is_flag=True,
+              help="Make a keypad-code key (X25519) instead of an issuer key: the one "
+                   "`topup provision` installs on meters (SPEC §8).")
 @click.pass_obj
-def key_new(state, activate):
-    """Generate an issuer key, sealed with the passphrase.
+def key_new(state, activate, code_only):
+    """Generate an issuer key (Ed25519: signs vouchers), sealed with the passphrase.
 
-    The first key becomes active; later keys only with --activate.
+    The first key becomes active; later keys only with --activate. With no active
+    keypad-code key yet, a code key (X25519, sealed the same way) is made too: provisioning
+    installs it on meters, and `topup code` derives each meter's code key from it. --code
+    makes only a code key (for a database that has issuer keys from an older version).
     """
     conn = state.conn
-    first = not keystore.list_keys(conn)
-    k = keystore.new_key(conn, _passphrase(confirm=first), activate=activate)
-    click.echo("new key %s (%s)" % (k.kid.hex(), k.status))
-    click.echo("public key %s" % k.public_key.hex(), err=True)
+    first = not keystore.list_keys(conn) and not keystore.list_code_keys(conn)
+    passphrase = _passphrase(confirm=first)
+    had_code_key = keystore.active_code_key(conn)
+    if not code_only:
+        k = keystore.new_key(conn, passphrase, activate=activate)
+        click.echo("new key %s (%s)" % (k.kid.hex(), k.status))
+        click.echo("public key %s" % k.public_key.hex(), err=True)
+    c = None
+    if code_only:
+        c = keystore.new_code_key(conn, passphrase, activate=activate)
+    elif had_code_key is None:
+        c = keystore.active_code_key(conn)      # made with it, in the same transaction
+    if c is not None:
+        click.echo("new code key %s (%s): keypad codes, installed on meters at provisioning"
+                   % (c.kid.hex(), c.status))
+        click.echo("code public key %s" % c.public_key.hex(), err=True)
 
 
 @key.command("list")
 @click.pass_obj
 def key_list(state):
-    """List issuer keys: kid, created, active, revoked."""
-    keys = keystore.list_keys(state.reader)
+    """List keys: kid, created, active, revoked, public key, and what each is for (issuer:
+    signs vouchers; codes: the keypad-code key meters are given at provisioning)."""
+    keys = [(k, "issuer") for k in keystore.list_keys(state.reader)]
+    keys += [(k, "codes") for k in keystore.list_code_keys(state.reader)]
     if not keys:
-        click.echo("no issuer keys (run `topup key new`)", err=True)
+        click.echo("no keys (run `topup key new`)", err=True)
         return 0
     from rich.table import Table
     t = Table(box=None, pad_edge=False)
-    for col in ("kid", "created", "active", "revoked", "public key"):
+    for col in ("kid", "created", "active", "revoked", "public key", "use"):
         t.add_column(col)
-    for k in keys:
+    for k, use in keys:
         t.add_row(k.kid.hex(), delivery.utc(k.created), "yes" if k.active else "no",
                   delivery.utc(k.revoked) if k.revoked is not None else "no",
-                  k.public_key.hex())
+                  k.public_key.hex(), use)
     _console().print(t)
+    if not any(use == "codes" for _, use in keys):
+        click.echo("no keypad-code key: `topup key new --code` makes one", err=True)
     return 0
 
 
@@ -352,17 +378,32 @@ def device():
               metavar="AMOUNT", help="The meter's maximum credit (default £%.2f)."
               % (registry.DEFAULT_MAX_CREDIT / 100))
 @click.option("--public-key", metavar="HEX", help="The meter's Ed25519 public key (64 hex).")
+@click.option("--ka-key", metavar="HEX",
+              help="The meter's X25519 key-agreement public key (64 hex), for a meter "
+                   "provisioned elsewhere with this database's active code key: it can then "
+                   "take keypad codes (needs --public-key).")
 @click.option("--label", help="A free-text note (address, customer reference).")
 @click.pass_obj
-def device_add(state, eui64, max_voucher, max_credit, public_key, label):
+def device_add(state, eui64, max_voucher, max_credit, public_key, ka_key, label):
     """Register meter EUI64 (00-11-22-33-44-55-66-77, 00:11:…:77 or 16 hex digits)."""
     pub = registry.parse_public_key(public_key) if public_key is not None else None
+    ka = code_kid = None
+    if ka_key is not None:
+        if pub is None:
+            raise TopupError("--ka-key goes with --public-key: a meter's key-agreement key "
+                             "belongs to one provisioning, as its receipt key does")
+        ka = registry.parse_public_key(ka_key)
+        active = keystore.active_code_key(state.conn)
+        if active is None:
+            raise TopupError("no keypad-code key in this database (make one with `topup key "
+                             "new --code`) for the meter's key-agreement key to pair with")
+        code_kid = active.kid
     mv = registry.DEFAULT_MAX_VOUCHER if max_voucher is None else max_voucher
     mc = registry.DEFAULT_MAX_CREDIT if max_credit is None else max_credit
     if max_credit is None and mc < mv:
         mc = mv
     d = registry.add_device(state.conn, eui64, max_voucher=mv, max_credit=mc, public_key=pub,
-                            label=label)
+                            label=label, ka_public=ka, code_kid=code_kid)
     click.echo("registered device %s (per-voucher maximum %s, maximum credit %s)"
                % (d.name, format_pence(d.max_voucher), format_pence(d.max_credit)))
 
@@ -396,8 +437,9 @@ def device_show(state, eui64):
     """Show one meter: limits, keys, sequence and what was issued to it."""
     conn = state.reader
     d = registry.get_device(conn, eui64)
-    total, last = conn.execute("SELECT coalesce(sum(amount), 0), max(issued) FROM vouchers "
-                               "WHERE device = ?", (eui64,)).fetchone()
+    total, last, codes = conn.execute(
+        "SELECT coalesce(sum(amount), 0), max(issued), coalesce(sum(form = 2), 0) FROM vouchers "
+        "WHERE device = ?", (eui64,)).fetchone()
     epochs = registry.device_keys(conn, eui64)
     rows = [
         ("device", d.name),
@@ -413,12 +455,18 @@ def device_show(state, eui64):
             span = "no receipts"
         rows.append(("  key epoch %d" % e.epoch, "kid %s, %s, sequence floor %d, registered %s"
                      % (e.kid.hex(), span, e.floor, delivery.utc(e.provisioned))))
+        rows.append(("    keypad codes", "yes: key-agreement key %s, code key %s"
+                     % (e.ka_public.hex(), e.code_kid.hex()) if e.takes_codes else
+                     "no: no key-agreement key registered (firmware older than keypad "
+                     "codes); vouchers only"))
     rows += [
         ("per-voucher maximum", format_pence(d.max_voucher)),
         ("maximum credit", format_pence(d.max_credit)),
         ("registered", delivery.utc(d.created)),
         ("next sequence", str(d.next_sequence)),
-        ("vouchers issued", "%d, total %s" % (d.issued_count, format_pence(total))),
+        ("vouchers issued", "%d, total %s%s" % (d.issued_count, format_pence(total),
+                                                 " (of which %d keypad codes)" % codes
+                                                 if codes else "")),
         ("last issued", delivery.utc(last) if last is not None else "-"),
     ]
     w = max(len(k) for k, _ in rows)
@@ -476,19 +524,19 @@ def _export_command(state, sink, selection, fmt, nothing_written):
     return cmd
 
 
-def _say_what_happened(state, conn, batch_id, requested, sink, why):
+def _say_what_happened(state, conn, batch_id, requested, sink, why, noun="voucher"):
     """After an issue that did not finish: what is stored, what was written where, and
     the command that exports the rest — all read back from the database."""
     from . import vouchers as vq
     if batch_id is None:
-        _note("%s before any voucher was stored: nothing was issued" % why)
+        _note("%s before any %s was stored: nothing was issued" % (why, noun))
         return
     stored, delivered, undelivered, amount = vq.batch_summary(conn, batch_id)
     n = vq.count(stored)
-    _note("%s — %d of %d voucher%s stored (batch %d)" % (
-        why, n, requested, "" if requested == 1 else "s", batch_id))
-    _note("stored in the database: %d voucher%s, %s, %s in all" % (
-        n, "" if n == 1 else "s", vq.format_ranges(stored), format_pence(amount)))
+    _note("%s — %d of %d %s%s stored (batch %d)" % (
+        why, n, requested, noun, "" if requested == 1 else "s", batch_id))
+    _note("stored in the database: %d %s%s, %s, %s in all" % (
+        n, noun, "" if n == 1 else "s", vq.format_ranges(stored), format_pence(amount)))
     for dest, rs in sorted(delivered.items(), key=lambda kv: kv[0] or ""):
         _note("written whole to %s: %d, %s" % (
             sink.label if dest == sink.destination else vq.describe_destination(dest),
@@ -505,7 +553,7 @@ def _say_what_happened(state, conn, batch_id, requested, sink, why):
         click.echo("  %s" % _export_command(state, sink, "--batch %d" % batch_id, sink.fmt,
                                             not delivered), err=True)
     else:
-        _note("every stored voucher was written; nothing is missing")
+        _note("every stored %s was written; nothing is missing" % noun)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True},
@@ -543,14 +591,30 @@ def issue(state, eui64, amount, count, expires_in, fmt, out, force, batch_size):
         nxt = dev.next_sequence
         predicted = [(eui64, s) for s in range(nxt, nxt + min(count, 100_000))]
     sink = Sink(fmt, out, count, force, predicted=predicted)
-    bar, progress = _progress_bar(count)
+
+    def batches(progress):
+        return issuer.issue_batches(conn, signer, eui64, pence, count,
+                                    expires_in=None if expires_in is None
+                                    else expires_in * 86400, batch_size=batch_size,
+                                    progress=progress, fmt=fmt,
+                                    destination=sink.destination, delivered=sink.delivered)
+    code, batch_id = _run_issue(state, conn, count, fmt, sink, batches, "voucher")
+    if code is not None:
+        return code
+    _say_issued(conn, batch_id, count, pence, dev, "voucher", "key %s" % signer.kid.hex(),
+                sink)
+    return 0
+
+
+def _run_issue(state, conn, count, fmt, sink, batches_of, noun):
+    """Write what `batches_of(progress)` issues to `sink`, stopping cleanly at a signal or
+    a write error, and record what was written where. Returns (exit code, batch id): the
+    exit code is None when everything was issued and written; otherwise what happened has
+    been said (what is stored, what was written where, the command that writes the rest)."""
+    bar, progress = _progress_bar(count, "issuing")
     batch_id, failure = None, None
     with Interrupts() as stop:
-        batches = issuer.issue_batches(conn, signer, eui64, pence, count,
-                                       expires_in=None if expires_in is None
-                                       else expires_in * 86400, batch_size=batch_size,
-                                       progress=progress, fmt=fmt,
-                                       destination=sink.destination, delivered=sink.delivered)
+        batches = batches_of(progress)
         try:
             if bar is not None:
                 bar.start()
@@ -570,7 +634,7 @@ def issue(state, eui64, amount, count, expires_in, fmt, out, force, batch_size):
             batches.close()
             if bar is not None:
                 bar.stop()
-        # Put the output file in place (whole vouchers only) and record what it holds.
+        # Put the output file in place (whole records only) and record what it holds.
         try:
             sink.finish()
         except TopupError as e:
@@ -585,21 +649,92 @@ def issue(state, eui64, amount, count, expires_in, fmt, out, force, batch_size):
         if failure is not None or stop:
             why = ("stopped: %s" % failure.message if failure is not None
                    else "interrupted by %s" % stop.description)
-            _say_what_happened(state, conn, batch_id, count, sink, why)
+            _say_what_happened(state, conn, batch_id, count, sink, why, noun)
             if failure is not None:
-                return failure.exit_code if failure.exit_code != EXIT_USER else 1
-            return stop.exit_code
+                return (failure.exit_code if failure.exit_code != EXIT_USER else 1), batch_id
+            return stop.exit_code, batch_id
+    return None, batch_id
+
+
+def _say_issued(conn, batch_id, count, pence, dev, noun, key, sink):
     from . import vouchers as vq
     stored, _, _, _ = vq.batch_summary(conn, batch_id)
-    click.echo("issued %d voucher%s of %s for %s, %s, key %s (batch %d)" % (
-        count, "" if count == 1 else "s", format_pence(pence), dev.name,
-        vq.format_ranges(stored), signer.kid.hex(), batch_id), err=True)
+    click.echo("issued %d %s%s of %s for %s, %s, %s (batch %d)" % (
+        count, noun, "" if count == 1 else "s", format_pence(pence), dev.name,
+        vq.format_ranges(stored), key, batch_id), err=True)
     if sink.out is not None and sink.destination != "-":
         click.echo("wrote %s" % sink.label, err=True)
     for path in sink.files[:5]:
         click.echo("wrote %s" % path, err=True)
     if len(sink.files) > 5:
         click.echo("wrote %d more files in %s" % (len(sink.files) - 5, sink.dir), err=True)
+
+
+# --- keypad codes (SPEC.md §8) ------------------------------------------------------------
+
+_NO_EXPIRY = ("keypad codes carry no expiry: 20 digits leave no room for a date beside the "
+              "31-bit MAC (SPEC §8), so a code stays good until it is applied or its sequence "
+              "falls below the meter's window; for a top-up that expires, issue a voucher "
+              "(`topup issue EUI64 AMOUNT --expires-in DAYS`)")
+
+
+def _no_expiry(ctx, param, value):
+    if value is not None:
+        raise TopupError(_NO_EXPIRY)
+    return value
+
+
+@cli.command(context_settings={"ignore_unknown_options": True},
+             short_help="Issue COUNT keypad codes of AMOUNT for meter EUI64.")
+@click.argument("eui64", callback=_device_arg)
+@click.argument("amount")
+@click.option("-n", "--count", type=click.IntRange(1, 10_000_000), default=1, show_default=True,
+              help="How many codes (bulk issuance).")
+@click.option("-f", "--format", "fmt", type=click.Choice(CODE_FORMATS), default="text",
+              show_default=True, help=CODE_FORMAT_HELP + ".")
+@click.option("-o", "--out", metavar="PATH",
+              help="Output file (default stdout). It appears whole, via a temporary file "
+                   "renamed into place; an existing file is refused unless --force; a device "
+                   "or FIFO (e.g. /dev/null) is written in place, never replaced.")
+@click.option("--force", is_flag=True, help=_FORCE_HELP)
+@click.option("--batch-size", type=click.IntRange(1, 100_000), default=issuer.DEFAULT_BATCH,
+              show_default=True, help="Codes per durable transaction.")
+@click.option("--expires-in", metavar="DAYS", expose_value=False, is_eager=True,
+              callback=_no_expiry, help="Refused: codes carry no expiry (SPEC §8); use "
+                                        "`topup issue` for a voucher that expires.")
+@click.pass_obj
+def code(state, eui64, amount, count, fmt, out, force, batch_size):
+    """Issue COUNT keypad codes of AMOUNT (10.50, £10.50 or 50p) for meter EUI64: 20
+    digits a customer types on the in-home display (SPEC §8), printed in groups of four.
+
+    A code carries 1p to £655.35 (and no more than the meter's per-voucher maximum), never
+    expires, and shares the meter's sequences with vouchers: it is stored, listed, exported,
+    voided and reconciled like one. It is derived from the supplier code key the meter was
+    given at provisioning and the meter's key-agreement key, so the meter must have been
+    provisioned by firmware that takes codes. As with `topup issue`, each transaction's
+    sequences are reserved durably before its codes are written out, and a run that stops
+    early says exactly what is stored and written where.
+    """
+    conn = state.conn
+    dev = registry.get_device(conn, eui64)
+    top = min(keycode.MAX_AMOUNT, dev.max_voucher)
+    pence = parse_pence(amount, maximum=top, limit_name=(
+        "device %s's per-voucher maximum" % dev.name if top < keycode.MAX_AMOUNT
+        else "the most a keypad code carries (SPEC §8; issue a voucher for more)"))
+    epoch, _ = issuer._check_code_request(conn, dev, pence, count)
+    code_key = keystore.unlock_code_key(conn, _passphrase(), epoch.code_kid)
+    sink = Sink(fmt, out, count, force)
+
+    def batches(progress):
+        return issuer.issue_code_batches(conn, code_key, eui64, pence, count,
+                                         batch_size=batch_size, progress=progress, fmt=fmt,
+                                         destination=sink.destination,
+                                         delivered=sink.delivered)
+    rc, batch_id = _run_issue(state, conn, count, fmt, sink, batches, "code")
+    if rc is not None:
+        return rc
+    _say_issued(conn, batch_id, count, pence, dev, "code", "code key %s" % code_key.kid.hex(),
+                sink)
     return 0
 
 
@@ -640,24 +775,36 @@ def show(voucher, fmt, out, force):
 
 # --- verify -------------------------------------------------------------------------------
 
-@cli.command(short_help="Check vouchers; exit 0 if every one would be accepted.")
-@click.argument("voucher", metavar="VOUCHER_OR_FILE")
+@cli.command(short_help="Check vouchers or a keypad code; exit 0 if acceptable.")
+@click.argument("words", metavar="VOUCHER_OR_FILE_OR_CODE", nargs=-1, required=True)
 @click.option("--device", "eui64", callback=_device_arg, metavar="EUI64",
-              help="Check acceptance by this registered meter (default: the voucher's own).")
+              help="Check acceptance by this registered meter (default: the voucher's own, "
+                   "or the meter this database issued the code for).")
 @click.option("--now", type=click.IntRange(0), metavar="UNIX",
               help="Meter time for the expiry check (default: now).")
 @click.pass_obj
-def verify(state, voucher, eui64, now):
+def verify(state, words, eui64, now):
     """Decode vouchers and explain them; exit 0 if every one is acceptable, 1 if not.
 
     VOUCHER_OR_FILE is a text form (OTU1:…) or a file: text forms (one a line), JSON or
     JSON Lines (what `topup issue -f json` writes), or CBOR (one voucher, or a CBOR
     sequence). Only the signed bytes count: a JSON voucher whose other fields (amount,
     sequence, device, …) disagree with them is reported and makes the exit code 1.
+
+    A keypad code (20 digits; spaces and dashes allowed) is explained for meter --device:
+    incomplete, a typo (with the issued codes one typo away), issued for another meter, or
+    its amount and sequence under that meter's code key (the passphrase unlocks the
+    supplier code key), and its status here (outstanding, redeemed, stale, void). A code
+    may be given unquoted, in its five groups.
     """
+    voucher = " ".join(words)
+    if len(words) > 1 and not delivery.looks_like_code(voucher):
+        raise TopupError("give one voucher or file (or one keypad code) to verify")
     conn = state.reader
     if eui64 is not None:
         registry.get_device(conn, eui64)  # unknown device is a user error, before anything
+    if delivery.looks_like_code(voucher):
+        return _verify_code(state, conn, voucher, eui64)
     items = delivery.load_items(voucher)
     when = int(time.time()) if now is None else now
     con = _console()
@@ -706,6 +853,75 @@ def verify(state, voucher, eui64, now):
         ", %d whose JSON fields disagree with the signed bytes" % odd if odd else "",
         delivery.utc(when)))
     return 1 if bad or odd else 0
+
+
+def _verify_code(state, conn, text, eui64):
+    from rich.markup import escape
+    from .verify import explain_code
+
+    def unlock(kid):
+        return keystore.unlock_code_key(conn, _passphrase(), kid)
+    rep = explain_code(conn, text, device=eui64, unlock=unlock)
+    con = _console()
+
+    def line(k, val):
+        con.print("  %-10s %s" % (k, val))
+    con.print("[bold]Keypad code[/] %s" % escape(keycode.grouped(rep.digits) if rep.digits
+                                                  else repr(text.strip())))
+    for g, dev, seq in rep.near:
+        line("did you mean", "%s (issued for %s, sequence %d)" % (g, registry.format_eui64(dev),
+                                                                 seq))
+    if rep.kind is not None:
+        line("kind", "add credit" if rep.kind == keycode.KIND_ADD else "%d (reserved)" % rep.kind)
+        line("amount", "%s (%d p)" % (format_pence(rep.amount), rep.amount))
+    if rep.sequence is not None:
+        line("sequence", "%d (low 14 bits %d)" % (rep.sequence, rep.low))
+    if rep.digits and rep.reason not in (perr.CODE_TYPO, perr.CODE_INCOMPLETE):
+        line("ref", rep.ref.hex())
+    if rep.db_match is not None:
+        r = rep.row
+        if rep.db_match == "same":
+            note = "issued by this database (batch %s, %s)" % (
+                "-" if r.batch is None else r.batch, delivery.utc(r.issued))
+        elif rep.db_match == "different":
+            note = ("[red]a different %s holds sequence %d in this database[/]"
+                    % (r.form_name, rep.sequence))
+        else:
+            note = ("[yellow]not issued by this database[/] (yet it fits this meter's code "
+                    "key: it was made with the supplier code key)")
+        line("records", note)
+        if rep.status is not None:
+            extra = ""
+            if rep.status == "redeemed":
+                used = _vq.redeemed_by(conn, r)
+                if used is not None:
+                    extra = ": receipt %d, meter time %s" % (used[0], delivery.utc(used[1]))
+                extra += "; the meter answers with the original receipt, no credit"
+            elif rep.status == "void":
+                extra = ": cancelled%s; a meter would still apply it" % (
+                    " (%s)" % escape(r.void_note) if r.void_note else "")
+            line("status", rep.status + ("" if r.reconciled or rep.status == "void"
+                                         else " (not reconciled yet)") + extra)
+    d = rep.device
+    if d is not None:
+        con.print("[bold]Device[/] %s (per-voucher maximum %s%s)" % (
+            d.name, format_pence(d.max_voucher),
+            "; key epoch %d, code key %s" % (rep.epoch.epoch, rep.epoch.code_kid.hex())
+            if rep.epoch is not None else ""))
+    if rep.accepted and rep.status in ("redeemed", "void", "stale"):
+        con.print("[bold red]%s[/]: the meter %s" % (
+            rep.status.upper(), {"redeemed": "applied it already: no more credit",
+                                 "void": "would apply it, but it was cancelled here",
+                                 "stale": "refuses it (STALE)"}[rep.status]))
+        return 1
+    if rep.accepted:
+        con.print("[bold green]ACCEPTED[/] by device %s (SPEC §8 checks 2-6; the lockout, "
+                  "replay and credit checks depend on the meter's state)" % d.name)
+        return 0
+    con.print("[bold red]REJECTED[/]: %s (%d)%s" % (perr.name(rep.reason), rep.reason,
+                                                    ": " + escape(rep.detail) if rep.detail
+                                                    else ""))
+    return 1
 
 
 def _disagreement(field, given, truth):
@@ -985,7 +1201,7 @@ from . import vouchers as _vq  # noqa: E402
 
 @cli.group()
 def vouchers():
-    """Stored vouchers: list, export (again), void."""
+    """Stored vouchers and keypad codes: list, export (again), void."""
 
 
 def _selection(fn):
@@ -1000,6 +1216,8 @@ def _selection(fn):
             click.option("--status", type=click.Choice(_vq.STATUSES),
                          help="Only vouchers with this status (the last reconciliation's, "
                               "with cancellations, revocations and expiry since)."),
+            click.option("--form", "form", type=click.Choice(tuple(_vq.FORMS)),
+                         help="Only vouchers (signed) or only keypad codes."),
             click.option("--undelivered", "delivered_", flag_value="undelivered",
                          help="Only vouchers stored but never written whole anywhere."),
             click.option("--delivered", "delivered_", flag_value="delivered",
@@ -1008,26 +1226,30 @@ def _selection(fn):
     return fn
 
 
-def _selected(conn, eui64, seq, batch, status, delivery_, with_bytes=True):
+def _selected(conn, eui64, seq, batch, status, form, delivery_, with_bytes=True):
     return _vq.select(conn, device=eui64, seq=_vq.parse_range(seq) if seq else None,
-                      batch=batch, status=status, delivery=delivery_, with_bytes=with_bytes)
+                      batch=batch, status=status, delivery=delivery_, with_bytes=with_bytes,
+                      form=form)
 
 
 @vouchers.command("list")
 @_selection
 @click.pass_obj
-def vouchers_list(state, eui64, seq, batch, status, delivered_):
-    """List stored vouchers: device, sequence, amount, status, batch, where written."""
+def vouchers_list(state, eui64, seq, batch, status, form, delivered_):
+    """List stored vouchers and keypad codes: device, sequence, form (voucher or code),
+    amount, status, batch, where written."""
     from rich.markup import escape
     from rich.table import Table
     t = Table(box=None, pad_edge=False)
-    for col in ("device", "seq", "amount", "status", "issued", "expires", "batch",
+    for col in ("device", "seq", "form", "amount", "status", "issued", "expires", "batch",
                 "written to", "ref"):
         t.add_column(col, justify="right" if col in ("seq", "amount", "batch") else "left")
-    n = total = unreconciled = 0
+    n = total = unreconciled = codes = 0
     per = {}
-    for r in _selected(state.reader, eui64, seq, batch, status, delivered_, with_bytes=False):
+    for r in _selected(state.reader, eui64, seq, batch, status, form, delivered_,
+                       with_bytes=False):
         n += 1
+        codes += r.is_code
         total += r.amount
         c, p = per.get(r.status, (0, 0))
         per[r.status] = (c + 1, p + r.amount)
@@ -1037,15 +1259,21 @@ def vouchers_list(state, eui64, seq, batch, status, delivered_):
             where = "NOT WRITTEN" if r.delivery == "undelivered" else "(not recorded)"
         st = r.status + ("" if r.reconciled or r.status == "void" else "*")
         unreconciled += st.endswith("*")
-        t.add_row(registry.format_eui64(r.device), str(r.sequence), format_pence(r.amount), st,
-                  delivery.utc(r.issued), delivery.utc(r.expires) or "never",
+        t.add_row(registry.format_eui64(r.device), str(r.sequence), r.form_name,
+                  format_pence(r.amount), st, delivery.utc(r.issued),
+                  delivery.utc(r.expires) or "never",
                   "-" if r.batch is None else str(r.batch), escape(where), r.ref.hex())
     if not n:
         click.echo("no vouchers match", err=True)
         return 0
     _console().print(t)
-    click.echo("%d voucher%s, %s: %s" % (
-        n, "" if n == 1 else "s", format_pence(total),
+    vouchers_ = n - codes
+    what = "%d voucher%s" % (vouchers_, "" if vouchers_ == 1 else "s")
+    if codes:
+        what = ("%s and %d code%s" % (what, codes, "" if codes == 1 else "s") if vouchers_
+                else "%d code%s" % (codes, "" if codes == 1 else "s"))
+    click.echo("%s, %s: %s" % (
+        what, format_pence(total),
         ", ".join("%s %d (%s)" % (st, per[st][0], format_pence(per[st][1]))
                   for st in _vq.STATUSES if st in per)))
     if unreconciled:
@@ -1062,16 +1290,23 @@ def vouchers_list(state, eui64, seq, batch, status, delivered_):
 @click.option("--force", is_flag=True, help=_FORCE_HELP)
 @click.option("--include-void", is_flag=True, help="Export cancelled (void) vouchers too.")
 @click.pass_obj
-def vouchers_export(state, eui64, seq, batch, status, delivered_, fmt, out, force,
+def vouchers_export(state, eui64, seq, batch, status, form, delivered_, fmt, out, force,
                     include_void):
-    """Write stored vouchers again, in any format `topup issue` has, and record where.
+    """Write stored vouchers and codes again, in any format `topup issue` has, and record
+    where (keypad codes: text, json or csv only).
 
     With --undelivered (and --batch N), writes exactly what an interrupted `topup issue`
-    stored but did not write. Writing a voucher twice is harmless: it is the same voucher,
-    and a meter applies it once. Void vouchers are left out unless --include-void.
+    or `topup code` stored but did not write. Writing a voucher twice is harmless: it is the
+    same voucher, and a meter applies it once. Void ones are left out unless --include-void.
     """
     conn = state.reader
-    rows = list(_selected(conn, eui64, seq, batch, status, delivered_))
+    rows = list(_selected(conn, eui64, seq, batch, status, form, delivered_))
+    if fmt not in CODE_FORMATS:
+        n_codes = sum(r.is_code for r in rows)
+        if n_codes:
+            raise TopupError("%d of the %d selected are keypad codes, which have no %s form: "
+                             "use -f text, json or csv, or --form voucher"
+                             % (n_codes, len(rows), fmt))
     skipped = 0
     if not include_void:
         kept = [r for r in rows if r.status != "void"]
@@ -1111,8 +1346,8 @@ def vouchers_export(state, eui64, seq, batch, status, delivered_, fmt, out, forc
     if failure is not None or stop:
         why = ("stopped: %s" % failure.message if failure is not None
                else "interrupted by %s" % stop.description)
-        _note("%s: wrote %d of %d voucher%s to %s (%s)" % (
-            why, n, len(rows), "" if len(rows) == 1 else "s", sink.label,
+        _note("%s: wrote %d of %d %s to %s (%s)" % (
+            why, n, len(rows), _nouns(rows, len(rows)), sink.label,
             _vq.format_ranges(written)))
         if n < len(rows):
             rest = rows[n:]  # written in order, whole vouchers only
@@ -1120,17 +1355,26 @@ def vouchers_export(state, eui64, seq, batch, status, delivered_, fmt, out, forc
                 len(rest), _vq.format_ranges(issuer.ranges((r.device, r.sequence)
                                                             for r in rest))))
             click.echo("  %s" % _rest_command(state, sink, rest, eui64, batch, status,
-                                              delivered_, fmt, include_void, n == 0), err=True)
+                                              delivered_, fmt, include_void, n == 0, form),
+                       err=True)
         if failure is not None:
             return failure.exit_code if failure.exit_code != EXIT_USER else 1
         return stop.exit_code
-    _note("exported %d voucher%s (%s) to %s" % (n, "" if n == 1 else "s",
-                                               _vq.format_ranges(written), sink.label))
+    _note("exported %d %s (%s) to %s" % (n, _nouns(rows, n), _vq.format_ranges(written),
+                                        sink.label))
     return 0
 
 
+def _nouns(rows, n):
+    """'voucher(s)', 'code(s)' or 'vouchers and codes', for what `rows` holds."""
+    codes = sum(r.is_code for r in rows)
+    if codes and codes < len(rows):
+        return "vouchers and codes"
+    return ("code" if codes else "voucher") + ("" if n == 1 else "s")
+
+
 def _rest_command(state, sink, rest, eui64, batch, status, delivered_, fmt, include_void,
-                  nothing_written):
+                  nothing_written, form=None):
     """The export command that writes `rest` (the tail of a selection, in order)."""
     import shlex
     words = ["topup", state.db_option().strip() or None, "vouchers", "export"]
@@ -1144,6 +1388,8 @@ def _rest_command(state, sink, rest, eui64, batch, status, delivered_, fmt, incl
         words += ["--batch", str(batch)]
     if status:
         words += ["--status", status]
+    if form:
+        words += ["--form", form]
     if delivered_:
         words.append("--" + delivered_)
     if include_void:
@@ -1167,7 +1413,8 @@ def _rest_command(state, sink, rest, eui64, batch, status, delivered_, fmt, incl
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
 def vouchers_void(state, ref, eui64, seq, note, yes):
-    """Cancel one voucher: REF (its reference, 8 or more hex digits), or --device and --seq.
+    """Cancel one voucher or keypad code: REF (its reference, 8 or more hex digits), or
+    --device and --seq.
 
     Reconciliation then counts it void: not a liability, no refund due. The meter cannot
     be told (it has no WAN): if it applies the voucher all the same, the credit is on the
@@ -1180,8 +1427,9 @@ def vouchers_void(state, ref, eui64, seq, note, yes):
     if ref is None and (eui64 is None or seq is None):
         raise TopupError("--device and --seq go together")
     row = _vq.find(conn, ref=ref, device=eui64, sequence=seq)
-    what = "voucher %d of %s (%s, ref %s)" % (row.sequence, registry.format_eui64(row.device),
-                                             format_pence(row.amount), row.ref.hex())
+    what = "%s %d of %s (%s, ref %s)" % (row.form_name, row.sequence,
+                                        registry.format_eui64(row.device),
+                                        format_pence(row.amount), row.ref.hex())
     if not yes:
         try:
             sure = click.confirm("Cancel %s?" % what, err=True)

@@ -15,7 +15,7 @@ from protocol.cose import kid_for
 from .errors import TopupError
 
 APPLICATION_ID = 0x4F545531  # "OTU1"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_S = 60.0  # a concurrent issuer waits this long for the write lock
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -214,8 +214,76 @@ ALTER TABLE vouchers ADD COLUMN void_note TEXT;
 """
 
 
+# Version 5: keypad codes (SPEC.md §8). The supplier's code keys (X25519 key pairs, sealed
+# like the issuer keys; one active: the one provisioning installs on meters; rotation keeps
+# the others for the meters that have them). Each meter key epoch records the meter's
+# key-agreement public key its provisioning printed (NULL: firmware without codes) and the
+# supplier code key installed with it: a code for that meter is derived from exactly that
+# pair. Codes are stored beside vouchers, in the same per-device sequence space (one table:
+# statuses, deliveries, void and reconciliation treat both alike): `form` 1 a voucher
+# (COSE bytes, issuer key), 2 a keypad code (its 20 digits, the code key; no expiry, at most
+# 65,535 p). The vouchers table is rebuilt for that (kid and cose become NULL for a code).
+# Receipts keep their form (field 13) and the supply state after them (field 14).
+SCHEMA_V5 = """
+CREATE TABLE code_keys (
+    kid           BLOB PRIMARY KEY CHECK (length(kid) = 8),  -- first 8 bytes of SHA-256 of public_key
+    public_key    BLOB NOT NULL UNIQUE CHECK (length(public_key) = 32),  -- X25519
+    salt          BLOB NOT NULL,
+    sealed_secret BLOB NOT NULL,              -- SecretBox(nonce || ciphertext) of the X25519 secret
+    opslimit      INTEGER NOT NULL,
+    memlimit      INTEGER NOT NULL,
+    created       INTEGER NOT NULL,
+    active        INTEGER NOT NULL DEFAULT 0 CHECK (active IN (0, 1)),
+    revoked       INTEGER,
+    CHECK (NOT (active = 1 AND revoked IS NOT NULL))
+);
+CREATE UNIQUE INDEX code_keys_one_active ON code_keys (active) WHERE active = 1;
+
+ALTER TABLE device_keys ADD COLUMN ka_public BLOB CHECK (ka_public IS NULL OR length(ka_public) = 32);
+ALTER TABLE device_keys ADD COLUMN code_kid BLOB REFERENCES code_keys (kid);
+
+CREATE TABLE vouchers_v5 (
+    device    BLOB NOT NULL REFERENCES devices (device),
+    sequence  INTEGER NOT NULL CHECK (sequence BETWEEN 1 AND 4294967295),
+    kid       BLOB REFERENCES keys (kid),     -- a voucher's issuer key; NULL for a code
+    amount    INTEGER NOT NULL CHECK (amount BETWEEN 1 AND 1000000),
+    issued    INTEGER NOT NULL,
+    expires   INTEGER,
+    ref       BLOB NOT NULL,                  -- a voucher's or a code's reference (SPEC §2.2, §8)
+    cose      BLOB,                           -- a voucher's COSE_Sign1 bytes; NULL for a code
+    batch     INTEGER,
+    voided    INTEGER,
+    void_note TEXT,
+    form      INTEGER NOT NULL DEFAULT 1 CHECK (form IN (1, 2)),  -- 1 voucher, 2 keypad code
+    code      TEXT,                           -- a code's 20 digits
+    code_kid  BLOB REFERENCES code_keys (kid),  -- the code key it was derived with
+    CHECK ((form = 1 AND kid IS NOT NULL AND cose IS NOT NULL AND code IS NULL
+            AND code_kid IS NULL)
+        OR (form = 2 AND kid IS NULL AND cose IS NULL AND length(code) = 20
+            AND code_kid IS NOT NULL AND expires IS NULL AND amount <= 65535)),
+    PRIMARY KEY (device, sequence)
+) WITHOUT ROWID;
+INSERT INTO vouchers_v5 (device, sequence, kid, amount, issued, expires, ref, cose, batch,
+                         voided, void_note)
+    SELECT device, sequence, kid, amount, issued, expires, ref, cose, batch, voided, void_note
+    FROM vouchers;
+DROP TABLE vouchers;
+ALTER TABLE vouchers_v5 RENAME TO vouchers;
+
+ALTER TABLE receipts ADD COLUMN form INTEGER;    -- kind 1: field 13 (NULL: absent, a voucher)
+ALTER TABLE receipts ADD COLUMN supply INTEGER;  -- kinds 1, 2: field 14 (NULL: absent)
+
+DROP VIEW receipt_log;
+CREATE VIEW receipt_log AS
+    SELECT r.device, r.idx, r.hash, r.kind, r.prev, r.meter_time, r.balance_before,
+           r.balance_after, r.sequence, r.voucher_ref, r.amount, r.rejections, r.faults,
+           r.raw, i.at AS imported, i.source, r.sig_ok, r.checked_kid, r.form, r.supply
+    FROM receipts r JOIN imports i ON i.batch = r.batch;
+"""
+
+
 # From version n to n + 1: an SQL script, or a function of the connection.
-MIGRATIONS = {1: SCHEMA_V2, 2: _v3, 3: SCHEMA_V4}
+MIGRATIONS = {1: SCHEMA_V2, 2: _v3, 3: SCHEMA_V4, 4: SCHEMA_V5}
 
 
 def _run_migration(conn, version):

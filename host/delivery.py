@@ -44,7 +44,21 @@ def utc_or_none(ts):
 
 
 def to_dict(v):
-    """JSON-ready fields of an issued voucher (host.issuer.Issued)."""
+    """JSON-ready fields of an issued voucher or keypad code (host.issuer.Issued)."""
+    if getattr(v, "form", 1) == 2:
+        from protocol import keycode
+        return {
+            "form": "code",
+            "device": format_eui64(v.device),
+            "sequence": v.sequence,
+            "amount_pence": v.amount,
+            "amount": format_pence(v.amount),
+            "issued": v.issued,
+            "issued_utc": utc_or_none(v.issued),
+            "code_kid": v.kid.hex(),
+            "ref": v.ref.hex(),
+            "code": keycode.grouped(v.code),
+        }
     return {
         "device": format_eui64(v.device),
         "sequence": v.sequence,
@@ -127,6 +141,24 @@ def write_svg(raw, path, scale=4):
 def write_cbor(raw, path):
     with open(path, "wb") as f:
         f.write(raw)
+
+
+_CODE_CHARS = frozenset("0123456789 -\t")
+
+
+def looks_like_code(arg):
+    """Whether a command-line argument is meant as a keypad code (SPEC.md §8): digits with
+    any spaces or dashes (however many: the meter, or `topup verify`, says whether there are
+    20 with a fitting check digit), or a short run of mostly digits with a letter or two in
+    it (a mistyped code: CODE_INCOMPLETE, not "not a voucher"); never the name of an
+    existing file, and never a voucher's text form (OTU1:…, far longer)."""
+    if not isinstance(arg, str) or not arg.strip() or os.path.exists(arg):
+        return False
+    if all(c in _CODE_CHARS for c in arg):
+        return any(c.isdigit() for c in arg)
+    digits = sum(c.isdigit() for c in arg)
+    return (len(arg) <= 40 and digits >= 12 and ":" not in arg
+            and all(c.isalnum() or c in " -\t" for c in arg) and digits * 4 >= len(arg) * 3)
 
 
 def load(arg):

@@ -16,6 +16,8 @@
 # vouchers recorded as handed over in that same transaction.
 import collections
 import collections.abc
+import hashlib as _hashlib
+import hmac as _hmac
 import struct
 import time
 
@@ -27,22 +29,35 @@ try:  # libsodium's crypto_sign through PyNaCl's own cffi module, with reused bu
 except (ImportError, AttributeError):  # pragma: no cover - PyNaCl without that module
     _ffi = _lib = None
 
-from protocol import cose, voucher
+from protocol import cose, keycode, voucher
 from protocol.voucher import MAX_AMOUNT, MAX_SEQUENCE, check_fields
 
 from .db import transaction
 from .errors import TopupError
 from .money import format_pence
+from . import registry
 from .registry import format_eui64, get_device
 
 DEFAULT_BATCH = 2000
 
 
+FORM_VOUCHER = 1  # receipts' field 13 (SPEC.md §4): how a top-up came
+FORM_CODE = 2
+FORM_NAMES = {FORM_VOUCHER: "voucher", FORM_CODE: "code"}
+
+
 class Issued(collections.namedtuple(
-        "Issued", "device sequence amount issued expires kid ref cose")):
-    """One issued voucher as stored: fields, reference and the COSE_Sign1 bytes."""
+        "Issued", "device sequence amount issued expires kid ref cose form code",
+        defaults=(FORM_VOUCHER, None))):
+    """One issued voucher or keypad code as stored: fields, reference and the COSE_Sign1
+    bytes (a voucher), or the code's 20 digits (`code`, form 2: `kid` is then the code
+    key's, `cose` None)."""
 
     __slots__ = ()
+
+    @property
+    def is_code(self):
+        return self.form == FORM_CODE
 
 
 class Batch(collections.abc.Sequence):
@@ -52,13 +67,15 @@ class Batch(collections.abc.Sequence):
     `batch` is the issue batch (issue_batches.batch) the transaction belongs to.
     """
 
-    __slots__ = ("device", "amount", "issued", "expires", "kid", "rows", "batch")
+    __slots__ = ("device", "amount", "issued", "expires", "kid", "rows", "batch", "form")
 
-    def __init__(self, device, amount, issued, expires, kid, rows, batch=None):
+    def __init__(self, device, amount, issued, expires, kid, rows, batch=None,
+                 form=FORM_VOUCHER):
         self.device, self.amount, self.issued, self.expires, self.kid = (
             device, amount, issued, expires, kid)
-        self.rows = rows  # [(sequence, ref, cose)]
+        self.rows = rows  # [(sequence, ref, cose)], or [(sequence, ref, digits)] for codes
         self.batch = batch
+        self.form = form
 
     def __len__(self):
         return len(self.rows)
@@ -67,6 +84,9 @@ class Batch(collections.abc.Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self.rows)))]
         seq, ref, raw = self.rows[i]
+        if self.form == FORM_CODE:
+            return Issued(self.device, seq, self.amount, self.issued, None, self.kid, ref,
+                          None, FORM_CODE, raw)
         return Issued(self.device, seq, self.amount, self.issued, self.expires, self.kid,
                       ref, raw)
 
@@ -169,6 +189,56 @@ class VoucherEncoder:
 reference = voucher.reference  # one definition of the voucher reference: SPEC.md §2.2
 
 
+# --- keypad codes (SPEC.md §8) ------------------------------------------------------------
+# The digits of protocol.keycode.encode — the tests hold this to that — with the HMAC key
+# and everything but the sequence set up once per run (hmac's C implementation, its state
+# copied per code), and the Damm check digit walked over the bytes with one flat table.
+
+def _damm_table():
+    # state << 8 | digit byte  ->  next state << 8
+    table = [0] * (10 << 8)
+    for state in range(10):
+        for digit in range(10):
+            table[state << 8 | (48 + digit)] = keycode._DAMM[state][digit] << 8
+    return tuple(table)
+
+
+_DAMM_NEXT = _damm_table()
+_CHECK_FOR = tuple(str(next(c for c in range(10) if keycode._DAMM[s][c] == 0)) for s in range(10))
+_CODE_REF_PREFIX = b"OTU1 code "
+
+
+class CodeEncoder:
+    """Keypad codes of one meter (its 32-byte code key, SPEC.md §8)."""
+
+    def __init__(self, key, device):
+        self._key = bytes(key)
+        self._device = bytes(device)
+
+    def encode_run(self, first, count, amount, kind=keycode.KIND_ADD):
+        """[(sequence, reference, 20 digits)] for sequences first..first+count-1."""
+        if not 1 <= amount <= keycode.MAX_AMOUNT:
+            raise ValueError("a code carries 1..%d pence" % keycode.MAX_AMOUNT)
+        base = _hmac.new(self._key, keycode._MAC_DOMAIN + self._device + bytes((kind,))
+                         + amount.to_bytes(4, "big"), _hashlib.sha256)
+        head = (kind << keycode.AMOUNT_BITS | amount) << keycode.SEQ_BITS
+        shift, mac_mask, seq_mask = keycode.MAC_BITS, (1 << keycode.MAC_BITS) - 1, \
+            keycode.SEQ_SPAN - 1
+        nxt, check, sha, prefix = _DAMM_NEXT, _CHECK_FOR, _hashlib.sha256, _CODE_REF_PREFIX
+        out = []
+        for seq in range(first, first + count):
+            h = base.copy()
+            h.update(seq.to_bytes(4, "big"))
+            tag = int.from_bytes(h.digest()[:4], "big") & mac_mask
+            body = "%019d" % ((head | (seq & seq_mask)) << shift | tag)
+            d = 0
+            for b in body.encode():
+                d = nxt[d | b]
+            digits = body + check[d >> 8]
+            out.append((seq, sha(prefix + digits.encode()).digest()[:keycode.REF_LEN], digits))
+        return out
+
+
 # --- issuance ---------------------------------------------------------------------------
 
 def _check_request(dev, amount, count, expires_in):
@@ -208,6 +278,100 @@ def issue_batches(conn, signer, device, amount, count=1, expires_in=None, now=No
     _check_request(dev, amount, count, expires_in)
     enc = VoucherEncoder(signer.kid, signer.secret64)
     kid = signer.kid
+
+    def store(conn, first, n, issued, batch_id, done):
+        key = conn.execute("SELECT active FROM keys WHERE kid = ?", (kid,)).fetchone()
+        if key is None or not key[0]:
+            raise TopupError("key %s is no longer the active key; stopped after %d "
+                             "vouchers" % (kid.hex(), done))
+        expires = None if expires_in is None else issued + int(expires_in)
+        check_fields(device, first, amount, issued, expires)
+        rows = [(seq, reference(raw), raw)
+                for seq, raw in enc.encode_run(device, first, n, amount, issued, expires)]
+        # What is constant in the batch goes into the statement as literals (integers
+        # and hex we made ourselves), so only three values are bound per voucher.
+        conn.executemany(
+            "INSERT INTO vouchers (device, sequence, amount, issued, expires, kid, ref,"
+            " cose, batch) VALUES (X'%s', ?, %d, %d, %s, X'%s', ?, ?, %d)"
+            % (device.hex(), amount, issued, "NULL" if expires is None else "%d" % expires,
+               kid.hex(), batch_id), rows)
+        return Batch(device, amount, issued, expires, kid, rows, batch_id)
+
+    yield from _issue(conn, device, amount, count, now, batch_size, progress, fmt,
+                      destination, delivered, store, "vouchers")
+
+
+def _check_code_request(conn, dev, amount, count):
+    """The code-specific refusals, before anything is stored: (code epoch, highest)."""
+    epoch = registry.code_epoch(conn, dev.device)
+    if not 1 <= amount <= keycode.MAX_AMOUNT:
+        raise TopupError("a keypad code carries 1p..%s (SPEC §8); issue a voucher for more"
+                         % format_pence(keycode.MAX_AMOUNT))
+    highest = registry.highest_applied(conn, dev.device)
+    last = dev.next_sequence + count - 1
+    if last > highest + registry.CODE_SPAN:
+        raise TopupError(_too_far(dev.name, last, highest, count))
+    return epoch, highest
+
+
+def _too_far(name, last, highest, count):
+    return ("code sequence %d would be more than %d above %d, the highest sequence meter %s "
+            "may have applied (its reconciled receipts, or its sequence floor): the meter "
+            "rebuilds a code's sequence from its 14 low bits near its window and would answer "
+            "CODE_WRONG (SPEC §8); import its receipts and `topup reconcile`, or issue "
+            "vouchers%s" % (last, registry.CODE_SPAN, highest, name,
+                            "" if count == 1 else ", or fewer codes"))
+
+
+def issue_code_batches(conn, code_key, device, amount, count=1, now=None,
+                       batch_size=DEFAULT_BATCH, progress=None, fmt=None, destination=None,
+                       delivered=None):
+    """Issue `count` keypad codes (SPEC.md §8) of `amount` pence to `device`; yield
+    Batches of Issued (form 2). As `issue_batches`: the sequences are reserved in the same
+    transaction that stores the codes, committed before any code is yielded; the same
+    issue batches and deliveries are recorded.
+
+    `code_key`: the unlocked supplier code key (host.keystore.CodeKey) that the meter's
+    current key epoch was provisioned with. Refused, before anything is stored, for a meter
+    that takes no codes, an amount over £655.35 or the meter's per-voucher maximum, and a
+    sequence more than 2^14 - 64 above what the meter may have applied.
+    """
+    device = bytes(device)
+    dev = get_device(conn, device)
+    _check_request(dev, amount, count, None)
+    epoch, _ = _check_code_request(conn, dev, amount, count)
+    if epoch.code_kid != code_key.kid:
+        raise TopupError("meter %s was provisioned with code key %s, not %s"
+                         % (dev.name, epoch.code_kid.hex(), code_key.kid.hex()))
+    enc = CodeEncoder(code_key.code_key(device, epoch.ka_public), device)
+    kid = code_key.kid
+
+    def store(conn, first, n, issued, batch_id, done):
+        cur = registry.device_keys(conn, device)
+        if not cur or cur[-1].epoch != epoch.epoch:
+            raise TopupError("meter %s was provisioned again meanwhile; stopped after %d codes"
+                             % (dev.name, done))
+        highest = registry.highest_applied(conn, device)
+        if first + n - 1 > highest + registry.CODE_SPAN:
+            raise TopupError("stopped after %d codes: %s" % (
+                done, _too_far(dev.name, first + n - 1, highest, n)))
+        rows = enc.encode_run(first, n, amount)
+        conn.executemany(
+            "INSERT INTO vouchers (device, sequence, amount, issued, ref, code, form, "
+            "code_kid, batch) VALUES (X'%s', ?, %d, %d, ?, ?, %d, X'%s', %d)"
+            % (device.hex(), amount, issued, FORM_CODE, kid.hex(), batch_id), rows)
+        return Batch(device, amount, issued, None, kid, rows, batch_id, FORM_CODE)
+
+    yield from _issue(conn, device, amount, count, now, batch_size, progress, fmt,
+                      destination, delivered, store, "codes")
+
+
+def _issue(conn, device, amount, count, now, batch_size, progress, fmt, destination,
+           delivered, store, what):
+    """The reservation loop both forms share: per batch one BEGIN IMMEDIATE transaction
+    that reads next_sequence, records the issue batch and the deliveries reported so far,
+    stores the batch (`store(conn, first, n, issued, batch id, done) -> Batch`), moves
+    next_sequence and commits; then yields the batch."""
     done = 0
     batch_id = None
     if progress:
@@ -219,19 +383,13 @@ def issue_batches(conn, signer, device, amount, count=1, expires_in=None, now=No
         with transaction(conn):
             row = conn.execute("SELECT next_sequence, max_voucher FROM devices WHERE device = ?",
                                (device,)).fetchone()
-            key = conn.execute("SELECT active FROM keys WHERE kid = ?", (kid,)).fetchone()
             if row is None:
                 raise TopupError("device %s was removed" % format_eui64(device))
-            if key is None or not key[0]:
-                raise TopupError("key %s is no longer the active key; stopped after %d "
-                                 "vouchers" % (kid.hex(), done))
             first, max_voucher = row
             if amount > max_voucher or first + n - 1 > MAX_SEQUENCE:
-                raise TopupError("device %s limits changed; stopped after %d vouchers"
-                                 % (format_eui64(device), done))
+                raise TopupError("device %s limits changed; stopped after %d %s"
+                                 % (format_eui64(device), done, what))
             issued = int(time.time()) if now is None else int(now)
-            expires = None if expires_in is None else issued + int(expires_in)
-            check_fields(device, first, amount, issued, expires)
             if batch_id is None:
                 batch_id = conn.execute(
                     "INSERT INTO issue_batches (device, amount, requested, created, format, "
@@ -239,15 +397,7 @@ def issue_batches(conn, signer, device, amount, count=1, expires_in=None, now=No
                     (device, amount, count, issued, fmt if destination else None,
                      destination)).lastrowid
             _insert_deliveries(conn, written, batch_id, fmt, destination)
-            rows = [(seq, reference(raw), raw)
-                    for seq, raw in enc.encode_run(device, first, n, amount, issued, expires)]
-            # What is constant in the batch goes into the statement as literals (integers
-            # and hex we made ourselves), so only three values are bound per voucher.
-            conn.executemany(
-                "INSERT INTO vouchers (device, sequence, amount, issued, expires, kid, ref,"
-                " cose, batch) VALUES (X'%s', ?, %d, %d, %s, X'%s', ?, ?, %d)"
-                % (device.hex(), amount, issued, "NULL" if expires is None else "%d" % expires,
-                   kid.hex(), batch_id), rows)
+            batch = store(conn, first, n, issued, batch_id, done)
             cur = conn.execute("UPDATE devices SET next_sequence = ? WHERE device = ? AND "
                                "next_sequence = ?", (first + n, device, first))
             if cur.rowcount != 1:  # cannot happen under BEGIN IMMEDIATE; refuse loudly
@@ -256,8 +406,7 @@ def issue_batches(conn, signer, device, amount, count=1, expires_in=None, now=No
                 _insert_deliveries(conn, [(device, first, first + n - 1)], batch_id, None,
                                    None, issued)
         del pending[:len(written)]
-        # COMMIT has returned: the reservation is durable. Now the vouchers may leave.
-        batch = Batch(device, amount, issued, expires, kid, rows, batch_id)
+        # COMMIT has returned: the reservation is durable. Now they may leave.
         done += n
         if progress:
             progress(done, count)
@@ -301,20 +450,34 @@ def issue(conn, signer, device, amount, count=1, **kw):
     return out
 
 
+def issue_codes(conn, code_key, device, amount, count=1, **kw):
+    """All codes of `issue_code_batches` as one list."""
+    out = []
+    for batch in issue_code_batches(conn, code_key, device, amount, count, **kw):
+        out.extend(batch)
+    return out
+
+
+_STORED = ("SELECT device, sequence, amount, issued, expires, coalesce(kid, code_kid), ref, "
+           "cose, form, code FROM vouchers")
+
+
+def _issued(r):
+    return Issued(bytes(r[0]), r[1], r[2], r[3], r[4], bytes(r[5]), bytes(r[6]),
+                  None if r[7] is None else bytes(r[7]), r[8], r[9])
+
+
 def stored(conn, device=None):
-    """Stored vouchers (all, or one device's), in (device, sequence) order."""
-    sql = "SELECT device, sequence, amount, issued, expires, kid, ref, cose FROM vouchers"
+    """Stored vouchers and codes (all, or one device's), in (device, sequence) order."""
+    sql = _STORED
     args = ()
     if device is not None:
         sql += " WHERE device = ?"
         args = (device,)
-    return [Issued(bytes(r[0]), r[1], r[2], r[3], r[4], bytes(r[5]), bytes(r[6]), bytes(r[7]))
-            for r in conn.execute(sql + " ORDER BY device, sequence", args)]
+    return [_issued(r) for r in conn.execute(sql + " ORDER BY device, sequence", args)]
 
 
 def find_sequence(conn, device, sequence):
-    r = conn.execute("SELECT device, sequence, amount, issued, expires, kid, ref, cose FROM "
-                     "vouchers WHERE device = ? AND sequence = ?", (device, sequence)).fetchone()
-    if r is None:
-        return None
-    return Issued(bytes(r[0]), r[1], r[2], r[3], r[4], bytes(r[5]), bytes(r[6]), bytes(r[7]))
+    r = conn.execute(_STORED + " WHERE device = ? AND sequence = ?",
+                     (device, sequence)).fetchone()
+    return None if r is None else _issued(r)

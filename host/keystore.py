@@ -3,6 +3,12 @@
 # Several keys may exist; at most one is active (the one `issue` signs with), and a key
 # may be revoked: vouchers signed by a revoked key are void.
 #
+# Code keys (SPEC.md §8): the supplier's X25519 key pairs for keypad codes, sealed exactly
+# the same way under the same passphrase (table code_keys). The active one is installed on
+# meters at provisioning; each meter key epoch remembers which one it got (host/registry.py),
+# so a code is always derived from the pair that meter holds. The first issuer key brings
+# the first code key with it (`topup key new`); `topup key new --code` makes one alone.
+#
 # New keys are sealed at libsodium's MODERATE limits (3 passes, 256 MiB: about a second
 # per unlock). A key sealed with weaker limits (the INTERACTIVE limits of earlier
 # versions) still opens, and is sealed again at MODERATE, with a new salt, the next time
@@ -14,6 +20,7 @@ import os
 import sqlite3
 import time
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.pwhash
 import nacl.secret
@@ -84,14 +91,28 @@ def _weaker(opslimit, memlimit, target):
     return opslimit < target[0] or memlimit < target[1]
 
 
+def _has_code_keys(conn):
+    """Whether the database has the code_keys table (schema 5; an older database being
+    set up by a test or a migration step may not)."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                        "name = 'code_keys'").fetchone() is not None
+
+
 def rewrap(conn, passphrase, seeds=None):
-    """Seal again, at today's limits, every key sealed with weaker ones that `passphrase`
-    opens. `seeds`: {kid: seed} already unsealed (saves a derivation). Best effort: a
-    database that cannot be written right now keeps the old sealing (it still opens).
-    Returns the kids re-sealed."""
+    """Seal again, at today's limits, every key (issuer or code key) sealed with weaker
+    ones that `passphrase` opens. `seeds`: {kid: seed} already unsealed (saves a
+    derivation). Best effort: a database that cannot be written right now keeps the old
+    sealing (it still opens). Returns the kids re-sealed."""
+    done = _rewrap(conn, passphrase, seeds, "keys", "sealed_seed")
+    if _has_code_keys(conn):
+        done += _rewrap(conn, passphrase, seeds, "code_keys", "sealed_secret")
+    return done
+
+
+def _rewrap(conn, passphrase, seeds, table, column):
     target = limits()
     done = []
-    rows = conn.execute("SELECT kid, salt, sealed_seed, opslimit, memlimit FROM keys"
+    rows = conn.execute("SELECT kid, salt, %s, opslimit, memlimit FROM %s" % (column, table)
                         ).fetchall()
     for kid, salt, sealed, ops, mem in rows:
         if not _weaker(ops, mem, target):
@@ -107,9 +128,9 @@ def rewrap(conn, passphrase, seeds=None):
         try:
             with transaction(conn):
                 cur = conn.execute(
-                    "UPDATE keys SET salt = ?, sealed_seed = ?, opslimit = ?, memlimit = ? "
-                    "WHERE kid = ? AND salt = ?", (new_salt, new_sealed, target[0], target[1],
-                                                   kid, salt))
+                    "UPDATE %s SET salt = ?, %s = ?, opslimit = ?, memlimit = ? "
+                    "WHERE kid = ? AND salt = ?" % (table, column),
+                    (new_salt, new_sealed, target[0], target[1], kid, salt))
             if cur.rowcount == 1:
                 done.append(kid)
         except (TopupError, sqlite3.Error):  # busy, read-only: it still opens as it is
@@ -152,12 +173,15 @@ def get_key(conn, kid):
 
 
 def find_key(conn, kid_text):
-    """A key by its kid in hex, or a unique prefix of it (at least 4 hex digits)."""
+    """An issuer key by its kid in hex, or a unique prefix of it (at least 4 hex digits)."""
     t = kid_text.strip().lower()
     if len(t) < 4 or any(c not in "0123456789abcdef" for c in t):
         raise TopupError("key id %r: give at least 4 hex digits of a kid" % kid_text)
     matches = [k for k in list_keys(conn) if k.kid.hex().startswith(t)]
     if not matches:
+        if any(k.kid.hex().startswith(t) for k in list_code_keys(conn)):
+            raise TopupError("%s is a keypad-code key (X25519): activate and revoke work on "
+                             "issuer keys; a new code key is `topup key new --code`" % t)
         raise TopupError("no key with kid %s" % t)
     if len(matches) > 1:
         raise TopupError("kid prefix %s matches %d keys; give more digits" % (t, len(matches)))
@@ -172,13 +196,20 @@ def check_passphrase(conn, passphrase):
     """
     r = conn.execute("SELECT salt, sealed_seed, opslimit, memlimit, kid FROM keys "
                      "ORDER BY active DESC, revoked IS NOT NULL, created LIMIT 1").fetchone()
+    if r is None and _has_code_keys(conn):
+        r = conn.execute("SELECT salt, sealed_secret, opslimit, memlimit, kid FROM code_keys "
+                         "ORDER BY active DESC, revoked IS NOT NULL, created LIMIT 1").fetchone()
     if r is not None:
         seed = _unseal(r[:4], passphrase)
         rewrap(conn, passphrase, {bytes(r[4]): seed})
 
 
-def new_key(conn, passphrase, activate=False, now=None, seed=None):
-    """Generate (or import `seed`), seal and store a key. The first key becomes active."""
+def new_key(conn, passphrase, activate=False, now=None, seed=None, code_key=True):
+    """Generate (or import `seed`), seal and store a key. The first key becomes active.
+
+    With `code_key` (the default), a database with no active keypad-code key gets one in
+    the same transaction (SPEC.md §8: provisioning installs it on meters), so that one
+    `topup key new` sets up vouchers and codes alike."""
     if not passphrase:
         raise TopupError("the passphrase must not be empty")
     check_passphrase(conn, passphrase)  # before anything is written
@@ -187,7 +218,13 @@ def new_key(conn, passphrase, activate=False, now=None, seed=None):
     ops, mem = limits()
     salt, sealed = _seal(seed, passphrase, ops, mem)
     created = int(time.time()) if now is None else int(now)
+    code = None
+    if code_key and _has_code_keys(conn) and active_code_key(conn) is None:
+        code = _sealed_code_key(nacl.utils.random(32), passphrase)
     with transaction(conn):
+        if code is not None and not conn.execute(
+                "SELECT 1 FROM code_keys WHERE active = 1").fetchone():
+            _insert_code_key(conn, code, True, created)
         if conn.execute("SELECT 1 FROM keys WHERE kid = ?", (signer.kid,)).fetchone():
             raise TopupError("a key with kid %s already exists" % signer.kid.hex())
         has_active = conn.execute("SELECT 1 FROM keys WHERE active = 1").fetchone()
@@ -241,3 +278,112 @@ def unlock_active(conn, passphrase):
         raise TopupError("key store is damaged: key %s does not match its seed" % bytes(r[0]).hex())
     rewrap(conn, passphrase, {signer.kid: seed})
     return signer
+
+
+# --- code keys (SPEC.md §8) -------------------------------------------------------------
+
+class CodeKey:
+    """An unlocked code key: `kid`, `public_key` (X25519), and `code_key(device,
+    meter_public)`: the per-meter keypad-code key (HKDF-SHA-256 of the X25519 agreement
+    with the meter's key-agreement key, SPEC.md §8)."""
+
+    def __init__(self, secret):
+        self._secret = bytes(secret)
+        self.public_key = x25519_public(self._secret)
+        self.kid = kid_for(self.public_key)
+
+    def shared(self, meter_public):
+        """X25519(own secret, meter public): TopupError for a small-order meter key."""
+        try:
+            return nacl.bindings.crypto_scalarmult(self._secret, bytes(meter_public))
+        except (nacl.exceptions.RuntimeError, nacl.exceptions.CryptoError, ValueError):
+            raise TopupError("the meter's key-agreement key %s is not usable (a small-order "
+                             "point): provision the meter again" % bytes(meter_public).hex()
+                             ) from None
+
+    def code_key(self, device, meter_public):
+        from protocol import keycode
+        return keycode.derive_key(self.shared(meter_public), bytes(device), self.public_key,
+                                  bytes(meter_public))
+
+
+def x25519_public(secret):
+    """The X25519 public key of a 32-byte secret (libsodium; RFC 7748 clamping)."""
+    return nacl.bindings.crypto_scalarmult_base(bytes(secret))
+
+
+def list_code_keys(conn):
+    """Every code key, oldest first ([] on a database without code keys yet)."""
+    if not _has_code_keys(conn):
+        return []
+    rows = conn.execute("SELECT kid, public_key, created, active, revoked FROM code_keys "
+                        "ORDER BY created, kid").fetchall()
+    return [KeyInfo(*r) for r in rows]
+
+
+def get_code_key(conn, kid):
+    r = conn.execute("SELECT kid, public_key, created, active, revoked FROM code_keys "
+                     "WHERE kid = ?", (kid,)).fetchone()
+    return KeyInfo(*r) if r else None
+
+
+def active_code_key(conn):
+    """The active code key (KeyInfo), or None."""
+    if not _has_code_keys(conn):
+        return None
+    r = conn.execute("SELECT kid, public_key, created, active, revoked FROM code_keys "
+                     "WHERE active = 1").fetchone()
+    return KeyInfo(*r) if r else None
+
+
+def new_code_key(conn, passphrase, activate=False, now=None, secret=None):
+    """Generate (or import `secret`), seal and store an X25519 code key under the store's
+    passphrase. The first becomes active (later ones only with `activate`)."""
+    if not passphrase:
+        raise TopupError("the passphrase must not be empty")
+    check_passphrase(conn, passphrase)  # before anything is written
+    sealed = _sealed_code_key(nacl.utils.random(32) if secret is None else bytes(secret),
+                              passphrase)
+    created = int(time.time()) if now is None else int(now)
+    with transaction(conn):
+        kid = _insert_code_key(conn, sealed, activate, created)
+    return get_code_key(conn, kid)
+
+
+def _sealed_code_key(secret, passphrase):
+    """(CodeKey, salt, sealed secret, opslimit, memlimit): a code key sealed for storing."""
+    key = CodeKey(secret)
+    ops, mem = limits()
+    salt, sealed = _seal(bytes(secret), passphrase, ops, mem)
+    return key, salt, sealed, ops, mem
+
+
+def _insert_code_key(conn, sealed, activate, created):
+    """Store a sealed code key (inside the caller's transaction); the first is active."""
+    key, salt, blob, ops, mem = sealed
+    if conn.execute("SELECT 1 FROM code_keys WHERE kid = ?", (key.kid,)).fetchone():
+        raise TopupError("a code key with kid %s already exists" % key.kid.hex())
+    has_active = conn.execute("SELECT 1 FROM code_keys WHERE active = 1").fetchone()
+    make_active = activate or not has_active
+    if make_active:
+        conn.execute("UPDATE code_keys SET active = 0 WHERE active = 1")
+    conn.execute("INSERT INTO code_keys (kid, public_key, salt, sealed_secret, opslimit, "
+                 "memlimit, created, active) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 (key.kid, key.public_key, salt, blob, ops, mem, created,
+                  1 if make_active else 0))
+    return key.kid
+
+
+def unlock_code_key(conn, passphrase, kid):
+    """Code key `kid` as a CodeKey, or TopupError (no such key / wrong passphrase)."""
+    r = conn.execute("SELECT kid, salt, sealed_secret, opslimit, memlimit FROM code_keys "
+                     "WHERE kid = ?", (bytes(kid),)).fetchone()
+    if r is None:
+        raise TopupError("no code key %s in this database" % bytes(kid).hex())
+    secret = _unseal(r[1:], passphrase)
+    key = CodeKey(secret)
+    if key.kid != bytes(r[0]):
+        raise TopupError("key store is damaged: code key %s does not match its secret"
+                         % bytes(r[0]).hex())
+    rewrap(conn, passphrase, {key.kid: secret})
+    return key

@@ -48,8 +48,8 @@ class Parsed:
     where it came from. `hash` is SHA-256 of `raw` (what the next receipt's prev holds)."""
 
     __slots__ = ("raw", "hash", "device", "index", "kind", "time", "prev", "before",
-                 "after", "sequence", "ref", "amount", "rejections", "faults", "kid", "tbs",
-                 "sig", "item", "offset")
+                 "after", "sequence", "ref", "amount", "rejections", "faults", "form",
+                 "supply", "kid", "tbs", "sig", "item", "offset")
 
 
 # --- the fast path --------------------------------------------------------------------
@@ -86,22 +86,23 @@ _INT = _int_re(rb"[\x00-\x17\x20-\x37]",
 # COSE_Sign1 [protected {1: -8 (EdDSA), 4: kid}, {}, payload, signature], optionally tag
 # 18; payload a bstr of 24..255 bytes holding the map {1: device, 2: index, 3: kind,
 # 4: time, 5: prev, 6: before, 7: after, then by kind: 8: sequence, 9: voucher ref,
-# 10: amount (kind 1, ten entries) | 10: amount (kind 2) | 11: rejections (kind 3) |
-# 12: faults (kind 4)} (eight entries for kinds 2-4). Groups: 1 kid, 2 the payload bstr
-# (head included), 3 set for a top-up, 4 device, 5 index, 6 the kind byte of kinds 2-4,
-# 7 time, 8 prev, 9 before, 10 after, 11 sequence, 12 ref, 13 amount, 14 the rejections
-# map, 15 the faults map, 16 signature. After the match: the payload's length byte, that
-# the last field is the one of the kind, and (kinds 3 and 4) that the counts map decodes
-# strictly to unsigned integers.
+# 10: amount (kind 1) | 10: amount (kind 2) | 11: rejections (kind 3) | 12: faults
+# (kind 4), then optionally 13: form (kind 1, 1 or 2) and 14: supply (kinds 1 and 2, 0..2)}
+# (SPEC.md §4). Groups: 1 kid, 2 the payload bstr (head included), 3 the map's head byte,
+# 4 device, 5 index, 6 kind, 7 time, 8 prev, 9 before, 10 after, 11 sequence, 12 ref,
+# 13 amount, 14 the rejections map, 15 the faults map, 16 form, 17 supply, 18 signature.
+# After the match (`_fields_fit`): the payload's length byte, that the fields present are
+# exactly the kind's (and the map's entry count says as many), and (kinds 3 and 4) that
+# the counts map decodes strictly to unsigned integers.
 _RECEIPT = re.compile(
     rb"\xd2?\x84" + re.escape(_PROT_HEAD) + rb"(.{8})\xa0"
-    rb"(\x58[\x18-\xff](?:(\xaa)|\xa8)\x01\x48(.{8})\x02" + _UINT +
-    rb"\x03(?(3)\x01|([\x02-\x04]))\x04" + _UINT + rb"\x05\x58\x20(.{32})\x06" + _INT +
-    rb"\x07" + _INT + rb"(?:(?(3)\x08" + _UINT + rb"\x09\x50(.{16}))\x0a" + _POS +
-    rb"|\x0b([\xa0-\xbb].*)|\x0c([\xa0-\xbb].*))"
+    rb"(\x58[\x18-\xff]([\xa8-\xac])\x01\x48(.{8})\x02" + _UINT +
+    rb"\x03([\x01-\x04])\x04" + _UINT + rb"\x05\x58\x20(.{32})\x06" + _INT +
+    rb"\x07" + _INT + rb"(?:\x08" + _UINT + rb"\x09\x50(.{16}))?(?:\x0a" + _POS +
+    rb")?(?:\x0b([\xa0-\xbb].*)|\x0c([\xa0-\xbb].*))?(?:\x0d([\x01\x02]))?"
+    rb"(?:\x0e([\x00-\x02]))?"
     rb")\x58\x40(.{64})", re.S)
-assert _RECEIPT.groups == 16
-_KIND_OF = {None: 1, b"\x02": 2, b"\x03": 3, b"\x04": 4}
+assert _RECEIPT.groups == 18
 
 
 def _counts(blob):
@@ -118,15 +119,33 @@ def _counts(blob):
     return counts
 
 
-def _kind_and_counts(kb, amt, rej, flt):
-    """(kind, rejections, faults) from the match groups, or None if the last field is not
-    the kind's, or its counts map is not valid."""
-    kind = _KIND_OF[kb]
-    if kind <= 2:
-        return (kind, None, None) if amt is not None else None
-    blob = rej if kind == 3 else flt
-    if blob is None:
+def _fields_fit(head, kb, st, amt, rej, flt, form, supply):
+    """Whether the fields matched are exactly those of the receipt's kind, as many as the
+    map's head says: (kind, rejections, faults), or None (then the generic parser answers,
+    with the same result or the precise refusal)."""
+    kind = kb[0]
+    n = 7
+    if kind == 1:
+        if st is None or amt is None or rej is not None or flt is not None:
+            return None
+        n += 3
+    elif kind == 2:
+        if st is not None or amt is None or rej is not None or flt is not None \
+                or form is not None:
+            return None
+        n += 1
+    else:
+        if st is not None or amt is not None or form is not None or supply is not None:
+            return None
+        blob, other = (rej, flt) if kind == 3 else (flt, rej)
+        if blob is None or other is not None:
+            return None
+        n += 1
+    n += (form is not None) + (supply is not None)
+    if head[0] - 0xA0 != n:
         return None
+    if kind <= 2:
+        return kind, None, None
     counts = _counts(blob)
     if counts is None:
         return None
@@ -149,23 +168,19 @@ def fast_parse(raw):
     m = _RECEIPT.fullmatch(raw)
     if m is None:
         return None
-    (kid, pay, top, device, it, kb, tt, prev, bt, at, st, ref, amt, rej, flt,
+    (kid, pay, head, device, it, kb, tt, prev, bt, at, st, ref, amt, rej, flt, form, supply,
      sig) = m.groups()
     if pay[1] + 2 != len(pay):
         return None
-    if top is None or amt is None:
-        kc = _kind_and_counts(None if top else kb, amt, rej, flt)
-        if kc is None:
-            return None
-        kind, rejections, faults = kc
-    else:
-        kind, rejections, faults = 1, None, None
+    kc = _fields_fit(head, kb, st, amt, rej, flt, form, supply)
+    if kc is None:
+        return None
     fb, base = int.from_bytes, _BASE
     r = Parsed()
     r.raw = raw
     r.device, r.kid, r.prev, r.ref, r.sig = device, kid, prev, ref, sig
     r.index = fb(it, "big") - base[it[0]]
-    r.kind = kind
+    r.kind, r.rejections, r.faults = kc
     r.time = fb(tt, "big") - base[tt[0]]
     b = fb(bt, "big") - base[bt[0]]
     r.before = -1 - b if bt[0] & 0x20 else b
@@ -173,8 +188,8 @@ def fast_parse(raw):
     r.after = -1 - a if at[0] & 0x20 else a
     r.sequence = None if st is None else fb(st, "big") - base[st[0]]
     r.amount = None if amt is None else fb(amt, "big") - base[amt[0]]
-    r.rejections = rejections
-    r.faults = faults
+    r.form = None if form is None else form[0]
+    r.supply = None if supply is None else supply[0]
     r.tbs = _TBS_HEAD + kid + _EMPTY_AAD + pay
     return r
 
@@ -195,6 +210,7 @@ def parse(raw):
     r.sequence, r.ref, r.amount = rec.sequence, rec.voucher, rec.amount
     r.rejections = dict(rec.rejections) if rec.rejections is not None else None
     r.faults = dict(rec.faults) if rec.faults is not None else None
+    r.form, r.supply = rec.form, rec.supply
     r.kid = msg.kid
     r.tbs = msg.to_be_signed()
     r.sig = msg.signature
@@ -355,18 +371,18 @@ def _parse_item(raw, path, n, offset, what="item"):
 
 # --- rows: from file bytes straight to what the importer stores -----------------------
 # A row is a tuple: (device, kid, signed message, hash, index, hash, kind, prev, time,
-# balance before, balance after, sequence, voucher ref, amount, raw, counts JSON).
-# The signed message is signature || Sig_structure, what libsodium's crypto_sign_open
-# takes; row[ROW_VALUES] are the receipts table's columns idx .. raw in that order (the
-# blobs as bytearrays, which sqlite3 binds without its adaptation look-up), and
-# row[ROW_COUNTS] the counts map as JSON: the rejections column of a kind-3 receipt, the
-# faults column of a kind-4 one, None for the others. `hash` (row[3], bytes) is SHA-256
+# balance before, balance after, sequence, voucher ref, amount, raw, form, supply, counts
+# JSON). The signed message is signature || Sig_structure, what libsodium's
+# crypto_sign_open takes; row[ROW_VALUES] are the receipts table's columns idx .. supply in
+# that order (the blobs as bytearrays, which sqlite3 binds without its adaptation look-up),
+# and row[ROW_COUNTS] the counts map as JSON: the rejections column of a kind-3 receipt,
+# the faults column of a kind-4 one, None for the others. `hash` (row[3], bytes) is SHA-256
 # of raw.
 ROW_DEVICE, ROW_KID, ROW_SIGNED, ROW_HASH = 0, 1, 2, 3
-ROW_VALUES = slice(4, 15)
-ROW_VALUES_COUNTS = slice(4, 16)
+ROW_VALUES = slice(4, 17)
+ROW_VALUES_COUNTS = slice(4, 18)
 ROW_INDEX, ROW_KIND = 4, 6
-ROW_COUNTS = 15
+ROW_COUNTS = 17
 
 
 def row_of(r):
@@ -375,8 +391,8 @@ def row_of(r):
     counts = r.rejections if r.faults is None else r.faults
     return (r.device, r.kid, r.sig + r.tbs, h, r.index, bytearray(h), r.kind,
             bytearray(r.prev), r.time, r.before, r.after, r.sequence,
-            None if r.ref is None else bytearray(r.ref), r.amount, bytearray(r.raw),
-            None if counts is None else json.dumps(counts, sort_keys=True))
+            None if r.ref is None else bytearray(r.ref), r.amount, bytearray(r.raw), r.form,
+            r.supply, None if counts is None else json.dumps(counts, sort_keys=True))
 
 
 def parse_rows(data, path="<data>"):
@@ -409,21 +425,24 @@ def _rows(data, path):
             stop = start + data[pos + 1]
             m = full(data, start, stop) if stop <= end else None
             if m is not None:
-                (kid, pay, top, device, it, kb, tt, prev, bt, at, st, ref, amt, _, _,
-                 sig) = m.groups()
+                (kid, pay, head, device, it, kb, tt, prev, bt, at, st, ref, amt, rej, flt,
+                 form, supply, sig) = m.groups()
                 # Top-ups and emergency credit here; kinds 3 and 4 (rare) below.
-                if pay[1] + 2 == len(pay) and amt is not None and (top or kb == b"\x02"):
+                if (pay[1] + 2 == len(pay) and kb[0] <= 2
+                        and _fields_fit(head, kb, st, amt, rej, flt, form, supply)):
                     raw = buf[start:stop]
                     h = sha(raw).digest()
                     b = fb(bt, "big") - base[bt[0]]
                     a = fb(at, "big") - base[at[0]]
                     append((device, kid, b"".join((sig, tbs_head, kid, aad, pay)), h,
-                            fb(it, "big") - base[it[0]], bytearray(h), 1 if top else 2,
+                            fb(it, "big") - base[it[0]], bytearray(h), kb[0],
                             bytearray(prev), fb(tt, "big") - base[tt[0]],
                             -1 - b if bt[0] & 0x20 else b, -1 - a if at[0] & 0x20 else a,
                             None if st is None else fb(st, "big") - base[st[0]],
                             None if ref is None else bytearray(ref),
-                            fb(amt, "big") - base[amt[0]], raw, None))
+                            fb(amt, "big") - base[amt[0]], raw,
+                            None if form is None else form[0],
+                            None if supply is None else supply[0], None))
                     pos = stop
                     continue
         # Anything else: item by item, as split_cbor and parse_items would.

@@ -90,6 +90,8 @@ ANOMALY_KINDS = {
     "applied_twice": "one voucher applied by more than one receipt",
     "meter_fault": "the meter reported flash damage (a fault receipt, SPEC.md §4.1)",
     "void_redeemed": "a cancelled (voided) voucher was applied by its meter all the same",
+    "form_mismatch": "a top-up receipt names a voucher as a keypad code, or a code as a "
+                     "voucher (its field 13, SPEC.md §4)",
 }
 
 # SPEC.md §4.1: what a kind-4 receipt counts.
@@ -180,9 +182,9 @@ _VALUES, _VALUES_COUNTS = receipts_io.ROW_VALUES, receipts_io.ROW_VALUES_COUNTS
 # column they fill (kind 3: rejections, kind 4: faults): those are literals in the
 # statement (sqlite3 binds fewer parameters).
 _INSERT = ("INSERT OR IGNORE INTO receipts (idx, hash, kind, prev, meter_time, "
-           "balance_before, balance_after, sequence, voucher_ref, amount, raw, rejections, "
-           "faults, device, checked_kid, sig_ok, batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-           "?, %s, %s, %s, %s, %s, %d)")
+           "balance_before, balance_after, sequence, voucher_ref, amount, raw, form, supply, "
+           "rejections, faults, device, checked_kid, sig_ok, batch) VALUES (?, ?, ?, ?, ?, ?, "
+           "?, ?, ?, ?, ?, ?, ?, %s, %s, %s, %s, %s, %d)")
 
 
 def _blob(b):
@@ -588,16 +590,17 @@ GROUP BY r.device
 # never checked). device_keys.device is indexed: IN is the join.
 _VT = """vt AS (
     SELECT r.device, r.idx, r.hash, r.sequence, r.voucher_ref, r.amount, r.meter_time,
-           r.balance_after
+           r.balance_after, coalesce(r.form, 1) AS form
     FROM receipts r
     WHERE r.kind = 1 AND r.sig_ok = 1
       AND r.device IN (SELECT device FROM device_keys))"""
 
-# Redeemed: the first verified receipt (in index order) applying the voucher's bytes on
-# the voucher's own meter. Rows go in in receipt order; OR IGNORE keeps the first.
-# %s: an extra condition. With "AND v.amount = vt.amount" it stores only the top-ups that
-# match their voucher's bytes and amount: if that is every verified top-up (none
-# ignored), the matching is clean and these are exactly the redeemed vouchers.
+# Redeemed: the first verified receipt (in index order) applying the voucher's bytes (or
+# the code's digits: its reference, SPEC.md §8) on the voucher's own meter. Rows go in in
+# receipt order; OR IGNORE keeps the first. %s: an extra condition. With "AND v.amount =
+# vt.amount AND v.form = vt.form" it stores only the top-ups that match their voucher's
+# bytes, amount and form: if that is every verified top-up (none ignored), the matching is
+# clean and these are exactly the redeemed vouchers and codes.
 _REDEEMED = """
 WITH %s
 INSERT OR IGNORE INTO voucher_status (device, sequence, status, amount, closed_at, receipt,
@@ -626,7 +629,7 @@ SELECT v.device, v.sequence,
                  THEN min(coalesce(k.revoked, v.voided), coalesce(v.voided, k.revoked))
             WHEN v.sequence < h.h - %d OR v.sequence <= f.f THEN NULL
             WHEN v.expires <= :now THEN v.expires END
-FROM vouchers v JOIN keys k ON k.kid = v.kid
+FROM vouchers v LEFT JOIN keys k ON k.kid = v.kid
 LEFT JOIN highest h ON h.device = v.device
 LEFT JOIN floors f ON f.device = v.device
 WHERE NOT EXISTS (SELECT 1 FROM voucher_status s
@@ -641,14 +644,19 @@ SELECT device, sequence FROM vt GROUP BY device, sequence HAVING count(*) > 1
 """ % _VT
 
 # Verified top-ups that match no voucher by (device, sequence, reference), or match one
-# issued for another amount.
+# issued for another amount or in the other form (a voucher named as a code, or a code as
+# a voucher).
 _UNMATCHED = """
 WITH %s
-SELECT vt.device, vt.idx, vt.hash, vt.sequence, vt.voucher_ref, vt.amount, v.ref FROM vt
+SELECT vt.device, vt.idx, vt.hash, vt.sequence, vt.voucher_ref, vt.amount, v.ref, vt.form,
+       v.form FROM vt
 LEFT JOIN vouchers v ON v.device = vt.device AND v.sequence = vt.sequence
 WHERE v.ref IS NULL OR v.ref != vt.voucher_ref OR v.amount != vt.amount
+   OR v.form != vt.form
 ORDER BY vt.device, vt.idx, vt.hash
 """ % _VT
+
+_FORM_WORD = {1: "voucher", 2: "keypad code"}
 
 _RECEIPT_COLUMNS = ("hash, device, idx, kind, prev, meter_time, balance_before, "
                     "balance_after, sequence, voucher_ref, amount, faults, sig_ok, checked_kid")
@@ -706,7 +714,7 @@ def _reconcile(conn, res, devices):
     # Statuses of every issued voucher.
     conn.execute("DELETE FROM voucher_status")
     before = conn.total_changes
-    conn.execute(_REDEEMED % "AND v.amount = vt.amount")
+    conn.execute(_REDEEMED % "AND v.amount = vt.amount AND v.form = vt.form")
     clean = conn.total_changes - before == topups
     if not clean:
         conn.execute("DELETE FROM voucher_status")
@@ -718,17 +726,25 @@ def _reconcile(conn, res, devices):
     # whose sequence more than one top-up carries.
     unmatched = []
     odd = set() if clean else set(conn.execute(_SHARED_SEQUENCE).fetchall())
-    for row in () if clean else conn.execute(_UNMATCHED):
-        if row[6] == row[4]:  # the voucher's bytes, another amount
+    for row in () if clean else conn.execute(_UNMATCHED).fetchall():
+        if row[6] == row[4]:  # the voucher's bytes: another amount, or another form
             odd.add((row[0], row[3]))
+            if row[7] != row[8]:
+                anomalies.append(Anomaly(
+                    "form_mismatch", row[0], row[1], row[2], row[3],
+                    "receipt %d applied %s %d as a %s; it was issued as a %s" % (
+                        row[1], _FORM_WORD[row[8]], row[3], _FORM_WORD.get(row[7], "form %d"
+                                                                            % row[7]),
+                        _FORM_WORD[row[8]])))
         else:
-            unmatched.append(row)
+            unmatched.append(row[:8])
     for dev, seq in sorted(odd):
-        v = conn.execute("SELECT ref, amount FROM vouchers WHERE device = ? AND sequence = ?",
-                         (dev, seq)).fetchone()
+        v = conn.execute("SELECT ref, amount, form FROM vouchers WHERE device = ? AND "
+                         "sequence = ?", (dev, seq)).fetchone()
         if v is None:
             continue  # never issued: reported below
-        v_ref, v_amount = v
+        v_ref, v_amount, v_form = v
+        word = _FORM_WORD[v_form]
         first = None
         for r in _load(conn, "device = ? AND kind = 1 AND sequence = ? AND voucher_ref = ?",
                        (dev, seq, v_ref), spans):
@@ -739,14 +755,14 @@ def _reconcile(conn, res, devices):
                 if r.amount != v_amount:
                     anomalies.append(Anomaly(
                         "amount_mismatch", r.device, r.index, r.hash, r.sequence,
-                        "receipt %d applied voucher %d for %s; it was issued for %s" % (
-                            r.index, r.sequence, format_pence(r.amount),
+                        "receipt %d applied %s %d for %s; it was issued for %s" % (
+                            r.index, word, r.sequence, format_pence(r.amount),
                             format_pence(v_amount))))
             elif first.index != r.index:
                 anomalies.append(Anomaly(
                     "applied_twice", r.device, r.index, r.hash, r.sequence,
-                    "voucher %d applied again by receipt %d (first by receipt %d%s)" % (
-                        r.sequence, r.index, first.index,
+                    "%s %d applied again by receipt %d (first by receipt %d%s)" % (
+                        word, r.sequence, r.index, first.index,
                         ", before the meter's key epoch %d" % r.key.epoch
                         if r.key.epoch != first.key.epoch else "")))
 
@@ -759,26 +775,28 @@ def _reconcile(conn, res, devices):
                 "SELECT device, sequence, ref FROM vouchers WHERE ref IN (%s)"
                 % ",".join("?" * len(chunk)), chunk):
             by_ref[ref] = (dev, seq)
-    for dev, idx, h, seq, ref, amount, issued_ref in unmatched:
+    for dev, idx, h, seq, ref, amount, issued_ref, form in unmatched:
+        what = _FORM_WORD.get(form, "voucher")
         other = by_ref.get(ref)
         if other is not None and other[0] != dev:
             anomalies.append(Anomaly(
                 "device_mismatch", dev, idx, h, seq,
-                "receipt %d applied a voucher issued for meter %s (sequence %d)" % (
-                    idx, format_eui64(other[0]), other[1])))
+                "receipt %d applied a %s issued for meter %s (sequence %d)" % (
+                    idx, what, format_eui64(other[0]), other[1])))
         elif other is not None or issued_ref is not None:
             anomalies.append(Anomaly(
                 "ref_mismatch", dev, idx, h, seq,
-                "receipt %d applied voucher reference %s… under sequence %d; the voucher "
-                "issued %s" % (idx, ref.hex()[:12], seq,
+                "receipt %d applied %s reference %s… under sequence %d; the one "
+                "issued %s" % (idx, what, ref.hex()[:12], seq,
                                "with that sequence is %s…" % issued_ref.hex()[:12]
                                if issued_ref is not None
                                else "with that reference has sequence %d" % other[1])))
         else:
             anomalies.append(Anomaly(
                 "not_issued", dev, idx, h, seq,
-                "receipt %d applied sequence %d for %s, which was never issued" % (
-                    idx, seq, format_pence(amount))))
+                "receipt %d applied %ssequence %d for %s, which was never issued" % (
+                    idx, "a keypad code with " if form == 2 else "", seq,
+                    format_pence(amount))))
 
     # Cancelled vouchers: why they are void, and those a meter applied all the same.
     conn.execute("UPDATE voucher_status SET note = (SELECT CASE WHEN v.void_note IS NULL "

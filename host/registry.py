@@ -57,23 +57,31 @@ def parse_public_key(text):
 
 class MeterKey(bytes):
     """A meter's receipt public key (32 bytes) as its provisioning reported it, with the
-    index of the key's first receipt and the meter's sequence floor (None: not reported).
-    `set_public_key` registers these figures unless it is given others."""
+    index of the key's first receipt and the meter's sequence floor (None: not reported),
+    the meter's X25519 key-agreement public key (`ka`; None: its firmware printed none, so
+    it takes no keypad codes) and the kid of the supplier code key installed with it
+    (`code_kid`). `set_public_key` registers these figures unless it is given others."""
 
-    def __new__(cls, public, first_index=None, floor=None):
+    def __new__(cls, public, first_index=None, floor=None, ka=None, code_kid=None):
         self = super().__new__(cls, public)
         self.first_index = first_index
         self.floor = floor
+        self.ka = None if ka is None else bytes(ka)
+        self.code_kid = None if code_kid is None else bytes(code_kid)
         return self
 
 
 class KeyEpoch:
     """One meter key of a device: epoch (1, 2, ... in registration order), public key,
-    kid, first receipt index, sequence floor, registration time."""
+    kid, first receipt index, sequence floor, registration time; and for keypad codes the
+    meter's key-agreement public key and the kid of the supplier code key it was given
+    (both None for a meter that takes no codes)."""
 
-    __slots__ = ("device", "epoch", "public_key", "kid", "first_index", "floor", "provisioned")
+    __slots__ = ("device", "epoch", "public_key", "kid", "first_index", "floor", "provisioned",
+                 "ka_public", "code_kid")
 
-    def __init__(self, device, epoch, public_key, kid, first_index, floor, provisioned):
+    def __init__(self, device, epoch, public_key, kid, first_index, floor, provisioned,
+                 ka_public=None, code_kid=None):
         self.device = bytes(device)
         self.epoch = epoch
         self.public_key = bytes(public_key)
@@ -81,6 +89,12 @@ class KeyEpoch:
         self.first_index = first_index
         self.floor = floor
         self.provisioned = provisioned
+        self.ka_public = None if ka_public is None else bytes(ka_public)
+        self.code_kid = None if code_kid is None else bytes(code_kid)
+
+    @property
+    def takes_codes(self):
+        return self.ka_public is not None and self.code_kid is not None
 
     def __repr__(self):
         return "KeyEpoch(%s #%d kid=%s first=%d floor=%d)" % (
@@ -117,7 +131,8 @@ class Device:
 
 
 _COLUMNS = "device, public_key, max_voucher, max_credit, next_sequence, label, created"
-_KEY_COLUMNS = "device, epoch, public_key, kid, first_index, floor, provisioned"
+_KEY_COLUMNS = ("device, epoch, public_key, kid, first_index, floor, provisioned, ka_public, "
+                "code_kid")
 
 
 def check_limits(max_voucher, max_credit):
@@ -129,11 +144,19 @@ def check_limits(max_voucher, max_credit):
 
 
 def add_device(conn, device, max_voucher=DEFAULT_MAX_VOUCHER, max_credit=DEFAULT_MAX_CREDIT,
-               public_key=None, label=None, now=None):
+               public_key=None, label=None, now=None, ka_public=None, code_kid=None):
+    """Register a meter. With `public_key` (its receipt key: a meter provisioned elsewhere)
+    it starts key epoch 1; `ka_public` and `code_kid` add the meter's key-agreement key and
+    the supplier code key it holds, for keypad codes."""
     check_limits(max_voucher, max_credit)
     created = int(time.time()) if now is None else int(now)
     if public_key is not None:
         _check_key(public_key)
+    if (ka_public is None) != (code_kid is None) or (ka_public is not None and public_key is None):
+        raise TopupError("a meter's key-agreement key goes with its receipt key and the code "
+                         "key it was given")
+    if ka_public is not None:
+        _check_key(ka_public, "key-agreement")
     with transaction(conn):
         if conn.execute("SELECT 1 FROM devices WHERE device = ?", (device,)).fetchone():
             raise TopupError("device %s is already registered" % format_eui64(device))
@@ -141,7 +164,8 @@ def add_device(conn, device, max_voucher=DEFAULT_MAX_VOUCHER, max_credit=DEFAULT
                      "next_sequence, label, created) VALUES (?, ?, ?, ?, 1, ?, ?)",
                      (device, public_key, max_voucher, max_credit, label, created))
         if public_key is not None:  # a meter key known from the start: receipts from 0
-            _insert_epoch(conn, device, 1, bytes(public_key), 0, 0, created)
+            _insert_epoch(conn, device, 1, bytes(public_key), 0, 0, created, ka_public,
+                          code_kid)
     return get_device(conn, device)
 
 
@@ -206,9 +230,9 @@ def next_first_index(conn, device):
     return first
 
 
-def _check_key(public_key):
+def _check_key(public_key, what="public"):
     if not isinstance(public_key, bytes) or len(public_key) != 32:
-        raise TopupError("a meter public key is 32 bytes")
+        raise TopupError("a meter %s key is 32 bytes" % what)
 
 
 def _check_figure(value, what):
@@ -216,18 +240,24 @@ def _check_figure(value, what):
         raise TopupError("%s must be 0..2^32-1" % what)
 
 
-def _insert_epoch(conn, device, epoch, public_key, first_index, floor, now):
+def _insert_epoch(conn, device, epoch, public_key, first_index, floor, now, ka_public=None,
+                  code_kid=None):
     conn.execute("INSERT INTO device_keys (device, epoch, public_key, kid, first_index, floor, "
-                 "provisioned) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                 (device, epoch, public_key, kid_for(public_key), first_index, floor, now))
+                 "provisioned, ka_public, code_kid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (device, epoch, public_key, kid_for(public_key), first_index, floor, now,
+                  None if ka_public is None else bytes(ka_public),
+                  None if code_kid is None else bytes(code_kid)))
     # Vouchers issued from now on must be above the meter's floor, or it refuses them.
     conn.execute("UPDATE devices SET public_key = ?, next_sequence = max(next_sequence, ?) "
                  "WHERE device = ?", (public_key, floor + 1, device))
 
 
-def set_public_key(conn, device, public_key, first_index=None, floor=None, now=None):
+def set_public_key(conn, device, public_key, first_index=None, floor=None, now=None,
+                   ka_public=None, code_kid=None):
     """Register a new key epoch: the meter's receipt key from a provisioning, the index of
-    its first receipt and the meter's sequence floor (SPEC.md §2.2, §4).
+    its first receipt and the meter's sequence floor (SPEC.md §2.2, §4), and for keypad
+    codes (§8) its key-agreement key and the supplier code key it was given (default: what
+    a MeterKey carries; None: the meter takes no codes).
 
     The device keeps every key it has had: receipts before `first_index` stay with the
     earlier keys. first_index defaults to what the provisioning reported (a MeterKey), else
@@ -241,6 +271,16 @@ def set_public_key(conn, device, public_key, first_index=None, floor=None, now=N
         first_index = getattr(public_key, "first_index", None)
     if floor is None:
         floor = getattr(public_key, "floor", None)
+    if ka_public is None:
+        ka_public = getattr(public_key, "ka", None)
+    if code_kid is None:
+        code_kid = getattr(public_key, "code_kid", None)
+    if ka_public is None:
+        code_kid = None        # a code key the meter cannot use is not worth recording
+    elif code_kid is None:
+        raise TopupError("a meter's key-agreement key needs the code key it was given")
+    else:
+        _check_key(bytes(ka_public), "key-agreement")
     public_key = bytes(public_key)
     now = int(time.time()) if now is None else int(now)
     with transaction(conn):
@@ -265,6 +305,45 @@ def set_public_key(conn, device, public_key, first_index=None, floor=None, now=N
             raise TopupError("the new key's first receipt index %d is below the current key's "
                              "(%d): receipt indices never go back" % (first_index,
                                                                      keys[-1].first_index))
-        _insert_epoch(conn, device, len(keys) + 1, public_key, first_index, floor, now)
+        _insert_epoch(conn, device, len(keys) + 1, public_key, first_index, floor, now,
+                      ka_public, code_kid)
     return get_device(conn, device)
+
+
+# --- keypad codes (SPEC.md §8) ----------------------------------------------------------
+
+CODE_SPAN = (1 << 14) - 64   # how far above what a meter may have applied a code may go
+
+
+def code_epoch(conn, device):
+    """The current key epoch of `device` if its meter takes keypad codes; else TopupError
+    saying why not, in one line."""
+    dev = get_device(conn, device)
+    keys = device_keys(conn, device)
+    if not keys:
+        raise TopupError("meter %s has no meter key registered yet: keypad codes need the "
+                         "key-agreement key its provisioning registers (`topup provision`)"
+                         % dev.name)
+    cur = keys[-1]
+    if not cur.takes_codes:
+        raise TopupError("meter %s cannot take keypad codes: its provisioning (key epoch %d, "
+                         "%s) registered no key-agreement key, as firmware older than keypad "
+                         "codes prints none; issue a voucher, or flash current firmware and "
+                         "provision it again" % (dev.name, cur.epoch, _utc(cur.provisioned)))
+    return cur
+
+
+def highest_applied(conn, device):
+    """The highest sequence the meter of `device` is known to have closed: the larger of
+    the highest sequence applied in a receipt held with a verified signature and the
+    sequence floor of its provisionings (0 if neither). The meter's own may only be higher."""
+    seq = conn.execute("SELECT max(sequence) FROM receipts WHERE device = ? AND kind = 1 AND "
+                       "sig_ok = 1", (device,)).fetchone()[0] or 0
+    floor = conn.execute("SELECT max(floor) FROM device_keys WHERE device = ?",
+                         (device,)).fetchone()[0] or 0
+    return max(seq, floor)
+
+
+def _utc(ts):
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 

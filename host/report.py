@@ -94,11 +94,11 @@ class Summary:
     def voucher_rows(self):
         """Every issued voucher with its status, in (device, sequence) order."""
         return self.conn.execute(
-            "SELECT v.device, v.sequence, s.status, v.amount, v.issued, v.expires, v.kid, "
-            "k.revoked, s.closed_at, s.receipt_index, s.balance_after, s.receipt, v.ref, "
-            "d.label, s.note FROM vouchers v "
+            "SELECT v.device, v.sequence, s.status, v.amount, v.issued, v.expires, "
+            "coalesce(v.kid, v.code_kid), k.revoked, s.closed_at, s.receipt_index, "
+            "s.balance_after, s.receipt, v.ref, d.label, s.note, v.form FROM vouchers v "
             "JOIN voucher_status s ON s.device = v.device AND s.sequence = v.sequence "
-            "JOIN keys k ON k.kid = v.kid LEFT JOIN devices d ON d.device = v.device "
+            "LEFT JOIN keys k ON k.kid = v.kid LEFT JOIN devices d ON d.device = v.device "
             "ORDER BY v.device, v.sequence")
 
     def devices(self):
@@ -155,11 +155,11 @@ class Summary:
                                   "voucher_status WHERE status IN (%s)" % marks,
                                   statuses).fetchone()
         rows = self.conn.execute(
-            "SELECT v.device, v.sequence, s.status, v.amount, v.issued, v.expires, v.kid, "
-            "k.revoked, s.closed_at, s.receipt_index, s.balance_after, s.receipt, v.ref, "
-            "d.label, s.note FROM voucher_status s "
+            "SELECT v.device, v.sequence, s.status, v.amount, v.issued, v.expires, "
+            "coalesce(v.kid, v.code_kid), k.revoked, s.closed_at, s.receipt_index, "
+            "s.balance_after, s.receipt, v.ref, d.label, s.note, v.form FROM voucher_status s "
             "JOIN vouchers v ON v.device = s.device AND v.sequence = s.sequence "
-            "JOIN keys k ON k.kid = v.kid LEFT JOIN devices d ON d.device = v.device "
+            "LEFT JOIN keys k ON k.kid = v.kid LEFT JOIN devices d ON d.device = v.device "
             "WHERE s.status IN (%s) ORDER BY v.amount DESC, v.device, v.sequence%s"
             % (marks, "" if limit is None else " LIMIT %d" % limit), statuses).fetchall()
         return rows, total
@@ -257,7 +257,10 @@ def print_summary(con, s, details=20):
 VOUCHER_COLUMNS = ("device", "sequence", "status", "amount_pence", "amount", "liability",
                    "refund_due", "issued_utc", "expires_utc", "kid", "key_revoked_utc",
                    "closed_utc", "receipt_index", "balance_after_mp", "receipt_hash",
-                   "voucher_ref", "label", "note")
+                   "voucher_ref", "label", "note", "form")
+# form: voucher (signed, SPEC.md §2) or code (a keypad code, §8: kid is then the supplier
+# code key's, voucher_ref the code's reference, and there is no expiry)
+FORM_NAMES = {1: "voucher", 2: "code"}
 ANOMALY_COLUMNS = ("id", "kind", "device", "receipt_index", "sequence", "receipt_hash",
                    "voucher_ref", "detail")
 
@@ -363,14 +366,14 @@ def write_csv(s, path, anomalies=None, force=False):
     def vouchers(out):
         out.row(VOUCHER_COLUMNS)
         for (dev, seq, status, amount, issued, expires, kid, revoked, closed, ridx, bal,
-             rhash, ref, label, note) in s.voucher_rows():
+             rhash, ref, label, note, form) in s.voucher_rows():
             out.row((format_eui64(dev), seq, status, amount, "%d.%02d" % divmod(amount, 100),
                      "yes" if status == "outstanding" else "no",
                      "yes" if s.refund_due(status) else "no",
                      utc(issued), utc(expires), bytes(kid).hex(), utc(revoked), utc(closed),
                      "" if ridx is None else ridx, "" if bal is None else bal,
                      bytes(rhash).hex() if rhash else "", bytes(ref).hex(), label or "",
-                     note or ""))
+                     note or "", FORM_NAMES[form]))
 
     def anomaly_rows(out):
         out.row(ANOMALY_COLUMNS)
@@ -593,18 +596,19 @@ def _voucher_table(parts, s, title, statuses, blurb, max_rows, empty):
         parts.append("<p>%s</p></div>" % _e(empty))
         return
     parts.append('<table><tr><th>device</th><th>label</th><th class="n">sequence</th>'
-                 '<th>status</th><th class="n">amount</th><th>issued</th><th>expires</th>'
-                 '<th>closed</th><th>why</th></tr>')
+                 '<th>form</th><th>status</th><th class="n">amount</th><th>issued</th>'
+                 '<th>expires</th><th>closed</th><th>why</th></tr>')
     for (dev, seq, status, amount, issued, expires, _kid, revoked, closed, _ri, _bal, _rh,
-         _ref, label, note) in rows:
+         _ref, label, note, form) in rows:
         why = note or ("issuer key revoked" if status == "void" and revoked else "")
-        parts.append('<tr><td class="mono">%s</td><td>%s</td><td class="n">%d</td><td>'
-                     '<span class="pill" style="background:%s">%s</span></td><td class="n">%s'
-                     '</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>'
-                     % (_e(format_eui64(dev)), _e(label or ""), seq, STATUS_COLOUR[status],
+        parts.append('<tr><td class="mono">%s</td><td>%s</td><td class="n">%d</td><td>%s</td>'
+                     '<td><span class="pill" style="background:%s">%s</span></td><td class="n">'
+                     '%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>'
+                     % (_e(format_eui64(dev)), _e(label or ""), seq, FORM_NAMES[form],
+                        STATUS_COLOUR[status],
                         status, _e(format_pence(amount)), _e(utc(issued)), _e(utc(expires)),
                         _e(utc(closed)), _e(why)))
-    parts.append('<tr class="sum"><td colspan="4">total (all %d)</td><td class="n">%s</td>'
+    parts.append('<tr class="sum"><td colspan="5">total (all %d)</td><td class="n">%s</td>'
                  '<td colspan="4"></td></tr></table>' % (n, _e(format_pence(total))))
     if n > len(rows):
         parts.append('<p class="note">The %d largest of %d shown; the total is of all %d; the '

@@ -1,11 +1,15 @@
-# Where vouchers go when they are issued or exported again: standard output, one file
-# (text, JSON Lines, the terminal QR drawing, CBOR), or a folder of one file per voucher
-# (PNG, SVG, CBOR). Files are written whole (host/output.py): a file of several vouchers
+# Where vouchers and keypad codes go when they are issued or exported again: standard
+# output, one file (text, JSON Lines, CSV, the terminal QR drawing, CBOR), or a folder of
+# one file per voucher (PNG, SVG, CBOR). A code (SPEC.md §8) has text (its 20 digits in
+# groups of four), JSON and CSV forms only: it is read out or printed, never signed bytes. Files are written whole (host/output.py): a file of several vouchers
 # appears under its name only once it is complete up to a whole voucher, and a folder's
 # files one by one. The sink says which vouchers it has written whole, so the issuer can
 # record what was delivered where (host/db.py, schema v4).
+import csv
 import io
 import os
+
+from protocol import keycode
 
 from . import delivery
 from .errors import TopupError
@@ -14,13 +18,41 @@ from .money import format_pence
 from .output import OutputFile, StandardOutput, check_target, write_whole
 from .registry import format_eui64
 
-FORMATS = ("text", "json", "cbor", "qr", "png", "svg")
-FORMAT_HELP = ("text (one OTU1:… line each), json (JSON Lines), cbor (COSE_Sign1; a CBOR "
-               "sequence on stdout), qr (drawn on the terminal), png, svg")
+FORMATS = ("text", "json", "csv", "cbor", "qr", "png", "svg")
+FORMAT_HELP = ("text (one OTU1:… line each), json (JSON Lines), csv (a header, then one row "
+               "each), cbor (COSE_Sign1; a CBOR sequence on stdout), qr (drawn on the "
+               "terminal), png, svg")
+CODE_FORMATS = ("text", "json", "csv")
+CODE_FORMAT_HELP = ("text (one code a line, in groups of four: 1234 5678 9012 3456 7890), "
+                    "json (JSON Lines), csv (a header, then one row each)")
+CSV_COLUMNS = ("form", "device", "sequence", "amount_pence", "amount", "issued_utc",
+               "expires_utc", "kid", "ref", "text")
+
+
+def csv_line(values):
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\r\n").writerow(values)
+    return buf.getvalue()
+
+
+CSV_HEADER = csv_line(CSV_COLUMNS).encode("utf-8")
 
 
 def render(fmt, v):
-    """The bytes of voucher `v` (host.issuer.Issued) in a stream format."""
+    """The bytes of voucher or code `v` (host.issuer.Issued) in a stream format."""
+    if fmt == "csv":
+        return csv_line((
+            "code" if v.is_code else "voucher", format_eui64(v.device), v.sequence, v.amount,
+            "%d.%02d" % divmod(v.amount, 100), delivery.utc_or_none(v.issued) or v.issued,
+            delivery.utc_or_none(v.expires) or (v.expires if v.expires is not None else ""),
+            v.kid.hex(), v.ref.hex(),
+            keycode.grouped(v.code) if v.is_code else delivery.to_text(v.cose))).encode("utf-8")
+    if v.is_code:
+        if fmt == "text":
+            return (keycode.grouped(v.code) + "\n").encode("ascii")
+        if fmt == "json":
+            return (delivery.to_json(v) + "\n").encode("utf-8")
+        raise TopupError("a keypad code has no %s form (use text, json or csv)" % fmt)
     if fmt == "text":
         return (delivery.to_text(v.cose) + "\n").encode("ascii")
     if fmt == "json":
@@ -39,6 +71,8 @@ def render(fmt, v):
 
 def file_bytes(fmt, v):
     """The bytes of the one-voucher file of `v` in format png, svg or cbor."""
+    if v.is_code:
+        raise TopupError("a keypad code has no %s form (use text, json or csv)" % fmt)
     if fmt == "cbor":
         return bytes(v.cose)
     buf = io.BytesIO()
@@ -74,7 +108,8 @@ class Sink:
         self.pending = []     # [(device, first, last)] delivered, not yet recorded
         self.files = []       # one-voucher files written
         self.count = 0        # vouchers written whole
-        stream = fmt in ("text", "json", "qr") or (fmt == "cbor" and out in (None, "-"))
+        self.header = CSV_HEADER if fmt == "csv" else b""  # written before the first record
+        stream = fmt in ("text", "json", "csv", "qr") or (fmt == "cbor" and out in (None, "-"))
         self.stream = stream
         if stream and out in (None, "-"):
             self.out = StandardOutput()
@@ -112,7 +147,12 @@ class Sink:
         came before written whole)."""
         if self.out is not None:
             encode = render if self.stream else file_bytes
-            self.out.write(b"".join(encode(self.fmt, v) for v in vouchers))
+            data = b"".join(encode(self.fmt, v) for v in vouchers)
+            if self.header and vouchers:
+                self.out.write(self.header + data)
+                self.header = b""
+            else:
+                self.out.write(data)
             done = [(v.device, v.sequence) for v in vouchers]
             self.count += len(done)
             if self.to_file:

@@ -1,5 +1,7 @@
-# Stored vouchers: find them again (by device, sequence range, issue batch, status,
-# delivery), say what was written where, and cancel one (void).
+# Stored vouchers and keypad codes: find them again (by device, sequence range, issue
+# batch, status, delivery, form), say what was written where, and cancel one (void). Codes
+# live beside vouchers in the same table and sequence space (host/db.py, schema v5), so
+# everything here treats both alike; `form` tells them apart.
 #
 # Status, as `topup vouchers list` shows it: the last reconciliation's (host/reconcile.py)
 # where there is one, with what happened since on top — a voucher cancelled or whose key
@@ -18,11 +20,12 @@ from protocol import voucher as pv
 
 from .db import transaction
 from .errors import TopupError
-from .issuer import Issued
+from .issuer import FORM_CODE, FORM_NAMES, FORM_VOUCHER, Issued
 from .registry import format_eui64
 
 STATUSES = ("outstanding", "redeemed", "stale", "expired", "void")
 DELIVERY = ("delivered", "undelivered", "unknown")
+FORMS = {"voucher": FORM_VOUCHER, "code": FORM_CODE}
 
 _STATUS_SQL = """CASE WHEN s.status = 'redeemed' THEN 'redeemed'
      WHEN v.voided IS NOT NULL OR k.revoked IS NOT NULL THEN 'void'
@@ -32,15 +35,23 @@ _STATUS_SQL = """CASE WHEN s.status = 'redeemed' THEN 'redeemed'
 
 
 class Row:
-    """One stored voucher with its status and delivery."""
+    """One stored voucher or code with its status and delivery."""
 
     __slots__ = ("device", "sequence", "amount", "issued", "expires", "kid", "ref", "cose",
                  "batch", "voided", "void_note", "status", "reconciled", "delivery",
-                 "delivered_to")
+                 "delivered_to", "form", "code")
 
     def issued_voucher(self):
         return Issued(self.device, self.sequence, self.amount, self.issued, self.expires,
-                      self.kid, self.ref, self.cose)
+                      self.kid, self.ref, self.cose, self.form, self.code)
+
+    @property
+    def form_name(self):
+        return FORM_NAMES[self.form]
+
+    @property
+    def is_code(self):
+        return self.form == FORM_CODE
 
 
 def parse_range(text):
@@ -59,9 +70,10 @@ def parse_range(text):
 
 
 def select(conn, device=None, seq=None, batch=None, status=None, delivery=None, now=None,
-           with_bytes=True):
-    """Stored vouchers matching every filter given, in (device, sequence) order (a
-    generator of Row). status: one of STATUSES; delivery: one of DELIVERY."""
+           with_bytes=True, form=None):
+    """Stored vouchers and codes matching every filter given, in (device, sequence) order
+    (a generator of Row). status: one of STATUSES; delivery: one of DELIVERY; form:
+    "voucher" or "code"."""
     now = int(time.time()) if now is None else int(now)
     where, args = [], {"now": now}
     if device is not None:
@@ -73,15 +85,21 @@ def select(conn, device=None, seq=None, batch=None, status=None, delivery=None, 
     if batch is not None:
         where.append("v.batch = :batch")
         args["batch"] = batch
+    if form is not None:
+        if form not in FORMS:
+            raise TopupError("unknown form %r (voucher or code)" % form)
+        where.append("v.form = :form")
+        args["form"] = FORMS[form]
     status_sql = _STATUS_SQL
     if status is not None:
         if status not in STATUSES:
             raise TopupError("unknown status %r" % status)
         where.append("(%s) = :status" % status_sql)
         args["status"] = status
-    sql = ("SELECT v.device, v.sequence, v.amount, v.issued, v.expires, v.kid, v.ref, %s, "
-           "v.batch, v.voided, v.void_note, %s, s.status IS NOT NULL FROM vouchers v "
-           "JOIN keys k ON k.kid = v.kid LEFT JOIN voucher_status s ON s.device = v.device "
+    sql = ("SELECT v.device, v.sequence, v.amount, v.issued, v.expires, "
+           "coalesce(v.kid, v.code_kid), v.ref, %s, v.batch, v.voided, v.void_note, %s, "
+           "s.status IS NOT NULL, v.form, v.code FROM vouchers v "
+           "LEFT JOIN keys k ON k.kid = v.kid LEFT JOIN voucher_status s ON s.device = v.device "
            "AND s.sequence = v.sequence %s ORDER BY v.device, v.sequence"
            % ("v.cose" if with_bytes else "NULL", status_sql,
               "WHERE " + " AND ".join(where) if where else ""))
@@ -89,7 +107,8 @@ def select(conn, device=None, seq=None, batch=None, status=None, delivery=None, 
     for r in conn.execute(sql, args):
         row = Row()
         (row.device, row.sequence, row.amount, row.issued, row.expires, row.kid, row.ref,
-         row.cose, row.batch, row.voided, row.void_note, row.status, row.reconciled) = r
+         row.cose, row.batch, row.voided, row.void_note, row.status, row.reconciled,
+         row.form, row.code) = r
         row.device, row.kid, row.ref = bytes(row.device), bytes(row.kid), bytes(row.ref)
         row.cose = bytes(row.cose) if row.cose is not None else None
         row.delivered_to = cover.at(row.device, row.sequence)
@@ -192,14 +211,15 @@ def find(conn, ref=None, device=None, sequence=None):
             "SELECT device, sequence FROM vouchers WHERE substr(hex(ref), 1, ?) = ?",
             (len(t), t.upper()))]
         if not found:
-            raise TopupError("no voucher with reference %s in this database" % t)
+            raise TopupError("no voucher or code with reference %s in this database" % t)
         if len(found) > 1:
             raise TopupError("reference %s matches %d vouchers; give more digits"
                              % (t, len(found)))
         device, sequence = found[0]
     rows = list(select(conn, device=device, seq=(sequence, sequence)))
     if not rows:
-        raise TopupError("no voucher %d was issued for %s" % (sequence, format_eui64(device)))
+        raise TopupError("no voucher or code %d was issued for %s"
+                         % (sequence, format_eui64(device)))
     return rows[0]
 
 
@@ -212,19 +232,20 @@ def redeemed_by(conn, row):
 
 
 def void(conn, row, note=None, now=None):
-    """Cancel one stored voucher: from now on reconciliation counts it void (not a
+    """Cancel one stored voucher or code: from now on reconciliation counts it void (not a
     liability, no refund) unless a meter applies it, which it then names
-    (`void_redeemed`). Refused for a voucher already void or already redeemed."""
+    (`void_redeemed`). Refused for one already void or already redeemed."""
     when = int(time.time()) if now is None else int(now)
+    what = FORM_NAMES[getattr(row, "form", FORM_VOUCHER) or FORM_VOUCHER]
     with transaction(conn):
         cur = conn.execute("SELECT voided FROM vouchers WHERE device = ? AND sequence = ?",
                            (row.device, row.sequence)).fetchone()
         if cur is None:
-            raise TopupError("voucher %d of %s is not stored" % (row.sequence,
-                                                                 format_eui64(row.device)))
+            raise TopupError("%s %d of %s is not stored" % (what, row.sequence,
+                                                            format_eui64(row.device)))
         if cur[0] is not None:
-            raise TopupError("voucher %d of %s is already void (cancelled %s)" % (
-                row.sequence, format_eui64(row.device),
+            raise TopupError("%s %d of %s is already void (cancelled %s)" % (
+                what, row.sequence, format_eui64(row.device),
                 time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cur[0]))))
         revoked = conn.execute("SELECT revoked FROM keys WHERE kid = ?", (row.kid,)).fetchone()
         if revoked and revoked[0] is not None:
@@ -232,9 +253,9 @@ def void(conn, row, note=None, now=None):
                              % (row.sequence, format_eui64(row.device), row.kid.hex()))
         used = redeemed_by(conn, row)
         if used is not None:
-            raise TopupError("voucher %d of %s was redeemed (receipt %d, meter time %s): the "
+            raise TopupError("%s %d of %s was redeemed (receipt %d, meter time %s): the "
                              "credit is on the meter; nothing to cancel" % (
-                                 row.sequence, format_eui64(row.device), used[0],
+                                 what, row.sequence, format_eui64(row.device), used[0],
                                  time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(used[1]))))
         conn.execute("UPDATE vouchers SET voided = ?, void_note = ? WHERE device = ? AND "
                      "sequence = ?", (when, note, row.device, row.sequence))

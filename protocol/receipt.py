@@ -24,6 +24,16 @@ K_VOUCHER = 9
 K_AMOUNT = 10
 K_REJECTIONS = 11
 K_FAULTS = 12
+K_FORM = 13       # optional, kind 1: how the top-up came (SPEC.md §4)
+K_SUPPLY = 14     # optional, kinds 1 and 2: the supply state after it (SPEC.md §9)
+
+FORM_VOUCHER = 1  # the default when K_FORM is absent
+FORM_CODE = 2     # a keypad code (SPEC.md §8): K_VOUCHER is the code's reference
+FORMS = (FORM_VOUCHER, FORM_CODE)
+SUPPLY_INTERRUPTED = 0
+SUPPLY_ARMED = 1
+SUPPLY_ON = 2
+SUPPLY_STATES = (SUPPLY_INTERRUPTED, SUPPLY_ARMED, SUPPLY_ON)
 
 _FIELDS_FOR_KIND = {
     TOPUP: (K_SEQUENCE, K_VOUCHER, K_AMOUNT),
@@ -32,6 +42,12 @@ _FIELDS_FOR_KIND = {
     FAULT: (K_FAULTS,),
 }
 _ALWAYS = (K_DEVICE, K_INDEX, K_KIND, K_TIME, K_PREV, K_BEFORE, K_AFTER)
+_OPTIONAL_FOR_KIND = {
+    TOPUP: (K_FORM, K_SUPPLY),
+    EMERGENCY: (K_SUPPLY,),
+    REJECTIONS: (),
+    FAULT: (),
+}
 
 
 class Receipt:
@@ -50,6 +66,8 @@ class Receipt:
         self.amount = fields.get(K_AMOUNT)
         self.rejections = fields.get(K_REJECTIONS)
         self.faults = fields.get(K_FAULTS)
+        self.form = fields.get(K_FORM)        # None: absent (a voucher, for a top-up)
+        self.supply = fields.get(K_SUPPLY)    # None: absent (older firmware)
         self.kid = kid
         self.raw = raw
         self.hash = chain_hash(raw)
@@ -74,11 +92,12 @@ def check_fields(fields):
     kind = fields.get(K_KIND)
     if kind not in KINDS or not _uint(kind):
         raise Rejected(MALFORMED, "unknown receipt kind %r" % (kind,))
-    allowed = _ALWAYS + _FIELDS_FOR_KIND[kind]
+    required = _ALWAYS + _FIELDS_FOR_KIND[kind]
+    optional = _OPTIONAL_FOR_KIND[kind]
     for key in fields:
-        if key not in allowed:
+        if key not in required and key not in optional:
             raise Rejected(MALFORMED, "field %r not allowed in a kind %d receipt" % (key, kind))
-    for key in allowed:
+    for key in required:
         if key not in fields:
             raise Rejected(MALFORMED, "receipt field %d missing" % key)
     device = fields[K_DEVICE]
@@ -104,6 +123,11 @@ def check_fields(fields):
         for code, count in counts.items():
             if not _uint(code) or not _uint(count):
                 raise Rejected(MALFORMED, "counts must be unsigned")
+    if K_FORM in fields and (not _uint(fields[K_FORM]) or fields[K_FORM] not in FORMS):
+        raise Rejected(MALFORMED, "receipt form must be 1 (voucher) or 2 (keypad code)")
+    if K_SUPPLY in fields and (not _uint(fields[K_SUPPLY])
+                               or fields[K_SUPPLY] not in SUPPLY_STATES):
+        raise Rejected(MALFORMED, "receipt supply state must be 0, 1 or 2")
 
 
 def encode_payload(fields):

@@ -57,3 +57,25 @@ def test_the_heap_size_is_enforced(firmware):
     ok, figures, output = unix_port.run_scenario(tree, 96 * 1024, frames)
     assert not ok
     assert "MemoryError" in output or "FAIL" in output, output[-2000:]
+
+
+def test_x25519_and_the_code_check_stay_off_the_boot_and_voucher_path(tmp_path):
+    # X25519 runs at provisioning only; the keypad-code check (meter.codes with
+    # protocol.keycode) is loaded at the first code: neither is in a booted meter's heap,
+    # and taking a code never loads X25519 either.
+    import subprocess
+    tree = unix_port.build_tree(str(tmp_path / "lib"), mpy=False)
+    script = (
+        "import sys\n"
+        "import meter.app, meter.ledger, meter.han_server, meter.uplink\n"
+        "print('BOOT', sorted(m for m in sys.modules if m.startswith(('meter', 'protocol'))))\n"
+        "from meter import codes\n"
+        "print('CODES', sorted(m for m in sys.modules if m.startswith(('meter', 'protocol'))))\n")
+    out = subprocess.run([unix_port.micropython(), "-c", script], capture_output=True, text=True,
+                         env=dict(os.environ, MICROPYPATH=tree), timeout=60, check=True).stdout
+    boot = [line for line in out.splitlines() if line.startswith("BOOT")][0]
+    after = [line for line in out.splitlines() if line.startswith("CODES")][0]
+    assert "protocol.ed25519" in boot and "meter.supply" in boot and "meter.lockout" in boot
+    for name in ("protocol.x25519", "protocol.keycode", "meter.codes", "meter.provisioning"):
+        assert "'%s'" % name not in boot, (name, boot)
+    assert "'protocol.keycode'" in after and "'protocol.x25519'" not in after, after

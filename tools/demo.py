@@ -5,7 +5,11 @@ Every step runs the real `topup` command line (topup_cli.main): a supplier datab
 issuer key; a virtual meter board (the official MicroPython VM, see hil/) flashed and
 provisioned exactly as an engineer does a real one; the WAN down; a voucher issued, shown
 as a QR code, handed to the meter over the HAN; credit applied; the receipt read back;
-the WAN back, receipts pushed to the head end; and the supplier's reconciliation.
+the WAN back, receipts pushed to the head end; and the supplier's reconciliation. Then the
+customer's own path: credit runs out, the supplier reads a 20-digit code out over the phone
+(`topup code`), the customer types it on the in-home device (a PPMID on a second virtual
+board, its HAN wired to the meter's), the credit comes back armed and the customer switches
+the supply on.
 Everything is left in ./demo-out/ (the HTML report among it).
 """
 import argparse
@@ -23,6 +27,7 @@ sys.path.insert(0, ROOT)
 from rich.console import Console  # noqa: E402
 from rich.panel import Panel  # noqa: E402
 
+from hil.two_board import Cable, Ppmid, flash_ppmid  # noqa: E402
 from hil.virtual import VirtualBoard, VirtualBoardError  # noqa: E402
 try:                                    # the `topup` command: the supplier's and the engineer's
     from topup_cli import main as topup  # noqa: E402
@@ -58,7 +63,18 @@ def run(*args, expect=0):
     return code
 
 
-def demo(work, board):
+def show_display(ppmid, title="the PPMID's display"):
+    rows = (ppmid.text.split("\n") + [""] * 8)[:8]
+    con.print(Panel("\n".join(r.ljust(16) for r in rows), title=title, expand=False,
+                    border_style="magenta"))
+
+
+def press(ppmid, keys, expect):
+    con.print("[bold magenta]keys:[/] %s" % keys)
+    ppmid.type(keys, expect=expect, timeout=15)
+
+
+def demo(work, board, ppmid_board=None):
     os.environ["TOPUP_DB"] = os.path.join(work, "supplier.db")
     os.environ["TOPUP_PASSPHRASE"] = "demo passphrase - use a real one"
     os.chdir(work)
@@ -96,6 +112,15 @@ def demo(work, board):
     run("flash", "--port", board.repl_port)
     run("provision", "--port", board.repl_port, "--device", METER, "--initial-credit", "2.00")
     time.sleep(0.5)  # the meter application starts after the soft reset
+    cable = None
+    if ppmid_board is not None:
+        con.print("The customer's in-home device (PPMID) is a second board: a 4x4 keypad and a "
+                  "128x64 display; its HAN UART is wired to the meter's. Its firmware "
+                  "(firmware/ppmid/) goes on the same way.")
+        r = flash_ppmid(ppmid_board.repl_port)
+        con.print("flashed %d files (%d bytes) to the PPMID on %s; all verified"
+                  % (r["files"], r["bytes"], ppmid_board.repl_port))
+        cable = Cable(board.link_port, ppmid_board.han_port)
 
     step("4. The WAN is down",
          "The meter has £2.00 and no way to be topped up remotely.")
@@ -140,6 +165,9 @@ def demo(work, board):
     time.sleep(0.2)
     run("han", "status", "--port", board.han_port)
 
+    if ppmid_board is not None:
+        customer(board, Ppmid(ppmid_board))
+
     step("10. An engineer reads the receipts out over the HAN",
          "Signed by the meter's own key and hash-chained; written to a file the supplier can "
          "import.")
@@ -157,6 +185,8 @@ def demo(work, board):
          "Every receipt's signature and chain checked, every voucher matched: redeemed, "
          "outstanding (a liability), stale or expired (a refund), void; anything that should "
          "never happen is an anomaly.")
+    if cable is not None:
+        cable.close()
     run("reconcile")
     run("report", "--html", os.path.join(work, "report.html"), "--csv", os.path.join(work, "vouchers.csv"))
 
@@ -166,6 +196,52 @@ def demo(work, board):
         "the head end and reconciled. The HTML report: %s\n"
         "Next: `topup --help`, README.md, protocol/SPEC.md." % os.path.join(work, "report.html"),
         title="done", border_style="green"))
+
+
+def customer(board, ppmid):
+    step("9a. The customer's own path: the credit runs out",
+         "49 kWh later the credit is gone: the meter interrupts the supply and commits that at "
+         "once, so a power cut cannot bring it back on. The WAN is still down.")
+    board.add_pulses(49100)
+    deadline = time.monotonic() + 10
+    while board.status()["pulses_pending"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ppmid.wait_for("Supply off", timeout=15)
+    run("han", "status", "--port", board.han_port)
+    show_display(ppmid)
+
+    step("9b. The customer phones the supplier, who reads out a 20-digit code",
+         "No voucher to scan, no WAN: a keypad code (SPEC §8) carries the amount, the low bits "
+         "of the sequence and a 31-bit MAC under a key only this meter and the supplier can "
+         "derive (X25519 at provisioning), with a Damm check digit that catches any one "
+         "mistyped digit or swapped pair.")
+    run("code", METER, "15.00", "--out", "code.txt")
+    digits = "".join(ch for ch in open("code.txt").read() if ch.isdigit())
+    con.print("the supplier reads out: [bold]%s[/]" % " ".join(digits[i:i + 4] for i in range(0, 20, 4)))
+
+    step("9c. The customer types it on the PPMID",
+         "A slip of one digit first: the PPMID says so at once, the meter does not count it "
+         "against the lockout, and the digits stay to be corrected.")
+    typo = digits[:9] + str((int(digits[9]) + 1) % 10) + digits[10:]
+    press(ppmid, " ".join(typo[i:i + 4] for i in range(0, 20, 4)) + " #", "Typo")
+    show_display(ppmid)
+    press(ppmid, "D " + " ".join(digits[i:i + 4] for i in range(0, 20, 4)) + " #", "added")
+    ppmid.wait_for("Press B to switch on")
+    show_display(ppmid)
+    con.print("The credit is back, but the supply is only [bold]armed[/]: a heater left on "
+              "does not come back on unattended (as SMETS2 meters do it).")
+    run("han", "status", "--port", board.han_port)
+
+    step("9d. The customer confirms: B switches the supply on",
+         "The PPMID asks the meter over the HAN (request 6, confirm); the meter commits the "
+         "supply on and closes its relay. The meter's own button would do the same.")
+    press(ppmid, "B", "Supply on")
+    show_display(ppmid)
+    deadline = time.monotonic() + 5
+    while board.relay is not True and time.monotonic() < deadline:
+        time.sleep(0.02)
+    con.print("relay: %s" % ("closed, the supply is on" if board.relay else "open"))
+    run("han", "status", "--port", board.han_port)
 
 
 def main(argv=None):
@@ -181,13 +257,16 @@ def main(argv=None):
     # the steps however long they take, and every balance printed is exact and the same on
     # every run (a voucher issued a moment later moves meter time on, uncharged: SPEC.md §7).
     board = VirtualBoard(os.path.join(work, "board"), clock=int(time.time()), freeze=True)
+    ppmid_board = VirtualBoard(os.path.join(work, "ppmid"))
     try:
         board.start()
-        demo(work, board)
-    except (DemoFailed, VirtualBoardError) as e:
+        ppmid_board.start()
+        demo(work, board, ppmid_board)
+    except (DemoFailed, VirtualBoardError, AssertionError) as e:
         con.print("[bold red]demo failed:[/] %s" % e)
         return 1
     finally:
+        ppmid_board.stop()
         board.stop()
         os.chdir(cwd)
     return 0

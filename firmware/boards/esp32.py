@@ -36,7 +36,7 @@ Pulse and button counts come from `Pin.irq` handlers that only add to an int.  O
 ESP32 port pin IRQs are always *soft* (scheduled), so a burst faster than the scheduler
 queue can drain would drop counts; at 1 Wh per pulse that needs > 3.6 MW of load.
 """
-from boards.mcu import McuBoard
+from boards.mcu import McuBoard, PpmidMcuBoard
 
 _BLOCK = 4096
 
@@ -78,3 +78,18 @@ class Board(McuBoard):
         self.han = machine.UART(uart_id, baudrate=baudrate, tx=tx, rx=rx, timeout=0,
                                 timeout_char=0, rxbuf=1024)
         self._setup_io(machine, relay_pin, wan_pin, button_pin, pulse_pin, hard_irq=False)
+
+
+class PpmidBoard(PpmidMcuBoard):
+    """The PPMID on an ESP32: HAN UART 2 (TX 17 / RX 16, to the meter's HAN), a 4x4 keypad
+    (rows GPIO 13, 12, 14, 27 driven; columns GPIO 26, 25, 33, 32 with pull-ups), an SSD1306
+    128x64 OLED on I2C 0 (SCL 22, SDA 21, address 0x3C), USB serial for the voucher relay."""
+    name = "esp32"
+
+    def __init__(self, *, uart_id=2, tx=17, rx=16, baudrate=115200, rows=(13, 12, 14, 27),
+                 cols=(26, 25, 33, 32), scl=22, sda=21, addr=0x3C):
+        import machine
+        self.han = machine.UART(uart_id, baudrate=baudrate, tx=tx, rx=rx, timeout=0,
+                                timeout_char=0, rxbuf=1024)
+        i2c = machine.I2C(0, scl=machine.Pin(scl), sda=machine.Pin(sda), freq=400000)
+        self._setup_ppmid(machine, i2c, rows, cols, addr)

@@ -158,3 +158,42 @@ class Board:
             out[i] = ((x * 0x2545F4914F6CDD1D) & _MASK64) >> 56
         self._rng = x
         return bytes(out)
+
+
+class PpmidBoard:
+    """The PPMID test board: keys pressed by the test, the display's text recorded, the HAN
+    and USB serial as HanStreams (the test feeds one side and takes the other), and a clock
+    the test moves."""
+    name = "fake"
+
+    def __init__(self):
+        from boards.textdisplay import TextDisplay
+        self.han = HanStream()
+        self.usb = HanStream()
+        self.display = TextDisplay(self._flush)
+        self.screens = 0
+        self._keys = ""
+        self._ticks = 0
+
+    def _flush(self, text, buf):
+        self.screens += 1
+
+    # --- what the test drives ---
+    def press(self, keys):
+        self._keys += keys
+
+    def advance_ms(self, ms):
+        self._ticks += ms
+
+    @property
+    def text(self):
+        return self.display.text
+
+    # --- the board interface ---
+    def keys(self):
+        k = self._keys
+        self._keys = ""
+        return k
+
+    def ticks_ms(self):
+        return self._ticks

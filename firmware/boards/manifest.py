@@ -11,7 +11,8 @@ metadata(
 
 options.defaults(board=None, test=False)
 
-_files = ["__init__.py", "mcu.py"]  # mcu: what the microcontroller boards share
+_files = ["__init__.py", "mcu.py",  # mcu: what the microcontroller boards share
+          "keypad.py", "ssd1306.py", "textdisplay.py"]   # the PPMID's keypad and display
 if options.board:
     _files.append(options.board + ".py")
 else:

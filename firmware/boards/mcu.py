@@ -83,3 +83,63 @@ class McuBoard:
 
     def random(self, n):
         return os.urandom(n)
+
+
+# --- the PPMID (the customer's in-home device) -------------------------------------------
+class UsbSerial:
+    """The board's USB serial (the REPL's stdin/stdout) as a non-blocking byte stream, for
+    the PPMID's voucher relay.  Ctrl-C still interrupts the program (the port handles it
+    before stdin), so mpremote can always take the board back."""
+
+    def __init__(self):
+        import select
+        import sys
+        self._in = sys.stdin
+        self._out = sys.stdout
+        self._poll = select.poll()
+        self._poll.register(sys.stdin, select.POLLIN)
+
+    def read(self, n=-1):
+        if n is None or n < 0:
+            n = 256
+        out = ""
+        while len(out) < n and self._poll.poll(0):
+            c = self._in.read(1)
+            if not c:
+                break
+            out += c
+        return out.encode() if out else None
+
+    def write(self, buf):
+        self._out.write(bytes(buf).decode())
+        return len(buf)
+
+
+class PpmidMcuBoard:
+    """What the PPMID boards (esp32, pico) share: the keypad scan, the display, USB serial
+    and a ticks counter that never wraps.  Each board module makes its own UART and I2C."""
+    clock_survives_power_loss = False
+
+    def _setup_ppmid(self, machine, i2c, row_pins, col_pins, addr=0x3C):
+        from boards.keypad import MatrixKeypad
+        from boards.ssd1306 import Ssd1306
+        from boards.textdisplay import TextDisplay
+        self._keypad = MatrixKeypad(machine, row_pins, col_pins)
+        self._oled = Ssd1306(i2c, addr)
+        self.display = TextDisplay(self._flush)
+        self.usb = UsbSerial()
+        self._ticks_last = time.ticks_ms()
+        self._ticks_total = 0
+
+    def _flush(self, _text, buf):
+        self._oled.write(buf)
+
+    def keys(self):
+        """Keys pressed since the last call, as a str ("12#")."""
+        return self._keypad.scan()
+
+    def ticks_ms(self):
+        now = time.ticks_ms()
+        self._ticks_total += time.ticks_diff(now, self._ticks_last)
+        self._ticks_last = now
+        return self._ticks_total

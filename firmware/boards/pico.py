@@ -32,7 +32,7 @@ handlers that only add to an int (no allocation), so no pulse is lost to a busy 
 """
 import os
 
-from boards.mcu import McuBoard
+from boards.mcu import McuBoard, PpmidMcuBoard
 
 _BLOCK = 4096
 _PAGE = 256
@@ -88,3 +88,19 @@ class Board(McuBoard):
         self.han = machine.UART(uart_id, baudrate=baudrate, tx=machine.Pin(tx),
                                 rx=machine.Pin(rx), timeout=0, timeout_char=0, rxbuf=1024)
         self._setup_io(machine, relay_pin, wan_pin, button_pin, pulse_pin, hard_irq=True)
+
+
+class PpmidBoard(PpmidMcuBoard):
+    """The PPMID on a Pico: HAN UART0 (GP0 TX / GP1 RX, to the meter's HAN), a 4x4 keypad
+    (rows GP2-GP5 driven; columns GP6-GP9 with pull-ups), an SSD1306 128x64 OLED on I2C 1
+    (SDA GP14, SCL GP15, address 0x3C), USB serial for the voucher relay.  Needs no flash
+    region: the PPMID keeps nothing."""
+    name = "pico"
+
+    def __init__(self, *, uart_id=0, tx=0, rx=1, baudrate=115200, rows=(2, 3, 4, 5),
+                 cols=(6, 7, 8, 9), sda=14, scl=15, addr=0x3C):
+        import machine
+        self.han = machine.UART(uart_id, baudrate=baudrate, tx=machine.Pin(tx),
+                                rx=machine.Pin(rx), timeout=0, timeout_char=0, rxbuf=1024)
+        i2c = machine.I2C(1, sda=machine.Pin(sda), scl=machine.Pin(scl), freq=400000)
+        self._setup_ppmid(machine, i2c, rows, cols, addr)

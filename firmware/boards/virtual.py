@@ -150,3 +150,27 @@ class Board:
 
     def random(self, n):
         return unhexlify(self._hw.random_hex(n))
+
+
+class PpmidBoard:
+    """The PPMID on the virtual board: its HAN UART a pty (the rig joins it to a meter's
+    like a cable), the keypad a queue the rig presses keys into, the display a framebuffer
+    (boards.textdisplay) whose text and pixels the rig reads, USB serial the REPL pty."""
+    name = "virtual"
+
+    def __init__(self):
+        import _vboard  # pyright: ignore[reportMissingImports]
+        from boards.textdisplay import TextDisplay
+        self._hw = _vboard
+        self.han = Uart(_vboard.han_read, _vboard.han_write)
+        self.usb = Uart(_vboard.usb_read, _vboard.usb_write)
+        self.display = TextDisplay(self._flush)
+
+    def _flush(self, text, buf):
+        self._hw.display(text, hexlify(buf).decode())
+
+    def keys(self):
+        return self._hw.take_keys() or ""
+
+    def ticks_ms(self):
+        return int(self._hw.ticks_ms())

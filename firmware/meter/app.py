@@ -1,6 +1,6 @@
 # The main loop: one `step` reads the board's inputs, meters, serves the HAN and the uplink
-# (each a bounded amount of work), and drives the relay. `run` repeats it forever.
-# Hardware comes in as a board object.
+# (each a bounded amount of work), and drives the relay from the supply state (closed only
+# when on: SPEC.md §9). `run` repeats it forever. Hardware comes in as a board object.
 import gc
 import time
 
@@ -19,6 +19,7 @@ except AttributeError:  # CPython
     _THRESHOLD = None
 
 from protocol.errors import Rejected
+from meter import supply
 from meter.clock import MeterClock
 from meter.han_server import HanServer
 from meter.ledger import Ledger
@@ -53,15 +54,18 @@ class Meter:
         try:
             now = ledger.clock()
             ledger.meter(board.pulses(), now)
-            for _ in range(board.button_presses()):
+            if board.button_presses():
+                # One action per step however many presses came: a press confirms an armed
+                # supply, else takes emergency credit -- never both from one burst.
                 try:
-                    ledger.take_emergency_credit()
+                    supply.press(ledger)
                 except Rejected:
                     pass  # not available now: the press is ignored, as on any meter
             board.set_relay(ledger.supply_on())
             self.han.poll()
             self.uplink.poll()
             ledger.record_rejections(ledger.clock())
+            ledger.settle()    # an interruption found this step is committed before the relay opens
         except MemoryError:
             # Nothing was half-changed (a commit that fails re-reads the flash); free what
             # this step held and carry on: the relay decision below still runs.

@@ -17,6 +17,10 @@ C_UNIT_RATE = 9       # milli-pence per kWh
 C_STANDING = 10       # milli-pence per day
 C_PROVISIONED_AT = 11  # Unix seconds
 C_FIRST_RECEIPT = 12  # index of the first receipt signed with this key (a reset continues the count)
+C_KA_SEED = 13        # the meter's X25519 key-agreement private key (made on the device: SPEC.md §8)
+C_KA_PUBLIC = 14      # its public key, registered with the supplier
+C_CODE_SUPPLIER = 15  # the supplier's code key (X25519 public), if codes are taken
+C_CODE_KEY = 16       # the per-meter keypad-code key derived from the two (SPEC.md §8)
 
 # State keys
 S_BALANCE = 1         # milli-pence, may be negative while emergency credit is in use
@@ -35,6 +39,10 @@ S_FLOOR = 13          # every sequence <= floor is STALE (set at provisioning: S
 S_BAD_SIGNATURES = 14  # consecutive vouchers refused BAD_SIGNATURE (signature back-off)
 S_BACKOFF_UNTIL = 15  # meter time before which no signature is checked (BUSY)
 S_FAULTS_SEEN = 16    # the flash faults last recorded in a fault receipt {code: count}
+S_SUPPLY = 17         # supply state (SPEC.md §9): 0 interrupted, 1 armed, 2 on (meter/supply.py)
+S_CODE_WRONG = 18     # wrong keypad codes since the last lockout or good code (meter/lockout.py)
+S_CODE_LOCKOUTS = 19  # lockouts in the current series (each doubles the next)
+S_CODE_UNTIL = 20     # meter time before which code entry is locked
 
 # The carry a factory reset keeps (meter.store `format(carry)`): what must survive a reset
 # so that nothing before it can apply again and receipt numbers never restart.

@@ -1,7 +1,7 @@
 # The meter's side of the HAN (SPEC.md §5). The HAN is untrusted: every request is
 # answered or dropped, nothing raised out of here can stop the main loop, and only a
-# valid signed voucher changes credit. Work per main-loop step is bounded (SPEC.md §5.2),
-# so no traffic can hold up metering, the relay, the uplink or checkpoints.
+# valid signed voucher or keypad code changes credit. Work per main-loop step is bounded
+# (SPEC.md §5.2), so no traffic can hold up metering, the relay, the uplink or checkpoints.
 try:
     from micropython import const
 except ImportError:
@@ -12,9 +12,17 @@ from protocol import cbor, errors, han
 from protocol.errors import Rejected
 from meter import config as cfg
 
+# Request types beside protocol.han's (SPEC.md §5): a keypad code (§8), a customer
+# action (§9) and its two actions.
+_CODE = const(5)
+_ACTION = const(6)
+_ACTION_CONFIRM = const(1)
+_ACTION_EMERGENCY = const(2)
+
 _READ_CHUNK = const(64)
 # Per step: read at most about one largest frame, answer at most this many requests, of
-# which at most one may need a signature check (a submit).
+# which at most one may sign a receipt or check a signature (a submit: a voucher, a code or
+# a customer action).
 MAX_READ_PER_STEP = const(1088)
 MAX_REQUESTS_PER_STEP = const(4)
 # Complete frames waiting for a later step; more than this in one burst are dropped (the
@@ -72,6 +80,9 @@ class HanServer:
         except Rejected as e:
             self.failed += 1
             reply_type, reply = han.ERROR, {1: e.reason}
+            fields = getattr(e, "fields", None)     # CODE_LOCKED: {2: s}; CODE_WRONG: {3: n}
+            if fields:
+                reply.update(fields)
         except MemoryError:
             # Not the request's fault: the PPMID may retry (SPEC.md §2.1, BUSY).
             self.failed += 1
@@ -100,6 +111,14 @@ class HanServer:
             return han.SUBMIT | han.RESPONSE, {1: receipt, 2: duplicate}
         if msg_type == han.RECEIPTS:
             return han.RECEIPTS | han.RESPONSE, self.receipts(payload)
+        if msg_type == _CODE:
+            text = payload.get(1)
+            if not isinstance(text, str):
+                raise Rejected(errors.BAD_REQUEST, "a code needs {1: the code as typed (text)}")
+            receipt, duplicate = self.ledger.submit_code(text)
+            return _CODE | han.RESPONSE, {1: receipt, 2: duplicate}
+        if msg_type == _ACTION:
+            return _ACTION | han.RESPONSE, self.action(payload.get(1))
         raise Rejected(errors.UNKNOWN_REQUEST, "unknown request type %d" % msg_type)
 
     def status(self):
@@ -119,7 +138,23 @@ class HanServer:
             12: ledger.floor,
             13: bool(ledger.damaged),
             14: ledger.store.oldest_receipt,
+            15: ledger.supply_state,
+            16: ledger.code_locked_for,
+            17: ledger.code_tries_left,
+            18: ledger.provisioned and ledger.code_key is not None,
         }
+
+    def action(self, what):
+        """The customer's action from the PPMID (SPEC.md §9): confirm an armed supply (a
+        confirm when it is not armed changes nothing and says the state), or take
+        emergency credit (its receipt comes back)."""
+        ledger = self.ledger
+        if what == _ACTION_CONFIRM and not isinstance(what, bool):
+            return {1: ledger.confirm_supply()}
+        if what == _ACTION_EMERGENCY:
+            receipt = ledger.take_emergency_credit()
+            return {1: ledger.supply_state, 2: receipt}
+        raise Rejected(errors.BAD_REQUEST, "an action is {1: 1 (confirm) or 2 (emergency credit)}")
 
     def receipts(self, payload):
         start = payload.get(1, 0)
@@ -137,8 +172,10 @@ class HanServer:
 
 
 def _is_submit(body):
-    # [2, id, {...}] starts 0x83 0x02 in deterministic CBOR; anything else is not a submit.
-    return len(body) > 1 and body[0] == 0x83 and body[1] == han.SUBMIT
+    # [2, id, {...}] starts 0x83 0x02 in deterministic CBOR (0x05 a code, 0x06 an action):
+    # the requests that may sign a receipt, check a signature or write flash.
+    return len(body) > 1 and body[0] == 0x83 and (body[1] == han.SUBMIT or body[1] == _CODE
+                                                  or body[1] == _ACTION)
 
 
 def _peek_id(body):

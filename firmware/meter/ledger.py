@@ -5,16 +5,20 @@
 # and the next top-up fills that hole first ("repaid first"). Top-ups and emergency credit
 # are committed with their receipt (receipt first, state last: the state record is the
 # commit point). Metering lowers the balance in RAM and is checkpointed at a bounded
-# interval, and always with any other commit.
+# interval, and always with any other commit. Keypad codes (meter/codes.py) and the supply's
+# arming (meter/supply.py) are decided in their own modules; what changes credit or the
+# supply state is committed here.
 try:
     from micropython import const
 except ImportError:
     def const(x):
         return x
 
+import sys
+
 from protocol import cose, errors, receipt as receipt_format, voucher as voucher_format, window as replay
 from protocol.errors import Rejected
-from meter import backoff, config as cfg, metering, recovery
+from meter import backoff, config as cfg, lockout, metering, recovery, supply
 from meter.clock import MeterClock
 from meter.receipts import ReceiptSigner
 from meter.store import StoreError
@@ -32,11 +36,31 @@ _MAX_COUNT = const(0xFFFFFFFF)
 UPLINK_QUEUE = const(128)
 
 
+# A code's check (meter/codes.py with protocol/keycode.py, ~9 KiB of heap on the unix port)
+# is loaded for each code and dropped after it: codes are typed by a person, so they are
+# rare, and a voucher between them then has the heap of a meter that never saw one (the
+# heap budget, tests/test_heap_budget.py). On CPython there is no heap to keep.
+_DROP = sys.implementation.name == "micropython"
+
+
+def _drop_code_modules():
+    if not _DROP:
+        return
+    for package, name in (("meter", "codes"), ("protocol", "keycode")):
+        sys.modules.pop(package + "." + name, None)
+        parent = sys.modules.get(package)
+        if parent is not None and name in dir(parent):
+            delattr(parent, name)
+
+
 class Ledger:
     def __init__(self, store, clock, log=None):
         """store: a mounted meter.store.Store; clock: a MeterClock, or the board's time()
         (a clock that keeps running through power cuts); log(message): the REPL log."""
         self._unsynced = False
+        self._interrupted = False
+        self.committed_lockout = lockout.CLEAR
+        self.code_key = None
         self.store = store
         self.clock = clock if isinstance(clock, MeterClock) else MeterClock(clock)
         self.log = log or (lambda message: None)
@@ -48,8 +72,10 @@ class Ledger:
         roll forward from receipts whose state record was lost, and record flash faults."""
         store = self.store
         self._dirty = False
+        self._interrupted = False
         self._unsaved_mp = 0
         self._state = None
+        self.code_key = None
         self.faults = dict(store.faults)
         # Damaged: the store holds a ledger that cannot be read whole. The meter then
         # changes no credit at all (DAMAGED) rather than invent or forget any.
@@ -67,7 +93,12 @@ class Ledger:
             return
         self.provisioned = True
         self._committed_at = self._state[cfg.S_CHARGED_TO]
+        self.committed_lockout = lockout.of(self._state)
         recovery.roll_forward(self)
+        # A state from before arming gets its supply state; one whose credit ran out with
+        # the supply not interrupted is interrupted now and committed at the first
+        # metering pass (before the relay is driven).
+        self._interrupted = supply.load(self._state)
         if not self.clock.start(self._state[cfg.S_CHARGED_TO]):
             # The time since the last commit is not accounted for (the board clock did not
             # run through the cut, or cannot be believed): it is not charged.
@@ -93,6 +124,7 @@ class Ledger:
         self.signer = ReceiptSigner(self.device, c[cfg.C_SEED], c[cfg.C_PUBLIC])
         self.public_key = c[cfg.C_PUBLIC]
         self.first_receipt = c.get(cfg.C_FIRST_RECEIPT, 0)
+        self.code_key = c.get(cfg.C_CODE_KEY)        # None: this meter takes no codes
         self._state = cfg.decode(state)
 
     # ---- views -------------------------------------------------------------------
@@ -132,13 +164,27 @@ class Ledger:
     def floor(self):
         return self._state.get(cfg.S_FLOOR, 0) if self.provisioned else 0
 
-    def supply_on(self):
-        """Supply stays on while credit, including emergency credit taken, is above zero.
-        A meter whose ledger is damaged keeps the supply on: it cannot know the credit, and
-        a flash fault must not disconnect a customer."""
+    @property
+    def supply_state(self):
+        """SPEC.md §9 (meter/supply.py): INTERRUPTED, ARMED or ON. A meter whose ledger is
+        damaged keeps the supply on: it cannot know the credit, and a flash fault must not
+        disconnect a customer; an unprovisioned meter keeps it off."""
         if self.damaged:
-            return True
-        return self.provisioned and self._state[cfg.S_BALANCE] + self.emergency_mp > 0
+            return supply.ON
+        return self._state[cfg.S_SUPPLY] if self.provisioned else supply.INTERRUPTED
+
+    def supply_on(self):
+        """The relay is closed: the supply is on (not interrupted, not merely armed)."""
+        return self.supply_state == supply.ON
+
+    @property
+    def code_locked_for(self):
+        """Seconds until keypad-code entry opens again (0: open)."""
+        return lockout.locked_for(self._state, self.clock()) if self.provisioned else 0
+
+    @property
+    def code_tries_left(self):
+        return lockout.tries_left(self._state, self.clock()) if self.provisioned else lockout.MAX_WRONG
 
     # ---- top-up ------------------------------------------------------------------
     def submit(self, data):
@@ -173,33 +219,59 @@ class Ledger:
                 raise
             if backoff.passed(st):
                 self._dirty = True
-            if v.sequence <= self.floor:
-                raise Rejected(errors.STALE, "sequence %d is at or below the floor %d set at provisioning"
-                               % (v.sequence, self.floor))
-            window = self.window
-            if not replay.admit(window, v, self._ref_for_sequence):
-                return self.store.find_receipt(v.sequence), True
-            self._accrue(0, now)
-            replay.check_credit(st[cfg.S_BALANCE], v.amount, self.max_credit)
+            r, duplicate = self._top_up(v, now, receipt_format.FORM_VOUCHER)
         except Rejected as e:
-            if e.reason != errors.BUSY:   # turned away by the back-off: not a verdict
+            # turned away by the back-off, or a failed commit: not a verdict
+            if e.reason != errors.BUSY and e.reason != errors.STORAGE:
                 self._count_rejection(e.reason)
             raise
+        if not duplicate:
+            self._signed_time(v.issued)
+        return r, duplicate
+
+    def submit_code(self, text):
+        """Apply a keypad code (SPEC.md §8, meter/codes.py): the checks of a voucher after
+        the code's own, under the code lockout. Return (receipt bytes, duplicate); raise
+        Rejected: nothing changed but the lockout count. Out of memory is BUSY."""
+        self._need()
+        try:
+            from meter import codes    # loaded for the code, dropped after it (below)
+            return codes.submit(self, text)
+        except MemoryError:
+            raise Rejected(errors.BUSY, "out of memory")
+        finally:
+            _drop_code_modules()
+
+    def _top_up(self, item, now, form):
+        """Checks 9-11 of SPEC.md §2.1 (a code's check 6) for a verified voucher or code
+        (item: .sequence, .ref, .amount), then the commit: receipt first, state last. A
+        top-up that lifts credit above zero arms an interrupted supply. Return (receipt,
+        duplicate); raise Rejected."""
+        st = self._state
+        if item.sequence <= self.floor:
+            raise Rejected(errors.STALE, "sequence %d is at or below the floor %d set at provisioning"
+                           % (item.sequence, self.floor))
+        window = self.window
+        if not replay.admit(window, item, self._ref_for_sequence):
+            return self.store.find_receipt(item.sequence), True
+        self._accrue(0, now)
+        replay.check_credit(st[cfg.S_BALANCE], item.amount, self.max_credit)
         before = st[cfg.S_BALANCE]
-        after = before + v.amount * 1000
+        after = before + item.amount * 1000
         new = dict(st)
         new[cfg.S_BALANCE] = after
         if after >= 0:
             new[cfg.S_EC] = 0  # emergency credit repaid
-        window.mark(v.sequence)
+        supply.topped_up(new)   # (arms an interrupted supply if credit is now above zero)
+        window.mark(item.sequence)
         new[cfg.S_HIGHEST] = window.highest
         new[cfg.S_BITMAP] = window.bitmap
         r = self.signer.make(self.store.receipt_count, receipt_format.TOPUP, now,
-                             st[cfg.S_LAST_HASH], before, after,
-                             sequence=v.sequence, voucher=v.ref, amount=v.amount)
+                             st[cfg.S_LAST_HASH], before, after, sequence=item.sequence,
+                             voucher=item.ref, amount=item.amount, form=form,
+                             supply=new[cfg.S_SUPPLY])
         new[cfg.S_LAST_HASH] = receipt_format.chain_hash(r)
-        self._commit(new, now, r, v.sequence)
-        self._signed_time(v.issued)
+        self._commit(new, now, r, item.sequence)
         return r, False
 
     def _signed_time(self, issued):
@@ -300,12 +372,32 @@ class Ledger:
             raise Rejected(errors.EC_UNAVAILABLE, "credit is above the emergency threshold")
         new = dict(st)
         new[cfg.S_EC] = self.ec_amount
+        supply.emergency_taken(new)
         balance = st[cfg.S_BALANCE]
         r = self.signer.make(self.store.receipt_count, receipt_format.EMERGENCY, now,
-                             st[cfg.S_LAST_HASH], balance, balance, amount=self.ec_amount)
+                             st[cfg.S_LAST_HASH], balance, balance, amount=self.ec_amount,
+                             supply=new[cfg.S_SUPPLY])
         new[cfg.S_LAST_HASH] = receipt_format.chain_hash(r)
         self._commit(new, now, r, 0)
         return r
+
+    # ---- supply arming ---------------------------------------------------------------
+    def confirm_supply(self):
+        """The customer confirms (button or PPMID, SPEC.md §9): an armed supply comes on,
+        committed at once. Otherwise nothing changes. Return the supply state."""
+        self._need()
+        if self._state[cfg.S_SUPPLY] == supply.ARMED:
+            now = self.clock()
+            self._accrue(0, now)    # (which may find the credit gone: then it is interrupted)
+            new = dict(self._state)
+            supply.confirm(new)
+            self._commit(new, now)  # on, or interrupted: either is committed at once
+        return self.supply_state
+
+    def settle(self):
+        """Commit an interruption of the supply not yet written (before the relay opens)."""
+        if self._interrupted and self.provisioned and not self._unsynced:
+            self.checkpoint()
 
     # ---- metering ------------------------------------------------------------------
     def meter(self, wh, now=None):
@@ -320,9 +412,9 @@ class Ledger:
         if now is None:
             now = self.clock()
         self._accrue(wh, now)
-        if self._unsaved_mp >= CHECKPOINT_MP or (
+        if self._interrupted or self._unsaved_mp >= CHECKPOINT_MP or (
                 self._dirty and now - self._committed_at >= CHECKPOINT_SECONDS):
-            self.checkpoint(now)
+            self.checkpoint(now)       # an interruption of the supply is committed at once
 
     def _accrue(self, wh, now):
         st = self._state
@@ -338,6 +430,8 @@ class Ledger:
             st[cfg.S_WH_TOTAL] += wh
             self._unsaved_mp += cost
             self._dirty = True
+            if cost and supply.exhausted(st):
+                self._interrupted = True
 
     def checkpoint(self, now=None):
         """Persist metering (and rejection counts). A full flash is retried next time."""
@@ -415,6 +509,8 @@ class Ledger:
         self._committed_at = now
         self._unsaved_mp = 0
         self._dirty = False
+        self._interrupted = False
+        self.committed_lockout = lockout.of(new)
 
     def _resync(self):
         # After an error inside a commit RAM may no longer match the flash: read the flash

@@ -5,8 +5,12 @@
 # §2.2): the highest sequence the old ledger closed, the next receipt index and the meter
 # time, so that no voucher from before the reset applies after it, receipt numbers never
 # restart, and meter time never goes back.
-from protocol import cbor, ed25519, receipt as receipt_format
-from meter import config as cfg
+#
+# Keypad codes (SPEC.md §8): provisioning also makes the meter's X25519 key-agreement key
+# pair and, given the supplier's code key, derives the per-meter code key once, here --
+# X25519 runs only at provisioning and is never imported by the meter's boot or apply path.
+from protocol import cbor, ed25519, keycode, receipt as receipt_format, x25519
+from meter import config as cfg, lockout, supply
 
 
 class ProvisioningError(Exception):
@@ -35,7 +39,7 @@ def carried(store):
 
 
 def provision(store, board, device, trust, limits=None, initial_credit=0, now=None, floor=0,
-              first_index=0):
+              first_index=0, code_key=None):
     """Provision a blank meter. Return its receipt public key (32 bytes).
 
     device: 8-byte EUI-64; trust: list of issuer public keys (32 bytes each);
@@ -43,7 +47,10 @@ def provision(store, board, device, trust, limits=None, initial_credit=0, now=No
     initial_credit: opening balance in pence; now: Unix time, sets the meter clock;
     floor: the highest sequence the supplier has issued for this device (vouchers up to it
     will be STALE here); first_index: the next receipt index the supplier expects. The
-    meter takes the larger of each and of what its own carry says.
+    meter takes the larger of each and of what its own carry says. code_key: the supplier's
+    code key (X25519 public, 32 bytes), or None for a meter that takes no keypad codes; the
+    meter's key-agreement key pair is made either way (config C_KA_SEED, C_KA_PUBLIC).
+    With no opening credit the supply starts interrupted (SPEC.md §9).
     """
     if store.config is not None:
         raise ProvisioningError("already provisioned: factory reset first")
@@ -62,6 +69,8 @@ def provision(store, board, device, trust, limits=None, initial_credit=0, now=No
     for name, v in (("floor", floor), ("first_index", first_index)):
         _check(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFFFFFFFF,
                "%s must be 0..2^32-1" % name)
+    _check(code_key is None or (isinstance(code_key, bytes) and len(code_key) == 32),
+           "the supplier's code key must be a 32-byte X25519 public key")
     # A ledger left without its configuration (provisioning cut short, or both copies lost
     # to flash damage) still closes what it applied.
     carry = _closing_carry(store)
@@ -75,17 +84,30 @@ def provision(store, board, device, trust, limits=None, initial_credit=0, now=No
         set_time(now)
     seed = bytes(board.random(32))
     _check(len(seed) == 32 and seed != bytes(32), "board random source failed")
+    ka_seed = bytes(board.random(32))
+    _check(len(ka_seed) == 32 and ka_seed != bytes(32) and ka_seed != seed, "board random source failed")
     public = ed25519.public_key(seed)
+    ka_public = x25519.public_key(ka_seed)
 
     config = {cfg.C_DEVICE: device, cfg.C_SEED: seed, cfg.C_PUBLIC: public, cfg.C_TRUST: list(trust),
-              cfg.C_PROVISIONED_AT: now, cfg.C_FIRST_RECEIPT: first_index}
+              cfg.C_PROVISIONED_AT: now, cfg.C_FIRST_RECEIPT: first_index,
+              cfg.C_KA_SEED: ka_seed, cfg.C_KA_PUBLIC: ka_public}
+    if code_key is not None:
+        try:
+            shared = x25519.x25519(ka_seed, code_key)
+        except ValueError:
+            raise ProvisioningError("the supplier's code key is not a usable X25519 public key")
+        config[cfg.C_CODE_SUPPLIER] = code_key
+        config[cfg.C_CODE_KEY] = keycode.derive_key(shared, device, code_key, ka_public)
     config.update(values)
     # The receipt chain of a new key starts at GENESIS: a new epoch, not a fork (SPEC.md §4).
     state = {cfg.S_BALANCE: initial_credit * 1000, cfg.S_EC: 0, cfg.S_HIGHEST: 0, cfg.S_BITMAP: 0,
              cfg.S_LAST_HASH: receipt_format.GENESIS, cfg.S_CHARGED_TO: now, cfg.S_ENERGY_REM: 0,
              cfg.S_STANDING_REM: 0, cfg.S_WH_TOTAL: 0, cfg.S_REJECTIONS: {}, cfg.S_REJ_RECEIPT_AT: now,
              cfg.S_UPLOADED: first_index, cfg.S_FLOOR: floor, cfg.S_BAD_SIGNATURES: 0,
-             cfg.S_BACKOFF_UNTIL: 0, cfg.S_FAULTS_SEEN: {}}
+             cfg.S_BACKOFF_UNTIL: 0, cfg.S_FAULTS_SEEN: {},
+             cfg.S_SUPPLY: supply.ON if initial_credit > 0 else supply.INTERRUPTED}
+    lockout.clear(state)
     # The config record is the commit point: a cut before it leaves a blank meter, still
     # holding the same carry.
     store.format(carry=_carry_blob(floor, first_index, now))
@@ -133,22 +155,30 @@ def _board_store(board):
 
 
 def provision_board(device_hex, trust_hex, limits=None, initial_credit=0, board=None, now=None,
-                    floor=0, first_index=0):
+                    floor=0, first_index=0, code_key_hex=None):
     """The REPL entry point for `topup provision`: provision this board and print
-    `PUBLIC <hex> FIRST <index> FLOOR <sequence>` -- the meter's receipt key, the index of
-    its first receipt and the sequence floor -- for the engineer's tool to register.
+    `PUBLIC <hex> FIRST <index> FLOOR <sequence> KA <hex>` -- the meter's receipt key, the
+    index of its first receipt, the sequence floor and the meter's key-agreement public key
+    (keypad codes, SPEC.md §8) -- for the engineer's tool to register.
 
-    device_hex: 16 hex digits; trust_hex: list of 64-hex-digit issuer public keys.
+    device_hex: 16 hex digits; trust_hex: list of 64-hex-digit issuer public keys;
+    code_key_hex: the supplier's code key (64 hex digits, X25519 public) or None.
     """
     import binascii
     board, store = _board_store(board)
+    code_key = None
+    if code_key_hex is not None:
+        try:
+            code_key = binascii.unhexlify(code_key_hex)
+        except ValueError:
+            raise ProvisioningError("the supplier's code key must be 64 hex digits")
     public = provision(store, board, binascii.unhexlify(device_hex),
                        [binascii.unhexlify(k) for k in trust_hex], limits, initial_credit, now,
-                       floor, first_index)
+                       floor, first_index, code_key)
     c = cfg.decode(store.config)
     st = cfg.decode(store.state)
     print("PUBLIC", binascii.hexlify(public).decode(), "FIRST", c[cfg.C_FIRST_RECEIPT],
-          "FLOOR", st[cfg.S_FLOOR])
+          "FLOOR", st[cfg.S_FLOOR], "KA", binascii.hexlify(c[cfg.C_KA_PUBLIC]).decode())
     return public
 
 

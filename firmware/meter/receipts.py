@@ -31,4 +31,8 @@ class ReceiptSigner:
             fields[receipt.K_REJECTIONS] = extra["rejections"]
         if "faults" in extra:
             fields[receipt.K_FAULTS] = extra["faults"]
+        if extra.get("form", receipt.FORM_VOUCHER) != receipt.FORM_VOUCHER:
+            fields[receipt.K_FORM] = extra["form"]      # absent: a voucher (SPEC.md §4)
+        if "supply" in extra:
+            fields[receipt.K_SUPPLY] = extra["supply"]
         return receipt.encode(self.kid, self._sign, fields)

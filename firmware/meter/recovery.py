@@ -18,7 +18,7 @@
 # counter keep their older values: less than 1 mp, in the customer's favour.
 from protocol import receipt as receipt_format, window as replay
 from protocol.errors import Rejected
-from meter import config as cfg, metering
+from meter import config as cfg, lockout, metering
 
 
 def _metering_between(ledger, st, drop, until):
@@ -72,6 +72,8 @@ def roll_forward(ledger):
             st[cfg.S_BITMAP] = w.bitmap
             if r.balance_after >= 0:
                 st[cfg.S_EC] = 0
+            if r.form == receipt_format.FORM_CODE:
+                lockout.clear(st)          # a good code ended the lockout series
         elif r.kind == receipt_format.EMERGENCY:
             st[cfg.S_EC] = r.amount
         elif r.kind == receipt_format.REJECTIONS:
@@ -79,6 +81,8 @@ def roll_forward(ledger):
             st[cfg.S_REJ_RECEIPT_AT] = r.time
         elif r.kind == receipt_format.FAULT:
             st[cfg.S_FAULTS_SEEN] = dict(r.faults)
+        if r.supply is not None:
+            st[cfg.S_SUPPLY] = r.supply    # the supply state after a top-up or emergency credit
         st[cfg.S_BALANCE] = r.balance_after
         st[cfg.S_LAST_HASH] = r.hash
         adopted += 1

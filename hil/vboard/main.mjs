@@ -17,7 +17,8 @@
 import tty from "node:tty";
 import readline from "node:readline";
 import { Worker } from "node:worker_threads";
-import { SLOT, NSLOTS, CLK_OFF, RING_OFF, RING_SIZE, SAB_SIZE } from "./shared.mjs";
+import { SLOT, NSLOTS, CLK_OFF, RING_OFF, RING_SIZE, SAB_SIZE, KEY_OFF, KEY_SIZE, DISP_OFF,
+  PIX_OFF, PIX_SIZE } from "./shared.mjs";
 
 const WATCHDOG_MS = 1000;
 
@@ -37,12 +38,28 @@ const args = parseArgs(process.argv.slice(2));
 const replFd = Number(args["repl-fd"]);
 const hanFd = Number(args["han-fd"]);
 const wanFd = Number(args["wan-fd"]);
+const linkFd = args["link-fd"] !== undefined ? Number(args["link-fd"]) : -1;   // the HAN's second port
 
 const sab = new SharedArrayBuffer(SAB_SIZE);
 const ctl = new Int32Array(sab, 0, NSLOTS);
 const clk = new BigInt64Array(sab, CLK_OFF, 4);
 const ring = new Uint8Array(sab, RING_OFF, RING_SIZE);
 const MASK = RING_SIZE - 1;
+const keyq = new Uint8Array(sab, KEY_OFF, KEY_SIZE);
+const disp = new Uint8Array(sab, DISP_OFF, PIX_OFF - DISP_OFF);
+const pix = new Uint8Array(sab, PIX_OFF, PIX_SIZE);
+
+// The PPMID's display as the firmware last wrote it: {gen, text, pixels (hex, or null)}.
+function readDisplay(pixels) {
+  for (let i = 0; i < 100; i++) {
+    const g = Atomics.load(ctl, SLOT.DISP_GEN);
+    if (g & 1) continue;
+    const text = Buffer.from(disp.subarray(0, Atomics.load(ctl, SLOT.DISP_LEN))).toString("utf8");
+    const px = pixels && Atomics.load(ctl, SLOT.DISP_PIX) ? Buffer.from(pix).toString("hex") : null;
+    if (Atomics.load(ctl, SLOT.DISP_GEN) === g) return { gen: g >> 1, text, pixels: px };
+  }
+  throw new Error("the display is being written: try again");
+}
 ctl[SLOT.CUT] = -1;
 ctl[SLOT.RELAY] = -1;
 ctl[SLOT.WAN] = args.wan === "1" ? 1 : 0;
@@ -76,7 +93,7 @@ function startWorker(kind, wasRaw = false) {
   Atomics.store(ctl, SLOT.BUSY, 1);
   const w = new Worker(new URL("./worker.mjs", import.meta.url), {
     workerData: {
-      sab, replFd, hanFd, wanFd, kind, wasRaw,
+      sab, replFd, hanFd, wanFd, linkFd, kind, wasRaw,
       fsDir: args.fs, flashPath: args.flash, entry: args.entry,
       heapsize: Number(args.heapsize || 1024 * 1024),
     },
@@ -257,6 +274,28 @@ const ops = {
   status: () => status(),
   set_wan: ({ up }) => { Atomics.store(ctl, SLOT.WAN, up ? 1 : 0); },
   press_button: ({ n = 1 }) => { Atomics.add(ctl, SLOT.BUTTONS, n); },
+  press_keys: ({ keys }) => {
+    const head = Atomics.load(ctl, SLOT.KEY_HEAD);
+    const tail = Atomics.load(ctl, SLOT.KEY_TAIL);
+    const b = Buffer.from(String(keys), "latin1");
+    if (((head - tail) | 0) + b.length > KEY_SIZE) throw new Error("the keypad queue is full");
+    for (let i = 0; i < b.length; i++) keyq[(head + i) & (KEY_SIZE - 1)] = b[i];
+    Atomics.store(ctl, SLOT.KEY_HEAD, (head + b.length) | 0);
+  },
+  keys_pending: () => (Atomics.load(ctl, SLOT.KEY_HEAD) - Atomics.load(ctl, SLOT.KEY_TAIL)) | 0,
+  display: ({ pixels = false }) => readDisplay(pixels),
+  // Wait (up to ms) until the display's generation passes `gen`; return the display.
+  display_wait: async ({ gen, ms = 1000 }) => {
+    const deadline = Date.now() + ms;
+    for (;;) {
+      const g = Atomics.load(ctl, SLOT.DISP_GEN);
+      if (!(g & 1) && (g >> 1) > gen) return readDisplay(false);
+      const left = deadline - Date.now();
+      if (left <= 0) return readDisplay(false);
+      const r = Atomics.waitAsync(ctl, SLOT.DISP_GEN, g, Math.min(left, 50));
+      if (r.async) await r.value;
+    }
+  },
   add_pulses: ({ n }) => { Atomics.add(ctl, SLOT.PULSES, n); },
   clock_set: ({ t }) => { setClockMs(BigInt(Math.round(t * 1000))); },
   clock_advance: ({ s }) => {

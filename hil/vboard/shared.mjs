@@ -21,9 +21,20 @@ export const SLOT = {
   SLEEP: 17,     // never written: a place to Atomics.wait on as a sleep
   CLOCK_KEEP: 18, // 1: the board clock runs through a power cut (a battery-backed RTC); 0: it
                   // restarts from 2000-01-01 at every power-on, as on an ESP32 without one
+  KEY_HEAD: 19,  // PPMID keypad queue: keys pressed by the rig (wrapping counter)
+  KEY_TAIL: 20,  // ... keys taken by the firmware
+  DISP_GEN: 21,  // display: bumped before (odd) and after (even) each write of the screen
+  DISP_LEN: 22,  // bytes of display text (UTF-8) in the DISP region
+  DISP_PIX: 23,  // 1 once the DISP_PIX region holds a framebuffer
 };
 export const NSLOTS = 32;
 export const CLK_OFF = NSLOTS * 4;      // BigInt64 x 4: [0] clock offset ms, [1] frozen clock ms, [2] ticks advance ms
 export const RING_OFF = CLK_OFF + 32;
 export const RING_SIZE = 1 << 16;       // power of two
-export const SAB_SIZE = RING_OFF + RING_SIZE;
+export const KEY_OFF = RING_OFF + RING_SIZE;   // PPMID keypad queue (ASCII key names)
+export const KEY_SIZE = 256;                     // power of two
+export const DISP_OFF = KEY_OFF + KEY_SIZE;      // display text, UTF-8
+export const DISP_SIZE = 1024;
+export const PIX_OFF = DISP_OFF + DISP_SIZE;     // display framebuffer (128x64 MONO_VLSB)
+export const PIX_SIZE = 1024;
+export const SAB_SIZE = PIX_OFF + PIX_SIZE;

@@ -14,13 +14,17 @@ import fs from "node:fs";
 import path from "node:path";
 import url from "node:url";
 import { workerData, parentPort } from "node:worker_threads";
-import { SLOT, NSLOTS, CLK_OFF, RING_OFF, RING_SIZE } from "./shared.mjs";
+import { SLOT, NSLOTS, CLK_OFF, RING_OFF, RING_SIZE, KEY_OFF, KEY_SIZE, DISP_OFF, DISP_SIZE,
+  PIX_OFF, PIX_SIZE } from "./shared.mjs";
 
 const W = workerData;
 const ctl = new Int32Array(W.sab, 0, NSLOTS);
 const clk = new BigInt64Array(W.sab, CLK_OFF, 4);
 const ring = new Uint8Array(W.sab, RING_OFF, RING_SIZE);
 const MASK = RING_SIZE - 1;
+const keyq = new Uint8Array(W.sab, KEY_OFF, KEY_SIZE);
+const disp = new Uint8Array(W.sab, DISP_OFF, DISP_SIZE);
+const pix = new Uint8Array(W.sab, PIX_OFF, PIX_SIZE);
 const RT_SRC = fs.readFileSync(new URL("./vm_rt.py", import.meta.url));
 const { loadMicroPython } = await import(url.pathToFileURL(W.entry).href);
 
@@ -112,9 +116,10 @@ function ringTake() {
 
 // Called from every JS entry while Python runs: Ctrl-C becomes a KeyboardInterrupt (raised
 // by the VM at its next backward jump or call), other bytes wait for the REPL; output goes out.
+let kbdSeen = false;     // a Ctrl-C is on its way into the VM: USB reads leave input alone
 function takeInput() {
   for (const b of ringTake()) {
-    if (b === 3) M._mp_sched_keyboard_interrupt();
+    if (b === 3) { M._mp_sched_keyboard_interrupt(); kbdSeen = true; }
     else pending.push(b);
   }
 }
@@ -181,6 +186,7 @@ let executing = false;
 
 function busy(on) {
   executing = on;
+  if (!on) kbdSeen = false;
   Atomics.store(ctl, SLOT.BUSY, on ? 1 : 0);
   if (!on) Atomics.add(ctl, SLOT.IDLE_GEN, 1);
 }
@@ -267,6 +273,77 @@ function uartWrite(fd, hex) {
   try { return fs.writeSync(fd, b); } catch (e) { return 0; }
 }
 
+// The meter's HAN with a second port (the cable to a PPMID, hil/two_board.py): what either
+// port sends reaches the HAN UART, frame by frame -- a frame begun on one port is finished
+// before the other's bytes go in (HAN frames end in 0x00, SPEC.md §5), so two requesters
+// never garble each other -- and what the meter sends goes out on both, like a radio HAN
+// that several devices have joined.  With one port in use this is a plain UART.
+const hanSrcs = [{ fd: W.hanFd, buf: Buffer.alloc(0) }];
+if (W.linkFd >= 0) hanSrcs.push({ fd: W.linkFd, buf: Buffer.alloc(0) });
+const SRC_MAX = 4096;
+const OWNER_MS = 200;      // a frame left unfinished this long no longer holds the UART
+let hanOwner = -1;
+let ownerAt = 0;
+let hanNext = 0;
+
+function hanRead(n) {
+  if (hanSrcs.length === 1) return uartRead(W.hanFd, n);
+  hook();
+  if (n === undefined || n === null || n < 0 || n > uartBuf.length) n = uartBuf.length;
+  if (n === 0) return null;
+  for (const s of hanSrcs) {
+    if (s.buf.length >= SRC_MAX) continue;
+    try {
+      const got = fs.readSync(s.fd, uartBuf, 0, SRC_MAX - s.buf.length, null);
+      if (got > 0) s.buf = Buffer.concat([s.buf, uartBuf.subarray(0, got)]);
+    } catch (e) {
+      if (e.code !== "EAGAIN" && e.code !== "EIO") throw e;
+    }
+  }
+  let i = hanOwner;
+  if (i >= 0 && !hanSrcs[i].buf.length && realNow() - ownerAt > OWNER_MS) i = hanOwner = -1;
+  if (i < 0) {
+    for (let k = 0; k < hanSrcs.length; k++) {
+      const j = (hanNext + k) % hanSrcs.length;
+      if (hanSrcs[j].buf.length) { i = j; break; }
+    }
+    if (i < 0) return null;
+    hanNext = (i + 1) % hanSrcs.length;
+  }
+  const s = hanSrcs[i];
+  if (!s.buf.length) return null;
+  let take = Math.min(n, s.buf.length);
+  const z = s.buf.subarray(0, take).lastIndexOf(0);
+  const ends = z === take - 1;
+  if (!ends && z >= 0 && i !== hanOwner) take = z + 1;   // whole frames first
+  const out = s.buf.subarray(0, take).toString("hex");
+  s.buf = s.buf.subarray(take);
+  if (out.slice(-2) === "00") hanOwner = -1;          // delivered up to a frame's end
+  else { hanOwner = i; ownerAt = realNow(); }         // mid-frame: this port keeps the UART
+  return out;
+}
+
+function hanWrite(hex) {
+  let r = 0;
+  for (const s of hanSrcs) {
+    const w = uartWrite(s.fd, hex);
+    if (s.fd === W.hanFd) r = w;
+  }
+  return hanSrcs.length === 1 ? r : Buffer.byteLength(hex, "hex");
+}
+
+// USB serial of a PPMID (its REPL pty): what the rig or a phone app types, without
+// blocking; Ctrl-C is left to interrupt the program, and nothing after it is taken.
+function usbRead(n) {
+  hook();
+  if (kbdSeen) return null;
+  if (executing && ringHasData()) takeInput();
+  if (kbdSeen || !pending.length) return null;
+  if (n === undefined || n === null || n < 0) n = 256;
+  const b = Buffer.from(pending.splice(0, Math.min(n, pending.length)));
+  return b.toString("hex");
+}
+
 function clockMs() {
   if (Atomics.load(ctl, SLOT.FROZEN)) return clk[1];
   return BigInt(realNow()) + clk[0];
@@ -274,8 +351,39 @@ function clockMs() {
 
 const hw = {
   // HAN UART (to the PPMID) and WAN link (to the head end): two ptys on the host.
-  han_read(n) { return uartRead(W.hanFd, n); },
-  han_write(hex) { return uartWrite(W.hanFd, hex); },
+  han_read(n) { return hanRead(n); },
+  han_write(hex) { return hanWrite(hex); },
+  // The PPMID: USB serial (the REPL pty), the keypad queue, the display.
+  usb_read(n) { return usbRead(n); },
+  usb_write(hex) {
+    hook();
+    for (const c of Buffer.from(hex, "hex")) outByte(c);
+    flush();
+    return hex.length >> 1;
+  },
+  take_keys() {
+    hook();
+    const head = Atomics.load(ctl, SLOT.KEY_HEAD);
+    let t = Atomics.load(ctl, SLOT.KEY_TAIL);
+    if (head === t) return null;
+    let s = "";
+    while (t !== head) { s += String.fromCharCode(keyq[t & (KEY_SIZE - 1)]); t = (t + 1) | 0; }
+    Atomics.store(ctl, SLOT.KEY_TAIL, t);
+    return s;
+  },
+  display(text, hex) {
+    hook();
+    const b = Buffer.from(String(text), "utf8").subarray(0, DISP_SIZE);
+    Atomics.add(ctl, SLOT.DISP_GEN, 1);                   // odd: being written
+    disp.set(b);
+    Atomics.store(ctl, SLOT.DISP_LEN, b.length);
+    if (hex) {
+      pix.set(Buffer.from(hex, "hex").subarray(0, PIX_SIZE));
+      Atomics.store(ctl, SLOT.DISP_PIX, 1);
+    }
+    Atomics.add(ctl, SLOT.DISP_GEN, 1);                   // even: whole
+    Atomics.notify(ctl, SLOT.DISP_GEN);
+  },
   wan_read(n) { return uartRead(W.wanFd, n); },
   wan_write(hex) { return uartWrite(W.wanFd, hex); },
   set_relay(on) { hook(); Atomics.store(ctl, SLOT.RELAY, on ? 1 : 0); },

@@ -21,7 +21,8 @@ def _listed(r):
     rows = []
     for ln in r.stdout.splitlines()[1:-1]:
         w = ln.split()
-        rows.append((w[0], int(w[1]), w[3].rstrip("*"), w[6], " ".join(w[7:-1])))
+        assert w[2] in ("voucher", "code"), ln          # the form column (issue 11)
+        rows.append((w[0], int(w[1]), w[4].rstrip("*"), w[7], " ".join(w[8:-1])))
     return rows
 
 
@@ -105,7 +106,7 @@ def test_void_one_voucher_and_a_meter_that_applies_it_anyway(store, tmp_path):
     r = store("vouchers", "void", "--device", "70-B3-D5-F0-00-00-00-C3", "--seq", "3",
               input="n\n")
     assert r.returncode == 1 and "not cancelled" in r.stderr
-    assert "no voucher with reference" in one_line_error(store("vouchers", "void", "ab" * 8))
+    assert "no voucher or code with reference" in one_line_error(store("vouchers", "void", "ab" * 8))
     # reconciliation counts it void: not a liability, no refund
     r = store("reconcile")
     assert r.returncode == 0, r.stdout

@@ -6,20 +6,39 @@ from boards.nor import NorFlash
 from meter import provisioning
 from meter.ledger import Ledger
 from meter.store import Store
-from protocol import cose, ed25519, receipt, voucher
+from protocol import cose, ed25519, keycode, receipt, voucher, x25519
 
 DEVICE = b"\x70\xb3\xd5\xf0\x00\x00\x00\xa1"
 OTHER_DEVICE = b"\x70\xb3\xd5\xf0\x00\x00\x00\xa2"
 T0 = 1790000000
 ISSUER_SEED = bytes(range(1, 33))
 STRANGER_SEED = bytes(range(101, 133))
+CODE_SECRET = bytes(range(201, 233))     # the supplier's X25519 code key (private)
 _keys = {}
+_code_keys = {}
 
 
 def public(seed):
     if seed not in _keys:
         _keys[seed] = ed25519.public_key(seed)
     return _keys[seed]
+
+
+def code_public():
+    """The supplier's code key (public), as provisioning installs it on a meter."""
+    if "public" not in _code_keys:
+        _code_keys["public"] = x25519.public_key(CODE_SECRET)
+    return _code_keys["public"]
+
+
+def supplier_code_key(ka_public, device=DEVICE):
+    """The per-meter code key as the supplier derives it (SPEC §8) from its own private key
+    and the meter's registered key-agreement public key: what the issuer signs codes with."""
+    k = (ka_public, device)
+    if k not in _code_keys:
+        shared = x25519.x25519(CODE_SECRET, ka_public)
+        _code_keys[k] = keycode.derive_key(shared, device, code_public(), ka_public)
+    return _code_keys[k]
 
 
 class Clock:
@@ -49,11 +68,15 @@ def issue(seq, amount, device=DEVICE, expires=None, seed=ISSUER_SEED, issued=Non
 class Kit:
     """A provisioned meter: flash, store, ledger and clock; reboot() remounts the flash."""
 
-    def __init__(self, initial=1000, limits=None, blocks=16, copy_of=None, seed=0):
+    def __init__(self, initial=1000, limits=None, blocks=16, copy_of=None, seed=0, codes=False,
+                 floor=0):
+        """codes: provision with the supplier's code key (keypad codes, SPEC §8);
+        floor: the supplier's highest issued sequence at provisioning."""
         if copy_of is not None:
             # The same meter on a copy of its flash image (for power-cut runs).
             self.clock = Clock(copy_of.clock.now)
             self.public_key = copy_of.public_key
+            self.ka_public = copy_of.ka_public
             self.flash = NorFlash(blocks=copy_of.flash.ioctl(4, 0),
                                   data=bytearray(copy_of.flash.data), seed=seed)
         else:
@@ -62,8 +85,17 @@ class Kit:
             store = Store(self.flash)
             store.mount()
             self.public_key = provisioning.provision(store, _ProvisioningBoard(self.clock), DEVICE,
-                                                     [public(ISSUER_SEED)], limits, initial, T0)
+                                                     [public(ISSUER_SEED)], limits, initial, T0,
+                                                     floor, 0, code_public() if codes else None)
+            # the meter's key-agreement public key, as `topup provision` registers it
+            from meter import config as cfg
+            self.ka_public = cfg.decode(store.config)[cfg.C_KA_PUBLIC]
         self.reboot()
+
+    def code(self, seq, amount, device=DEVICE):
+        """A keypad code for this meter (or another device), as the supplier issues it,
+        shown in groups of four as the customer reads it."""
+        return keycode.grouped(keycode.encode(supplier_code_key(self.ka_public, device), device, amount, seq))
 
     def copy(self, seed=0):
         return Kit(copy_of=self, seed=seed)

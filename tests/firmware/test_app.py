@@ -35,7 +35,7 @@ def test_unprovisioned_meter_answers_status_and_refuses_vouchers():
     assert board.relay_on is False
 
 
-def test_pulses_cut_the_supply_and_a_voucher_over_the_han_restores_it():
+def test_pulses_cut_the_supply_and_a_voucher_over_the_han_arms_it_and_a_confirm_restores_it():
     board = _provisioned_board(initial=1)
     meter = Meter(board)
     assert board.relay_on
@@ -44,9 +44,13 @@ def test_pulses_cut_the_supply_and_a_voucher_over_the_han_restores_it():
     assert not board.relay_on
     t, i, p = _ask(meter, board, han.SUBMIT, 7, {1: issue(1, 500)})
     assert t == 0x82 and p[2] is False
-    assert board.relay_on
+    assert not board.relay_on                 # armed (SPEC §9): nothing comes back unattended
     t, i, p = _ask(meter, board, han.STATUS, 8, {})
-    assert p[3] == 1000 - 1225 + 500000 and p[4] is True and p[6] == 1 and p[7] == 1
+    assert p[3] == 1000 - 1225 + 500000 and p[4] is False and p[15] == 1 and p[6] == 1 and p[7] == 1
+    t, i, p = _ask(meter, board, 6, 9, {1: 1})  # the PPMID confirms
+    assert (t, p) == (0x86, {1: 2}) and board.relay_on
+    t, i, p = _ask(meter, board, han.STATUS, 10, {})
+    assert p[4] is True and p[15] == 2
 
 
 def test_button_takes_emergency_credit_when_low():

@@ -52,7 +52,8 @@ def test_status():
     [(t, i, p)] = _exchange(server, pipe, han.encode_message(han.STATUS, 41, {}))
     assert (t, i) == (0x81, 41)
     assert p == {1: DEVICE, 2: cfg.FIRMWARE_VERSION, 3: 1000000, 4: True, 5: False, 6: 0, 7: 0, 8: 0,
-                 9: {}, 10: kit.clock.now, 11: False, 12: 0, 13: False, 14: 0}
+                 9: {}, 10: kit.clock.now, 11: False, 12: 0, 13: False, 14: 0,
+                 15: 2, 16: 0, 17: 5, 18: False}
 
 
 def test_submit_resubmit_and_read_receipts():

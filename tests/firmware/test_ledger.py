@@ -132,7 +132,8 @@ def test_supply_cut_at_zero_and_restored_by_a_top_up():
     ledger.meter(41, T0)                               # 41 Wh = 1004.5 mp > 1 p
     assert not ledger.supply_on() and ledger.balance_mp < 0
     ledger.submit(issue(1, 100))
-    assert ledger.supply_on()
+    assert not ledger.supply_on() and ledger.supply_state == 1    # armed (SPEC §9)
+    assert ledger.confirm_supply() == 2 and ledger.supply_on()
 
 
 def test_emergency_credit_taken_when_low_and_repaid_first():
@@ -152,7 +153,7 @@ def test_emergency_credit_taken_when_low_and_repaid_first():
     assert kit.reboot().emergency_mp == 500000
     ledger = kit.ledger
     raw, _ = ledger.submit(issue(1, 1000))             # the top-up fills the hole first
-    assert ledger.emergency_mp == 0 and ledger.supply_on()
+    assert ledger.emergency_mp == 0 and ledger.supply_state == 1 and not ledger.supply_on()
     r = receipt.verify(raw, kit.meter_keys())
     assert r.balance_after == r.balance_before + 1000000 and r.balance_after > 0
 

@@ -1,5 +1,7 @@
 """Model-based run against the board under test: a Hypothesis state machine drives random
-sequences of issue, submit (in order, out of order, duplicated, tampered, stale), energy
+sequences of issue, submit (in order, out of order, duplicated, tampered, stale), keypad
+codes over the HAN as a PPMID sends them (right, wrong -- in bursts that reach the lockout
+--, typo, incomplete, duplicate), the PPMID's confirm and emergency-credit actions, energy
 pulses, clock steps, WAN toggles, button presses, reboots and power cuts of both kinds (kill
 at a random instant with a request in flight; a cut at the n-th flash erase/program) against
 the board and a host-side model of the ledger (hil/rig.py: SPEC.md's and firmware/README.md's
@@ -7,8 +9,9 @@ rules written out, independent of the firmware). Each example starts with a fact
 (the vouchers of the example before must be STALE) and, on the virtual board, every other
 one runs with a board clock that restarts from 2000-01-01 at each power cut.
 
-After every step (hil.rig.Harness.settle): the board's HAN status — balance, supply, highest
-sequence, receipt count, emergency credit — equals the model's; the relay agrees; every
+After every step (hil.rig.Harness.settle): the board's HAN status — balance, supply state
+(interrupted, armed, on), highest sequence, receipt count, emergency credit, code lockout
+seconds and tries left — equals the model's; the relay agrees; every
 receipt verifies with the registered meter key, the chain is intact, none once read has
 changed, no voucher is applied twice and none that was not issued; and
 balance = opening + Σ applied − metered, exactly, in milli-pence.
@@ -42,6 +45,23 @@ EXAMPLES = 8
 STEPS = 30
 
 amounts = st.integers(1, 2500)
+forms = st.sampled_from(["plain", "grouped", "dashed"])
+
+
+def _typed(code, form):
+    """A code as a customer may type it: spaces and dashes are allowed (SPEC §8)."""
+    if form == "grouped":
+        return " ".join(code[i:i + 4] for i in range(0, 20, 4))
+    if form == "dashed":
+        return "-".join(code[i:i + 5] for i in range(0, 20, 5))
+    return code
+
+
+def _wrong_code(code, k):
+    """A code whose check digit fits but that no issuer wrote (its MAC does not fit)."""
+    from hil.rig import damm_ok
+    body = code[:18] + str((int(code[18]) + k) % 10)
+    return next(body + c for c in "0123456789" if damm_ok(body + c))
 pulse_counts = st.one_of(st.integers(1, 60), st.integers(60, 1500), st.integers(1500, 40000))
 
 
@@ -73,9 +93,11 @@ class MeterMachine(RuleBasedStateMachine):
 
     def _remember(self):
         applied = sorted(self.h.books.applied)
-        unused = sorted(set(self.h.issued) - set(applied))
+        vouchers = self._vouchers()
+        applied = [seq for seq in applied if seq in vouchers]
+        unused = sorted(set(vouchers) - set(applied))
         picks = applied[-1:] + unused[-1:]
-        self.stats["previous"] = [self.h.issued[seq] for seq in picks]
+        self.stats["previous"] = [vouchers[seq] for seq in picks]
 
     def _count(self):
         self.stats["steps"] += 1
@@ -90,6 +112,54 @@ class MeterMachine(RuleBasedStateMachine):
         self.h.submit(raw)
         self._count()
 
+    # -- keypad codes, as the PPMID sends them over the HAN (SPEC §8) ------------------------------
+    def _vouchers(self):
+        return {seq: raw for seq, raw in self.h.issued.items() if not isinstance(raw, str)}
+
+    def _codes(self):
+        return [c for c in self.h.issued.values() if isinstance(c, str)]
+
+    def _code(self, text):
+        got = self.h.submit_code(text)
+        key = "code_" + (got[0] if got[0] != "rejected" else errors.name(got[1]).lower())
+        self.stats[key] = self.stats.get(key, 0) + 1
+        return got
+
+    @rule(amount=amounts, form=forms, cli=st.booleans())
+    def code_typed(self, amount, form, cli):
+        (code,) = self.h.issue_codes(amount, cli=cli and amount % 5 == 0)
+        self._code(_typed(code, form))
+        self._count()
+
+    @rule(amount=amounts, n=st.sampled_from([1, 1, 2, 3, 4, 5, 6]), k=st.integers(1, 9))
+    def wrong_codes(self, amount, n, k):
+        """n wrong codes in a row (5 lock code entry out), then a right one."""
+        (code,) = self.h.issue_codes(amount)
+        for i in range(n):
+            self._code(_wrong_code(code, (k + i) % 9 + 1))
+        self._code(code)
+        self._count()
+
+    @rule(amount=amounts, at=st.integers(0, 19), d=st.integers(1, 9))
+    def code_with_a_typo(self, amount, at, d):
+        (code,) = self.h.issue_codes(amount)
+        self._code(code[:at] + str((int(code[at]) + d) % 10) + code[at + 1:])
+        self._code(code[:at + 1])                # and one cut short: incomplete
+        self._count()
+
+    @precondition(lambda self: self._codes())
+    @rule(i=st.integers(0, 1000), form=forms)
+    def code_again(self, i, form):
+        codes = self._codes()
+        self._code(_typed(codes[i % len(codes)], form))
+        self._count()
+
+    @rule(what=st.sampled_from([1, 2]))
+    def ppmid_action(self, what):
+        """The PPMID's B (confirm an armed supply) or A (emergency credit)."""
+        self.h.action(what)
+        self._count()
+
     @rule(amount=amounts, count=st.integers(1, 4))
     def issue_held(self, amount, count):
         self.held.extend(self.h.issue(amount, count))
@@ -102,18 +172,20 @@ class MeterMachine(RuleBasedStateMachine):
         self.h.submit(raw)
         self._count()
 
-    @precondition(lambda self: self.h.issued)
+    @precondition(lambda self: self._vouchers())
     @rule(i=st.integers(0, 1000))
     def resubmit(self, i):
-        seqs = sorted(self.h.issued)
-        self.h.submit(self.h.issued[seqs[i % len(seqs)]])
+        vouchers = self._vouchers()
+        seqs = sorted(vouchers)
+        self.h.submit(vouchers[seqs[i % len(seqs)]])
         self._count()
 
-    @precondition(lambda self: self.h.issued)
+    @precondition(lambda self: self._vouchers())
     @rule(i=st.integers(0, 1000), pos=st.integers(0, 200), bit=st.integers(0, 7))
     def submit_tampered(self, i, pos, bit):
-        seqs = sorted(self.h.issued)
-        raw = bytearray(self.h.issued[seqs[i % len(seqs)]])
+        vouchers = self._vouchers()
+        seqs = sorted(vouchers)
+        raw = bytearray(vouchers[seqs[i % len(seqs)]])
         raw[pos % len(raw)] ^= 1 << bit
         self.h.submit(bytes(raw))
         self._count()
@@ -167,6 +239,12 @@ class MeterMachine(RuleBasedStateMachine):
             return ("submit", raw)
         if what == "held" and self.held:
             return ("submit", self.held.pop(0))
+        if what == "code":
+            (code,) = self.h.issue_codes(amount)
+            return ("code", code)
+        if what == "wrong_code":
+            (code,) = self.h.issue_codes(amount)
+            return ("code", _wrong_code(code, n % 9 + 1))
         if what == "pulses" and self.has("pulses"):
             return ("pulses", n)
         if what == "button" and self.has("button"):
@@ -201,6 +279,18 @@ class MeterMachine(RuleBasedStateMachine):
     @rule(delay=st.floats(0, 0.08), amount=amounts, held=st.booleans())
     def kill_during_submit(self, delay, amount, held):
         self._kill("held" if held and self.held else "submit", delay, amount=amount)
+
+    @precondition(lambda self: self.has("power_cut"))
+    @rule(delay=st.floats(0, 0.08), amount=amounts, wrong=st.booleans(), k=st.integers(1, 9))
+    def kill_during_code(self, delay, amount, wrong, k):
+        """A cut while a code is checked: a wrong one counts (its failure was committed
+        first) or was never taken; a right one applied or not, never twice."""
+        self._kill("wrong_code" if wrong else "code", delay, amount=amount, n=k)
+
+    @precondition(lambda self: self.has("flash_cut"))
+    @rule(n=st.integers(0, 3), amount=amounts, wrong=st.booleans(), k=st.integers(1, 9))
+    def flash_cut_during_code(self, n, amount, wrong, k):
+        self._flash("wrong_code" if wrong else "code", n, amount=amount, pulses=k)
 
     @precondition(lambda self: self.has("power_cut") and self.has("pulses"))
     @rule(delay=st.floats(0, 0.08), n=pulse_counts)
@@ -293,10 +383,13 @@ def test_random_traffic_and_power_cuts_keep_the_books(board, han):
     out = os.environ.get("TOPUP_MODEL_STATS")
     if out:
         with open(out, "w") as f:
-            json.dump(stats, f)
+            json.dump({k: v for k, v in stats.items() if k != "previous"}, f)
     print("model-based run:", stats)
     assert stats["examples"] >= 1
     assert stats.get("reconciled") == stats["examples"]
+    # codes were exercised: applied, and refused as wrong (or locked out)
+    assert stats.get("code_applied", 0), stats
+    assert stats.get("code_code_wrong", 0) + stats.get("code_code_locked", 0), stats
     if board.has("power_cut"):
         assert stats["kill"] > 0, "no power cut was exercised"
 

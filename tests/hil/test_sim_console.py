@@ -69,3 +69,60 @@ def test_topup_sim_takes_commands_on_stdin(tmp_path):
             proc.kill()
     assert "WAN up" in rest and ", WAN up, clock " in rest, "".join(seen) + rest
     assert proc.returncode == 0
+
+
+class FakePpmid:
+    """The PPMID the console drives (hil.two_board.Ppmid): keys pressed, a display."""
+
+    def __init__(self):
+        self.pressed = []
+        self.text = "Credit \u00a35.00\nSupply on\n\nType code, # OK\n\n\n\n"
+        self.board = self
+
+    def display(self):
+        return {"gen": len(self.pressed), "text": self.text}
+
+    def display_wait(self, gen, timeout):
+        return self.display()
+
+    def press(self, keys):
+        self.pressed.append(keys)
+
+
+def test_key_and_display_drive_the_ppmid():
+    p = FakePpmid()
+    out = []
+    lines = ["key 1234 5678-9", "key #", "key b", "display", "key 12x", "key", "help"]
+    assert sim_console.run(FakeBoard(), lines, out.append, ppmid=p) is False
+    assert p.pressed == ["123456789", "#", "B"]
+    assert out[3].splitlines()[1] == "|Credit \u00a35.00    |" and len(out[3].splitlines()) == 10
+    assert out[4].startswith("error: keys are") and out[5].startswith("error: keys are")
+    assert "key KEYS" in out[6]
+    # without a PPMID those are not commands
+    out = []
+    sim_console.run(FakeBoard(), ["key 1", "display"], out.append)
+    assert all(o.startswith("error: unknown command") for o in out)
+
+
+def test_topup_sim_ppmid_runs_both_boards_and_types_on_the_ppmid(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "topup_cli", "sim", "--ppmid", "--flash-firmware",
+                             "--workdir", str(tmp_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    try:
+        seen = []
+        deadline = time.monotonic() + 90
+        while not any(line.startswith("workdir") for line in seen) and time.monotonic() < deadline:
+            seen.append(proc.stdout.readline())
+        proc.stdin.write("key 1234 5\nkey *\ndisplay\nquit\n")
+        proc.stdin.flush()
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    head = "".join(seen)
+    for words in ("meter REPL port", "meter HAN port", "PPMID REPL port", "joined to the meter's HAN"):
+        assert words in head, head
+    assert "|1234            |" in rest and "|1234 5          |" in rest, head + rest
+    assert proc.returncode == 0

@@ -45,16 +45,20 @@ def test_help_and_version(run):
 
 def test_key_new_list_activate_revoke(store):
     r = store.ok("key", "list")
-    assert "yes" in r.stdout and r.stdout.count("\n") == 2  # header + one key
-    kid1 = r.stdout.splitlines()[1].split()[0]
+    # header, the issuer key and the keypad-code key made with it (issue 11), both active
+    assert r.stdout.count("\n") == 3
+    rows = [ln.split() for ln in r.stdout.splitlines()[1:]]
+    assert [(w[2], w[-1]) for w in rows] == [("yes", "issuer"), ("yes", "codes")]
+    kid1 = rows[0][0]
     r = store.ok("key", "new")
     kid2 = r.stdout.split()[2]
-    assert "(inactive)" in r.stdout
+    assert "(inactive)" in r.stdout and "code key" not in r.stdout   # one code key is enough
     r = store.ok("key", "new", "--activate")
     kid3 = r.stdout.split()[2]
     assert "(active)" in r.stdout
     listing = store.ok("key", "list").stdout
-    active = [ln.split()[0] for ln in listing.splitlines()[1:] if ln.split()[2] == "yes"]
+    active = [ln.split()[0] for ln in listing.splitlines()[1:]
+              if ln.split()[2] == "yes" and ln.split()[-1] == "issuer"]
     assert active == [kid3]
     store.ok("key", "activate", kid2[:6])
     store.ok("key", "revoke", kid3, "--yes")

@@ -492,8 +492,16 @@ def test_fast_parser_matches_generic_parser(world):
     raws.append(world.a.make(pr.FAULT, 2**33, 2**40, 2**40, index=2**20, faults={}))
     raws.append(world.a.make(pr.FAULT, 8, 0, 0, faults={k: 2**k for k in range(1, 6)}))
     raws.append(world.a.make(pr.REJECTIONS, 9, 3, 3, rejections={k: k for k in range(30)}))
+    # issue 11: a top-up's form (13) and supply state (14), emergency credit's supply state
+    raws.append(world.a.make(pr.TOPUP, 10, 0, 5000, sequence=3, voucher=bytes(16), amount=5,
+                             form=2, supply=1))
+    raws.append(world.a.make(pr.TOPUP, 11, 0, 5000, sequence=4, voucher=bytes(16), amount=5,
+                             form=1))
+    raws.append(world.a.make(pr.TOPUP, 12, 0, 5000, sequence=5, voucher=bytes(16), amount=5,
+                             supply=0))
+    raws.append(world.a.make(pr.EMERGENCY, 13, 0, 0, amount=500, supply=2))
     names = ("device", "index", "kind", "time", "prev", "before", "after", "sequence", "ref",
-             "amount", "rejections", "faults", "kid", "tbs", "sig")
+             "amount", "rejections", "faults", "form", "supply", "kid", "tbs", "sig")
 
     def check(raw):
         fast = receipts_io.fast_parse(raw)
@@ -508,7 +516,8 @@ def test_fast_parser_matches_generic_parser(world):
             assert [getattr(fast, n) for n in names] == [
                 slow.device, slow.index, slow.kind, slow.time, slow.prev, slow.balance_before,
                 slow.balance_after, slow.sequence, slow.voucher, slow.amount, slow.rejections,
-                slow.faults, msg.kid, msg.to_be_signed(), msg.signature]
+                slow.faults, slow.form, slow.supply, msg.kid, msg.to_be_signed(),
+                msg.signature]
     for raw in raws:
         check(raw)
         # every kind in the meter's layout takes the fast path (a counts map of 24 entries
@@ -537,6 +546,9 @@ def test_file_rows_match_item_by_item_parsing(world):
                              sequence=2**31, voucher=bytes(16), amount=2**20))
     raws.append(world.a.make(pr.EMERGENCY, 5, -7, -7, amount=1))
     raws.append(world.a.make(pr.FAULT, 6, -7, -7, faults={3: 1, 5: 300}))
+    raws.append(world.a.make(pr.TOPUP, 7, 0, 5000, sequence=3, voucher=bytes(16), amount=5,
+                             form=2, supply=1))                       # issue 11: fields 13, 14
+    raws.append(world.a.make(pr.EMERGENCY, 8, -7, -7, amount=1, supply=2))
 
     def outcome(fn, data):
         try:
@@ -588,7 +600,7 @@ def test_version_1_database_is_upgraded_in_place(tmp_path):
     c.close()
     conn = db.open_db(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION == 5
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"receipts", "voucher_status", "anomalies", "reconciliations",
                 "device_keys"} <= tables

@@ -60,7 +60,7 @@ class Meter:
                   pr.K_BEFORE: before, pr.K_AFTER: after}
         for name, k in (("sequence", pr.K_SEQUENCE), ("voucher", pr.K_VOUCHER),
                         ("amount", pr.K_AMOUNT), ("rejections", pr.K_REJECTIONS),
-                        ("faults", pr.K_FAULTS)):
+                        ("faults", pr.K_FAULTS), ("form", pr.K_FORM), ("supply", pr.K_SUPPLY)):
             if name in extra:
                 fields[k] = extra[name]
         return pr.encode(self.kid, self._sign, fields)
@@ -83,6 +83,19 @@ class Meter:
         self.balance += amount * 1000
         return self.emit(pr.TOPUP, t, before, self.balance, sequence=v.sequence,
                          voucher=v.ref, amount=amount)
+
+    def apply_code(self, digits, sequence, amount, t, form=pr.FORM_CODE, supply=None):
+        """Apply a keypad code as the ledger does (SPEC.md §8): its receipt names it by its
+        reference (SHA-256 of "OTU1 code " and the 20 digits, first 16 bytes), form 2."""
+        import hashlib
+        assert sequence > self.floor and not self.window.is_used(sequence)
+        self.window.mark(sequence)
+        before = self.balance
+        self.balance += amount * 1000
+        extra = {} if supply is None else {"supply": supply}
+        return self.emit(pr.TOPUP, t, before, self.balance, sequence=sequence,
+                         voucher=hashlib.sha256(b"OTU1 code " + digits.encode()).digest()[:16],
+                         amount=amount, form=form, **extra)
 
     def use(self, mp):
         self.balance -= mp

@@ -106,3 +106,38 @@ def test_an_acknowledgement_signature_never_passes_for_a_voucher_nor_back():
     ack_payload = cbor.encode({1: DEVICE, 2: b"\x01" * 8, 3: 7, 4: bytes(32)})
     as_voucher = cose.encode(KID, ack_payload, _sign)          # an ack payload, voucher AAD
     expect_rejected(errors.BAD_SIGNATURE, ack.verify, as_voucher, TRUST, DEVICE)
+
+
+def _signed(fields):
+    return cose.encode(KID, cbor.encode(fields), _sign)
+
+
+def test_receipt_form_and_supply_fields_have_their_kinds_and_values():
+    # SPEC.md §4: 13 form (kind 1 only: 1 voucher, 2 keypad code), 14 supply state
+    # (kinds 1 and 2: 0 interrupted, 1 armed, 2 on); both optional.
+    top_up = _receipt_fields()
+    assert receipt.parse(_signed(top_up)).form is None and receipt.parse(_signed(top_up)).supply is None
+    for form in (1, 2):
+        for state in (0, 1, 2):
+            fields = _receipt_fields()
+            fields[13], fields[14] = form, state
+            r = receipt.parse(_signed(fields))
+            assert (r.form, r.supply) == (form, state)
+    emergency = {1: DEVICE, 2: 1, 3: receipt.EMERGENCY, 4: T0, 5: receipt.GENESIS, 6: -5, 7: -5,
+                 10: 500, 14: 2}
+    assert receipt.parse(_signed(emergency)).supply == 2
+    for key, value in ((13, 0), (13, 3), (14, 3), (14, -1), (13, True), (14, False), (13, None),
+                       (14, None), (13, "2"), (14, b"\x01")):
+        fields = _receipt_fields()
+        fields[key] = value
+        expect_rejected(errors.MALFORMED, receipt.parse, _signed(fields))
+    fields = dict(emergency)
+    fields[13] = 2                       # a form on an emergency-credit receipt
+    expect_rejected(errors.MALFORMED, receipt.parse, _signed(fields))
+    rejections = {1: DEVICE, 2: 2, 3: receipt.REJECTIONS, 4: T0, 5: receipt.GENESIS, 6: 0, 7: 0,
+                  11: {19: 5}}
+    assert receipt.parse(_signed(rejections)).rejections == {19: 5}
+    for key in (13, 14):                 # neither on a rejections receipt
+        fields = dict(rejections)
+        fields[key] = 1
+        expect_rejected(errors.MALFORMED, receipt.parse, _signed(fields))
