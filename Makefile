@@ -48,6 +48,7 @@ vectors: setup
 # Benchmarks (scripts, not tests): figures for the README.
 bench: setup
 	$(PY) tests/bench/bench_ed25519.py
+	$(PY) tests/bench/bench_x25519.py
 	$(PY) tests/bench/bench_apply.py
 	$(PY) tests/bench/bench_heap.py --baseline 75f0c6f
 	$(PY) tests/bench/bench_wear.py

@@ -56,10 +56,17 @@ def _board_errors(fn, *args, **kwargs):
 @click.option("--no-reset", is_flag=True,
               help="Leave the board at its REPL afterwards: the meter application does not run "
                    "(and the HAN does not answer) until the board is reset.")
-def flash(port, source, no_reset):
-    """Put the meter firmware on a board: compile with mpy-cross for the board's MicroPython,
-    copy with mpremote, check every file by SHA-256, soft-reset."""
-    from hil.flashing import flash as do_flash
+@click.option("--ppmid", is_flag=True,
+              help="Put the PPMID firmware (firmware/ppmid/: the customer's keypad and display) "
+                   "on the board instead of the meter's.")
+def flash(port, source, no_reset, ppmid):
+    """Put the meter firmware (or with --ppmid the in-home device's) on a board: compile with
+    mpy-cross for the board's MicroPython, copy with mpremote, check every file by SHA-256,
+    soft-reset."""
+    if ppmid:
+        from hil.two_board import flash_ppmid as do_flash
+    else:
+        from hil.flashing import flash as do_flash
     progress, done = _progress_bar("flashing")
     try:
         r = _board_errors(do_flash, port, progress=progress, source=source, reset=not no_reset)
@@ -117,6 +124,7 @@ def provision(state, port, device, initial_credit, ec_amount, ec_threshold, unit
     now = int(time.time())
     floor = registry.issued_floor(conn, eui)
     code_key = keystore.active_code_key(conn)     # keypad codes (SPEC.md §8), if there is one
+    command_key = keystore.active_command_key(conn)   # signed commands (SPEC.md §10)
 
     def rescue(raws, why):
         """Before the factory reset: store what the meter holds that the supplier may not."""
@@ -147,7 +155,8 @@ def provision(state, port, device, initial_credit, ec_amount, ec_threshold, unit
     public = _board_errors(do_provision, port, eui, keys, limits, initial, factory_reset,
                            now=now, floor=floor, first_index=registry.next_first_index(conn, eui),
                            before_reset=rescue if factory_reset else None,
-                           code_key=None if code_key is None else code_key.public_key)
+                           code_key=None if code_key is None else code_key.public_key,
+                           command_key=None if command_key is None else command_key.public_key)
     if public.reset is not None:
         click.echo("factory reset: the meter carried sequence floor %d and receipt index %d"
                    % public.reset)
@@ -171,6 +180,15 @@ def provision(state, port, device, initial_credit, ec_amount, ec_threshold, unit
             why = ("this database has no keypad-code key (`topup key new --code` makes one): "
                    "the meter takes no codes, vouchers only")
         click.echo("note: keypad codes: no — %s" % why, err=True)
+    if getattr(public, "command_kid", None) is not None:
+        click.echo("signed commands: yes (command key %s registered; `topup han sync` "
+                   "delivers key changes and tariffs)" % public.command_kid.hex())
+    else:
+        why = getattr(public, "commands_note", None) or "the meter takes no signed commands"
+        if command_key is None:
+            why = ("this database has no command key (the next `topup key new` makes one): "
+                   "the meter takes no signed commands")
+        click.echo("note: signed commands: no — %s" % why, err=True)
     if public.floor:
         click.echo("note: vouchers up to sequence %d can no longer be applied on this meter; "
                    "`topup reconcile` counts those never redeemed stale (refund due)"
@@ -321,8 +339,11 @@ def status_json(raw):
     out = {}
     for key, name in STATUS_FIELDS.items():
         v = raw.get(key)
+        if key >= 19 and v is None:
+            continue     # signed commands: only a meter with a command key sends these
         if isinstance(v, (bytes, bytearray)):
-            v = registry.format_eui64(bytes(v)) if len(v) == 8 else bytes(v).hex()
+            v = (registry.format_eui64(bytes(v)) if len(v) == 8 and key == 1
+                 else bytes(v).hex())
         elif isinstance(v, dict):
             v = {str(k): n for k, n in sorted(v.items())}
         out[name] = v
@@ -366,6 +387,10 @@ def status_lines(raw):
                               "provisions the meter again" if g(13) else "ok"))
     if g(18) is not None:
         out.append(("keypad codes", code_words(g(18), g(16), g(17))))
+    if g(19) is not None:
+        out.append(("signed commands", "%d applied (command key %s)%s" % (
+            g(19), bytes(g(20) or b"").hex() or "?",
+            "; a tariff change waits until %s" % delivery.utc(g(21)) if g(21) else "")))
     return ["%-17s %s" % (k, v) for k, v in out]
 
 
@@ -411,6 +436,20 @@ def han_submit(port, timeout, words):
     gets its original receipt back (ALREADY APPLIED). A code may be given unquoted, in its
     five groups."""
     voucher = " ".join(words)
+    if voucher.strip()[:5].upper() == "OTC1:":
+        # A signed command's text form (SPEC.md §10), relayed as a PPMID would.
+        from protocol import command as pc
+        try:
+            raw = pc.from_text(voucher)
+        except errors.Rejected as e:
+            raise TopupError("not a signed command: %s" % e) from None
+        with _client(port, timeout) as c:
+            receipt, duplicate = _han_call(c.submit_command, raw, new="signed commands")
+        r = receipt_format.parse(receipt)
+        click.echo("%s: receipt %d, %s" % ("ALREADY APPLIED (original receipt)" if duplicate
+                                           else "COMMAND APPLIED", r.index, receipt_line(r)
+                                           .split("command", 1)[-1].strip()))
+        return
     if len(words) > 1 and not delivery.looks_like_code(voucher):
         raise TopupError("give one voucher (text form or file), or one keypad code")
     if delivery.looks_like_code(voucher):
@@ -504,7 +543,108 @@ def han_receipts(port, timeout, start, out, force):
         click.echo("wrote %d receipts to %s" % (len(raws), out))
 
 
-_KINDS = {1: "top-up", 2: "emergency", 3: "rejections", 4: "faults"}
+REFUSAL_WORDS = {
+    errors.KEY_REVOKED: "the meter has revoked the issuer key this was signed with",
+    errors.COMMAND_OUT_OF_ORDER: "a command before it has not reached the meter yet (it "
+                                 "applies them strictly in number order)",
+    errors.COMMAND_REPLAYED: "the meter has already applied a different command with this "
+                             "number (the database and the meter disagree: was the meter "
+                             "provisioned from another database?)",
+    errors.COMMAND_REFUSED: "the meter refused what it asks (a tariff out of bounds or "
+                            "effective more than 7 days ago, a revoke that would leave no "
+                            "issuer key, ...); nothing was changed",
+    errors.UNKNOWN_KEY: "it is not signed by the meter's command key (the meter was "
+                        "provisioned with another one, or changed supplier)",
+    errors.WRONG_DEVICE: "it is for another meter",
+    errors.NOT_PROVISIONED: "the meter has no command key (provisioned without one, or by "
+                            "firmware older than commands)",
+}
+
+
+@han.command("sync")
+@_port
+@_timeout
+@click.pass_obj
+def han_sync(state, port, timeout):
+    """Deliver pending signed commands to the meter on PORT and read its receipts back, as
+    an engineer visiting a no-WAN home does: asks its status (which meter it is, its last
+    applied command), sends every pending command for it in number order over the HAN,
+    then reads its receipts and imports them (command receipts mark commands applied).
+    Exit 1 if the meter refused one."""
+    from host import commands as cmds
+    from hil.han_client import HanError
+    conn = state.conn
+    with _client(port, timeout) as c:
+        st = _han_call(c.status)
+        dev = st.get("device")
+        if not dev:
+            raise TopupError("the meter on %s is not provisioned" % port)
+        dev = bytes(dev)
+        registry.get_device(conn, dev)
+        name = registry.format_eui64(dev)
+        last = st.get("last_command")
+        start = registry.next_first_index(conn, dev)   # before command receipts arrive
+        pending = cmds.pending_for(conn, dev)
+        if pending and last is None:
+            click.echo("note: the meter reports no command key (provisioned without one, or "
+                       "firmware older than commands): its %d pending command(s) cannot apply"
+                       % len(pending), err=True)
+        # Those the meter already applied (numbers up to its last): send them all the same;
+        # a duplicate gets its original receipt back, a different one COMMAND_REPLAYED.
+        sent = applied = 0
+        refused = None
+        passphrase = None
+        i = 0
+        while i < len(pending):
+            row = pending[i]
+            i += 1
+            try:
+                receipt, duplicate = _han_call_raw(c.submit_command, row.raw)
+            except HanError as e:
+                words = REFUSAL_WORDS.get(e.reason, "")
+                click.echo("%s command %d (%s) REFUSED: %s (%d)%s" % (
+                    name, row.number, row.kind_name, errors.name(e.reason), e.reason,
+                    ": " + words if words else ""), err=True)
+                refused = e.reason
+                if e.reason == errors.COMMAND_REFUSED:
+                    # It used no number: sign the ones after it again, one lower.
+                    if passphrase is None:
+                        from host.cli import _passphrase
+                        passphrase = _passphrase()
+                    cmds.mark_refused(conn, row.id, e.reason, passphrase)
+                    pending = cmds.pending_for(conn, dev)
+                    i = 0
+                    continue
+                break
+            sent += 1
+            r = receipt_format.parse(receipt)
+            reconcile.import_raw(conn, [receipt], "%s: han sync" % port)
+            applied += 1
+            click.echo("%s command %d (%s) %s: receipt %d%s" % (
+                name, row.number, row.kind_name,
+                "ALREADY APPLIED (original receipt)" if duplicate else "APPLIED", r.index,
+                " — %s" % cmds.describe_tariff(r.tariff) if getattr(r, "tariff", None) else ""))
+        raws = _han_call(c.receipts, start)
+    res = reconcile.import_raw(conn, raws, "%s: han sync" % port) if raws else None
+    cmds.settle_from_receipts(conn)
+    left = cmds.pending_for(conn, dev)
+    click.echo("%s: %d command(s) applied, %d pending; %d receipt(s) read, %d new"
+               % (name, applied, len(left), len(raws), res.new if res else 0))
+    return 1 if refused is not None else 0
+
+
+def _han_call_raw(fn, *args):
+    """Like _han_call, but the meter's refusal (HanError) comes back to the caller."""
+    from hil.han_client import HanError, HanTimeout
+    try:
+        return fn(*args)
+    except HanError:
+        raise
+    except HanTimeout:
+        return _han_call(fn, *args)
+
+
+_KINDS = {1: "top-up", 2: "emergency", 3: "rejections", 4: "faults", 5: "command"}
 
 
 def receipt_line(r):
@@ -515,6 +655,13 @@ def receipt_line(r):
                                  " (code)" if r.form == receipt_format.FORM_CODE else "")
     elif r.kind == 2:
         what = _mp((r.amount or 0) * 1000)
+    elif r.kind == 5:
+        from host import commands as cmds
+        what = "#%s %s" % (r.sequence, cmds.KIND_NAMES.get(getattr(r, "command_kind", None),
+                                                          "command"))
+        tariff = getattr(r, "tariff", None)
+        if tariff:
+            what += " (%s)" % cmds.describe_tariff(tariff)
     elif r.kind == 3:
         what = ", ".join("%s×%d" % (errors.name(k), v) for k, v in sorted((r.rejections or {}).items()))
     else:

@@ -140,10 +140,12 @@ def compile_mpy(src, bytecode):
             return f.read()
 
 
-def flash(port, progress=None, source=False, reset=True):
+def flash(port, progress=None, source=False, reset=True, files=None, managed=MANAGED):
     """Put the firmware on the board at `port`. progress(done_bytes, total_bytes, name).
 
     source=True copies .py files instead of compiling (slower to import, bigger).
+    files: [(source, path on the board, compile?)], default the meter's (firmware_files());
+    managed: the board folders those files own (stale files in them are removed).
     Return a summary dict: files, bytes, seconds, version, bytecode.
     """
     t0 = time.monotonic()
@@ -152,18 +154,18 @@ def flash(port, progress=None, source=False, reset=True):
         if info["name"] != "micropython":
             raise FlashError("%s runs %s, not MicroPython" % (port, info["name"]))
         if info["version"] < MIN_VERSION:
-            raise FlashError("the board runs MicroPython %s; the meter firmware needs %s or newer"
+            raise FlashError("the board runs MicroPython %s; the firmware needs %s or newer"
                              % (".".join(map(str, info["version"])), ".".join(map(str, MIN_VERSION))))
         bytecode = bytecode_version(info["mpy"])
         plan = []
-        for src, dest, compiled in firmware_files():
+        for src, dest, compiled in (firmware_files() if files is None else files):
             if compiled and not source:
                 plan.append((dest[:-3] + ".mpy", compile_mpy(src, bytecode)))
             else:
                 plan.append((dest, src.read_bytes()))
         total = sum(len(data) for _, data in plan)
         keep = {dest for dest, _ in plan}
-        board.run(_PREPARE % {"managed": MANAGED, "keep": sorted(keep)})
+        board.run(_PREPARE % {"managed": managed, "keep": sorted(keep)})
         done = 0
         for dest, data in plan:
             base = done
@@ -241,27 +243,42 @@ def read_receipts(board):
     return [binascii.unhexlify(h) for h in re.findall(r"^RECEIPT ([0-9a-f]+)\s*$", out, re.M)], None
 
 
-def _meter_key(public, first_index, floor, ka=None, code_kid=None):
+def _meter_key(public, first_index, floor, ka=None, code_kid=None, command_kid=None,
+               trust=None):
     from host.registry import MeterKey
-    return MeterKey(public, first_index, floor, ka, code_kid)
+    return MeterKey(public, first_index, floor, ka, code_kid, command_kid, trust)
 
 
-def _call(device, issuer_keys, limits, initial_credit, now, floor, first_index, code_key):
+def _call(device, issuer_keys, limits, initial_credit, now, floor, first_index, code_key,
+          command_key=None):
     args = "%r, %r, %r, %d, None, %s, %d, %d" % (
         binascii.hexlify(device).decode(), [binascii.hexlify(k).decode() for k in issuer_keys],
         dict(limits or {}), initial_credit, "None" if now is None else "%d" % now, floor,
         first_index)
     if code_key is not None:
         args += ", code_key_hex=%r" % binascii.hexlify(code_key).decode()
+    if command_key is not None:
+        args += ", command_key_hex=%r" % binascii.hexlify(command_key).decode()
     return "from meter import provisioning\nprovisioning.provision_board(%s)" % args
 
 
+def _old_keyword(e):
+    """Whether a board error says the firmware does not know a keyword argument (firmware
+    older than a feature: nothing was done yet, arguments bind first)."""
+    return "TypeError" in str(e) and "keyword" in str(e)
+
+
 def provision(port, device, issuer_keys, limits=None, initial_credit=0, factory_reset=False,
-              now=None, floor=0, first_index=0, before_reset=None, code_key=None):
+              now=None, floor=0, first_index=0, before_reset=None, code_key=None,
+              command_key=None):
     """Run the firmware's provisioning on the board; return the meter's receipt key as a
     host.registry.MeterKey: the 32-byte public key with the index of its first receipt and
     the meter's sequence floor, as the meter printed them (`PUBLIC … FIRST … FLOOR … KA …`).
 
+    command_key: the supplier's command public key (32 bytes, Ed25519; SPEC.md §10) to
+    install, or None; the result's `.command_kid` is its kid as the meter printed it (None:
+    none installed, or firmware older than commands, `.commands_note` says which) and
+    `.trust` the kids of `issuer_keys`.
     code_key: the supplier's keypad-code public key (32 bytes, X25519; SPEC.md §8) to
     install, or None. The result's `.ka` is then the meter's key-agreement public key and
     `.code_kid` the code key's kid (both None when no code key was given, or when the
@@ -294,18 +311,24 @@ def provision(port, device, issuer_keys, limits=None, initial_credit=0, factory_
                                      "the board is older than this tool; run `topup flash` "
                                      "first" % out.strip())
                 reset = (int(m.group(1)), int(m.group(2)))
-            sent = code_key
-            try:
-                out = board.run(_call(device, issuer_keys, limits, initial_credit, now, floor,
-                                      first_index, sent))
-            except FlashError as e:
-                # Firmware older than keypad codes: no such keyword. Nothing was done yet
-                # (arguments bind before provisioning starts): provision it without codes.
-                if sent is None or "TypeError" not in str(e) or "keyword" not in str(e):
-                    raise
-                sent = None
-                out = board.run(_call(device, issuer_keys, limits, initial_credit, now, floor,
-                                      first_index, None))
+            sent, sent_cmd = code_key, command_key
+            while True:
+                try:
+                    out = board.run(_call(device, issuer_keys, limits, initial_credit, now,
+                                          floor, first_index, sent, sent_cmd))
+                    break
+                except FlashError as e:
+                    # Firmware older than signed commands (or keypad codes): no such
+                    # keyword. Nothing was done yet (arguments bind before provisioning
+                    # starts): provision it without what it does not know.
+                    if not _old_keyword(e):
+                        raise
+                    if sent_cmd is not None:      # the newest feature goes first
+                        sent_cmd = None
+                    elif sent is not None:
+                        sent = None
+                    else:
+                        raise
         except FlashError as e:
             if "already provisioned" in str(e):
                 raise FlashError("the board is already provisioned: use --factory-reset to wipe "
@@ -319,8 +342,8 @@ def provision(port, device, issuer_keys, limits=None, initial_credit=0, factory_
         finally:
             # Entering the REPL stopped the meter: start it again whatever happened.
             board.soft_reset()
-        m = re.search(r"PUBLIC ([0-9a-f]{64}) FIRST (\d+) FLOOR (\d+)(?: KA ([0-9a-f]{64}))?",
-                      out)
+        m = re.search(r"PUBLIC ([0-9a-f]{64}) FIRST (\d+) FLOOR (\d+)(?: KA ([0-9a-f]{64}))?"
+                      r"(?: CMD ([0-9a-f]{16}))?", out)
         if not m:
             if re.search(r"PUBLIC [0-9a-f]{64}", out):
                 raise FlashError("the meter printed its key but not its first receipt index and "
@@ -339,10 +362,25 @@ def provision(port, device, issuer_keys, limits=None, initial_credit=0, factory_
     if note is not None:
         ka = None
     from protocol.cose import kid_for
+    command_kid = binascii.unhexlify(m.group(5)) if m.group(5) else None
+    commands_note = None
+    if command_key is None:
+        commands_note = "no command key was installed: this meter takes no signed commands"
+    elif command_kid is None:
+        commands_note = ("the firmware on the board predates signed commands (it %s): key "
+                         "changes and tariffs reach this meter only by provisioning it again; "
+                         "`topup flash` current firmware and provision it again" % (
+                             "takes no command key" if sent_cmd is None
+                             else "printed no command key"))
+    elif command_kid != kid_for(bytes(command_key)):
+        raise FlashError("the meter reports command key %s, not the one sent (%s)"
+                         % (command_kid.hex(), kid_for(bytes(command_key)).hex()))
     key = _meter_key(binascii.unhexlify(m.group(1)), int(m.group(2)), int(m.group(3)), ka,
-                     kid_for(bytes(code_key)) if ka is not None else None)
+                     kid_for(bytes(code_key)) if ka is not None else None, command_kid,
+                     [kid_for(bytes(k)) for k in issuer_keys])
     key.reset = reset
     key.codes_note = note
+    key.commands_note = commands_note
     return key
 
 

@@ -12,9 +12,11 @@ STATUS_FIELDS = {1: "device", 2: "firmware", 3: "balance_mp", 4: "supply_on", 5:
                  6: "highest_sequence", 7: "receipt_count", 8: "emergency_mp", 9: "faults",
                  10: "meter_time", 11: "clock_resumed", 12: "floor", 13: "damaged",
                  14: "oldest_receipt", 15: "supply_state", 16: "code_locked_s",
-                 17: "code_tries_left", 18: "takes_codes"}
+                 17: "code_tries_left", 18: "takes_codes", 19: "last_command",
+                 20: "command_kid", 21: "pending_tariff"}
 
-# Request types of keypad codes and customer actions (SPEC.md §5, §8, §9).
+# Request types of keypad codes, customer actions and signed commands (SPEC.md §5, §8-10).
+COMMAND = 7
 CODE = 5
 ACTION = 6
 ACTION_CONFIRM = 1
@@ -148,6 +150,12 @@ class HanClient:
     def submit_code(self, text):
         """Submit a keypad code as typed (SPEC.md §8); return (receipt bytes, duplicate)."""
         reply = self.request(CODE, {1: str(text)})
+        return reply[1], bool(reply.get(2))
+
+    def submit_command(self, command):
+        """Submit a signed command's bytes (SPEC.md §10); return (receipt bytes, duplicate).
+        A refusal is HanError (COMMAND_OUT_OF_ORDER, COMMAND_REPLAYED, COMMAND_REFUSED, ...)."""
+        reply = self.request(COMMAND, {1: bytes(command)})
         return reply[1], bool(reply.get(2))
 
     def action(self, what):

@@ -593,17 +593,13 @@ class MeterModel:
     def action(self, what):
         """The PPMID's action over the HAN (SPEC §9): 1 confirm, 2 emergency credit. Return
         ("supply", state) or ("emergency", receipt index) or ("rejected", EC_UNAVAILABLE)."""
-        self._meter(0)
+        return self._pass(self._decide_action, what, None)
+
+    def _decide_action(self, what, _original):
         if what == 1:
-            answer = ("supply", self._confirm())
-        else:
-            got = self._emergency()
-            answer = ("rejected", errors.EC_UNAVAILABLE) if got is None else ("emergency", got)
-        self._mark("answered")
-        self._record_rejections()
-        self._settle()
-        self.idle()
-        return answer
+            return ("supply", self._confirm())
+        got = self._emergency()
+        return ("rejected", errors.EC_UNAVAILABLE) if got is None else ("emergency", got)
 
     # -- a submit ---------------------------------------------------------------------------
     def _kept(self, seq, index):
@@ -634,16 +630,22 @@ class MeterModel:
 
     def submit(self, raw):
         """The answer, when it is certain (the model moves on); see submit_options."""
-        options = self.submit_options(raw)
+        return self._certain(self.submit_options(raw))
+
+    def _certain(self, options):
         if len(options) != 1:
-            raise AssertionError("the model allows several answers here: use submit_options")
+            raise AssertionError("the model allows several answers here: use the *_options form")
         answer, m = options[0]
         self.__dict__.update(m.__dict__)
         return answer
 
     def _submit(self, raw, original):
+        return self._pass(self._decide, raw, original)
+
+    def _pass(self, decide, what, original):
+        # one request's main-loop pass: meter, decide, answer, then the step's bookkeeping
         self._meter(0)
-        answer = self._decide(raw, original)
+        answer = decide(what, original)
         self._mark("answered")
         self._record_rejections()
         self._settle()
@@ -743,21 +745,10 @@ class MeterModel:
         return [(m._submit_code(text, False), m)]
 
     def submit_code(self, text):
-        options = self.code_options(text)
-        if len(options) != 1:
-            raise AssertionError("the model allows several answers here")
-        answer, m = options[0]
-        self.__dict__.update(m.__dict__)
-        return answer
+        return self._certain(self.code_options(text))
 
     def _submit_code(self, text, original):
-        self._meter(0)
-        answer = self._decide_code(text, original)
-        self._mark("answered")
-        self._record_rejections()
-        self._settle()
-        self.idle()
-        return answer
+        return self._pass(self._decide_code, text, original)
 
     def _decide_code(self, text, original):
         s = self.s

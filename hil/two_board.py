@@ -12,7 +12,6 @@ Pieces, usable alone: `flash_ppmid(port)` puts the PPMID firmware on any board's
 port (a real one too); `Cable(port_a, port_b)` shuttles bytes both ways between two serial
 ports (unplug()/plug()); `Ppmid(board)` drives a virtual PPMID board.
 """
-import hashlib
 import os
 import select
 import threading
@@ -38,33 +37,12 @@ def ppmid_files():
     return files
 
 
-def flash_ppmid(port, source=False, reset=True):
-    """Put the PPMID firmware on the board at `port` (mpy-cross for its bytecode, copy,
-    SHA-256 check of every file, soft reset).  Return a summary dict."""
+def flash_ppmid(port, source=False, reset=True, progress=None):
+    """Put the PPMID firmware on the board at `port`: the meter's flashing (mpy-cross for
+    its bytecode, copy, SHA-256 check of every file, soft reset) with the PPMID's files.
+    Return hil.flashing.flash's summary dict."""
     from hil import flashing
-    t0 = time.monotonic()
-    with flashing.Board(port) as board:
-        info = board.info()
-        if info["name"] != "micropython" or info["version"] < flashing.MIN_VERSION:
-            raise flashing.FlashError("%s does not run MicroPython %s or newer"
-                                      % (port, ".".join(map(str, flashing.MIN_VERSION))))
-        bytecode = flashing.bytecode_version(info["mpy"])
-        plan = []
-        for src, dest, compiled in ppmid_files():
-            if compiled and not source:
-                plan.append((dest[:-3] + ".mpy", flashing.compile_mpy(src, bytecode)))
-            else:
-                plan.append((dest, src.read_bytes()))
-        board.run(flashing._PREPARE % {"managed": PPMID_MANAGED, "keep": sorted(d for d, _ in plan)})
-        for dest, data in plan:
-            board.t.fs_writefile(dest, data, chunk_size=1024)
-        for dest, data in plan:
-            if board.t.fs_hashfile(dest, "sha256") != hashlib.sha256(data).digest():
-                raise flashing.FlashError("%s did not land intact on the board" % dest)
-        if reset:
-            board.soft_reset()
-    return {"files": len(plan), "bytes": sum(len(d) for _, d in plan),
-            "seconds": time.monotonic() - t0}
+    return flashing.flash(port, progress, source, reset, files=ppmid_files(), managed=PPMID_MANAGED)
 
 
 class Cable:

@@ -17,6 +17,10 @@
 #   topup reconcile [--now UNIX] [--expired refund|void]
 #   topup report [--csv PATH] [--html PATH] [--force]
 #   topup headend --port PORT [--idle-exit SECONDS]
+#   topup tariff set (--device EUI64 | --all) [--unit-rate P] [--standing P] [--ec-amount £]
+#                    [--ec-threshold £] [--max-voucher £] [--max-credit £] --effective WHEN
+#   topup supplier change EUI64 --to NEW_DB [--floor N] | supplier adopt EUI64 --from OLD_DB
+#   topup commands list|export [--device EUI64] [--pending] [--format text|qr|json]
 #
 # Global options (--db) work before or after the subcommand and fall back to environment
 # variables (TOPUP_DB, TOPUP_PASSPHRASE). A user's mistake is one line on stderr and exit
@@ -39,7 +43,7 @@ from protocol import errors as perr
 from protocol import keycode
 from protocol.voucher import parse as pv_parse
 
-from . import db, delivery, issuer, keystore, reconcile as recon, registry
+from . import commands as cmds, db, delivery, issuer, keystore, reconcile as recon, registry
 from .errors import TopupError
 from .money import format_pence, parse_pence
 from .output import Interrupts
@@ -291,10 +295,31 @@ def key_new(state, activate, code_only):
     first = not keystore.list_keys(conn) and not keystore.list_code_keys(conn)
     passphrase = _passphrase(confirm=first)
     had_code_key = keystore.active_code_key(conn)
+    had_command_key = keystore.active_command_key(conn)
+    made = []
     if not code_only:
-        k = keystore.new_key(conn, passphrase, activate=activate)
+        import nacl.utils
+        seed = nacl.utils.random(32)
+        signer = keystore.Signer(seed)
+        # An active key must be trusted by every meter: ADD_ISSUER_KEY for each that takes
+        # commands, stored with the key in one transaction (SPEC.md §10).
+        will_be_active = activate or not any(x.active for x in keystore.list_keys(conn))
+        plan = (cmds.plan_add_key(conn, signer.kid, signer.public_key)
+                if will_be_active else [])
+
+        def within(insert):
+            made.extend(cmds.make(conn, passphrase, plan, also=insert))
+        k = keystore.new_key(conn, passphrase, activate=activate, seed=seed,
+                             within=within if plan else None)
         click.echo("new key %s (%s)" % (k.kid.hex(), k.status))
         click.echo("public key %s" % k.public_key.hex(), err=True)
+        _say_made(made, "add issuer key %s" % k.kid.hex())
+        if will_be_active:
+            _say_untrusting(conn)
+        cmd = keystore.active_command_key(conn)
+        if had_command_key is None and cmd is not None:
+            click.echo("new command key %s: signs commands to meters (key changes, tariffs), "
+                       "installed on meters at provisioning" % cmd.kid.hex())
     c = None
     if code_only:
         c = keystore.new_code_key(conn, passphrase, activate=activate)
@@ -313,6 +338,7 @@ def key_list(state):
     signs vouchers; codes: the keypad-code key meters are given at provisioning)."""
     keys = [(k, "issuer") for k in keystore.list_keys(state.reader)]
     keys += [(k, "codes") for k in keystore.list_code_keys(state.reader)]
+    keys += [(k, "commands") for k in keystore.list_command_keys(state.reader)]
     if not keys:
         click.echo("no keys (run `topup key new`)", err=True)
         return 0
@@ -335,8 +361,21 @@ def key_list(state):
 @click.pass_obj
 def key_activate(state, kid):
     """Make key KID (hex, or a unique prefix) the one `issue` signs with."""
-    k = keystore.activate(state.conn, keystore.find_key(state.conn, kid).kid)
+    conn = state.conn
+    k = keystore.find_key(conn, kid)
+    plan = cmds.plan_add_key(conn, k.kid, k.public_key) if k.revoked is None else []
+    made = []
+    if plan:
+        passphrase = _passphrase()
+
+        def within(fn):
+            made.extend(cmds.make(conn, passphrase, plan, also=fn))
+        k = keystore.activate(conn, k.kid, within=within)
+    else:
+        k = keystore.activate(conn, k.kid)
     click.echo("key %s is now active" % k.kid.hex())
+    _say_made(made, "add issuer key %s" % k.kid.hex())
+    _say_untrusting(conn)
 
 
 @key.command("revoke")
@@ -345,7 +384,11 @@ def key_activate(state, kid):
 @click.pass_obj
 def key_revoke(state, kid, yes):
     """Revoke key KID: it can no longer issue, and its vouchers are void."""
-    k = keystore.find_key(state.conn, kid)
+    conn = state.conn
+    k = keystore.find_key(conn, kid)
+    if k.revoked is not None:
+        raise TopupError("key %s is already revoked" % k.kid.hex())
+    plan = cmds.plan_revoke_key(conn, k.kid)     # refuses to leave a meter with no key
     if not yes:
         try:
             sure = click.confirm("Revoke key %s? Every voucher it signed becomes void"
@@ -356,9 +399,39 @@ def key_revoke(state, kid, yes):
         if not sure:
             click.echo("key %s not revoked" % k.kid.hex(), err=True)
             return 1
-    k = keystore.revoke(state.conn, k.kid)
+    made = []
+    if plan:
+        passphrase = _passphrase()
+
+        def within(fn):
+            made.extend(cmds.make(conn, passphrase, plan, also=fn))
+        k = keystore.revoke(conn, k.kid, within=within)
+    else:
+        k = keystore.revoke(conn, k.kid)
     click.echo("key %s revoked" % k.kid.hex())
+    _say_made(made, "revoke issuer key %s" % k.kid.hex())
+    exposed = [e for e in cmds.exposure(conn) if e.kid == k.kid]
+    if exposed:
+        click.echo("note: %d meter(s) still trust it until their revocation is confirmed "
+                   "by a receipt (`topup han sync`, then `topup reconcile` shows the "
+                   "exposure)" % len(exposed), err=True)
     return 0
+
+
+def _say_made(made, what):
+    if made:
+        click.echo("%d command(s) to %s made, pending delivery to %d meter(s): "
+                   "`topup commands list --pending`, `topup han sync --port P`"
+                   % (len(made), what, len({m.device for m in made})))
+
+
+def _say_untrusting(conn):
+    _, no = cmds.commandable(conn)
+    if no:
+        click.echo("note: %d meter(s) take no signed commands (provisioned without a command "
+                   "key) and keep their trust list until provisioned again: %s"
+                   % (len(no), ", ".join(registry.format_eui64(d) for d in no[:5])
+                      + (", ..." if len(no) > 5 else "")), err=True)
 
 
 # --- devices ------------------------------------------------------------------------------
@@ -459,6 +532,19 @@ def device_show(state, eui64):
                      % (e.ka_public.hex(), e.code_kid.hex()) if e.takes_codes else
                      "no: no key-agreement key registered (firmware older than keypad "
                      "codes); vouchers only"))
+    if epochs:
+        cur = epochs[-1]
+        trusted = sorted(k.hex() for k in cmds.trust(conn, eui64))
+        confirmed = cmds.trust(conn, eui64, confirmed=True)
+        pending = len(cmds.pending_for(conn, eui64))
+        rows.append(("signed commands", "yes: command key %s, %d pending (`topup commands "
+                     "list --device %s`)" % (cur.command_kid.hex(), pending, d.name)
+                     if cur.takes_commands else
+                     "no: provisioned without a command key; its trust list and tariff "
+                     "change only by provisioning it again"))
+        rows.append(("issuer keys trusted", ", ".join(
+            k + ("" if bytes.fromhex(k) in confirmed else " (pending)") for k in trusted)
+            or "-"))
     rows += [
         ("per-voucher maximum", format_pence(d.max_voucher)),
         ("maximum credit", format_pence(d.max_credit)),
@@ -1446,6 +1532,252 @@ def vouchers_void(state, ref, eui64, seq, note, yes):
 
 for _command in cli.commands.values():
     add_global_options(_command)
+
+
+# --- signed commands (SPEC.md §10) ------------------------------------------------------
+
+def _rate_mp(what):
+    """An option callback: pence with up to three decimals (`24.5`, `24.567p`) as an exact
+    integer of milli-pence."""
+    import re
+
+    def convert(ctx, param, value):
+        if value is None:
+            return None
+        t = value.strip()
+        if t.endswith("p"):
+            t = t[:-1]
+        m = re.fullmatch(r"(0|[1-9][0-9]{0,9})(?:\.([0-9]{1,3}))?", t)
+        if not m:
+            raise TopupError("%s %r is not pence (write e.g. 24.5 or 24.567: at most three "
+                             "decimals, milli-pence)" % (what, value))
+        return int(m.group(1)) * 1000 + int((m.group(2) or "").ljust(3, "0"))
+    return convert
+
+
+def _effective_opt(ctx, param, value):
+    """--effective: `now`, Unix seconds, or a UTC date/time (2026-12-01, 2026-12-01T06:00,
+    2026-12-01 06:00:00, a trailing Z allowed)."""
+    import calendar
+    import re
+    if value is None:
+        return None
+    t = value.strip()
+    if t == "now":
+        return int(time.time())
+    if re.fullmatch(r"[0-9]{1,12}", t):
+        return int(t)
+    m = re.fullmatch(r"([0-9]{4})-([0-9]{2})-([0-9]{2})(?:[T ]([0-9]{2}):([0-9]{2})"
+                     r"(?::([0-9]{2}))?)?Z?", t)
+    if m:
+        parts = [int(g) if g else 0 for g in m.groups()]
+        try:
+            import datetime
+            datetime.datetime(*parts)
+        except ValueError:
+            m = None
+        else:
+            return calendar.timegm(tuple(parts) + (0, 0, 0))
+    raise TopupError("--effective %r is not a time: write now, Unix seconds, or a UTC date "
+                     "and time like 2026-12-01T06:00Z" % value)
+
+
+@cli.group()
+def tariff():
+    """Change the tariff and limits of meters offline (signed SET_TARIFF commands)."""
+
+
+@tariff.command("set")
+@click.option("--device", "eui64", callback=_device_arg, metavar="EUI64", help="One meter.")
+@click.option("--all", "all_", is_flag=True, help="Every meter that takes commands.")
+@click.option("--unit-rate", callback=_rate_mp("unit rate"), metavar="PENCE_PER_KWH",
+              help="Unit rate in pence per kWh, e.g. 24.5 (exact to 0.001p).")
+@click.option("--standing", callback=_rate_mp("standing charge"), metavar="PENCE_PER_DAY",
+              help="Standing charge in pence per day, e.g. 60.1.")
+@click.option("--ec-amount", callback=_money_opt("emergency credit"), metavar="AMOUNT",
+              help="Emergency credit a customer may take, e.g. 5.00.")
+@click.option("--ec-threshold", callback=_money_opt("emergency threshold"), metavar="AMOUNT",
+              help="Emergency credit is offered below this balance, e.g. 1.00.")
+@click.option("--max-voucher", callback=_money_opt("per-voucher maximum"), metavar="AMOUNT",
+              help="Largest top-up the meter takes.")
+@click.option("--max-credit", callback=_money_opt("maximum credit", maximum=10**9),
+              metavar="AMOUNT", help="Most credit the meter holds.")
+@click.option("--effective", callback=_effective_opt, required=True, metavar="WHEN",
+              help="From when: now, Unix seconds, or UTC like 2026-12-01T00:00Z (at most 7 "
+                   "days back).")
+@click.pass_obj
+def tariff_set(state, eui64, all_, unit_rate, standing, ec_amount, ec_threshold, max_voucher,
+               max_credit, effective):
+    """Make a signed SET_TARIFF command for one meter (--device) or every meter that takes
+    commands (--all). The meter charges the old rates up to the effective time and the new
+    ones after it, exactly. Deliver with `topup han sync`."""
+    if bool(eui64) == bool(all_):
+        raise TopupError("give --device EUI64 or --all (one of them)")
+    conn = state.conn
+    args = cmds.tariff_args(effective, unit_rate_mp=unit_rate, standing_mp=standing,
+                            ec_amount=ec_amount, ec_threshold=ec_threshold,
+                            max_voucher=max_voucher, max_credit=max_credit)
+    if eui64:
+        registry.get_device(conn, eui64)
+        devices = [eui64]
+    else:
+        devices, no = cmds.commandable(conn)
+        if not devices:
+            raise TopupError("no meter takes signed commands (none provisioned with a command "
+                             "key)")
+        if no:
+            _say_untrusting(conn)
+    made = cmds.make(conn, _passphrase(), cmds.plan_tariff(conn, devices, args))
+    click.echo("%d SET_TARIFF command(s) made (%s), pending delivery: `topup han sync --port P`"
+               % (len(made), cmds.describe_tariff(args)))
+    for m in made:
+        click.echo("  %s command %d" % (registry.format_eui64(m.device), m.number))
+
+
+@cli.group()
+def supplier():
+    """Change of supplier: hand a meter over to another supplier offline (SPEC.md §10)."""
+
+
+@supplier.command("change")
+@click.argument("eui64", callback=_device_arg)
+@click.option("--to", "to", required=True, metavar="NEW_DB",
+              help="The new supplier's database (read only): its command key, issuer keys "
+                   "and code key are installed on the meter.")
+@click.option("--floor", type=click.IntRange(0, 0xFFFFFFFF), default=0, metavar="N",
+              help="A sequence floor above this supplier's highest issued (default: that).")
+@click.pass_obj
+def supplier_change(state, eui64, to, floor):
+    """Make the signed CHANGE_SUPPLIER command that hands meter EUI64 to the supplier whose
+    database is NEW_DB: the meter drops this supplier's issuer and code keys, trusts the new
+    ones, raises its sequence floor (no voucher of ours applies after it) and takes commands
+    only from the new command key. Deliver with `topup han sync`; once its receipt is back,
+    `topup reconcile` counts our vouchers for the meter still outstanding as refunds due."""
+    conn = state.conn
+    registry.get_device(conn, eui64)
+    keys = cmds.new_supplier_keys(conn, to)
+    plan = cmds.plan_change_supplier(conn, eui64, *keys, floor=floor)
+    (m,) = cmds.make(conn, _passphrase(), plan)
+    n, pence = cmds.outstanding(conn, eui64)
+    click.echo("CHANGE_SUPPLIER command %d made for %s (new command key %s, %d issuer key(s), "
+               "sequence floor %d), pending delivery: `topup han sync --port P`"
+               % (m.number, registry.format_eui64(eui64), m.args["command_kid"],
+                  len(m.args["issuer_kids"]), m.args["floor"]))
+    click.echo("once the meter confirms it, %d outstanding voucher(s) for it (%s) become "
+               "refunds due in `topup reconcile`" % (n, format_pence(pence)))
+
+
+@supplier.command("adopt")
+@click.argument("eui64", callback=_device_arg)
+@click.option("--from", "from_", required=True, metavar="OLD_DB",
+              help="The old supplier's database (read only), holding the meter's confirmed "
+                   "change of supplier.")
+@click.pass_obj
+def supplier_adopt(state, eui64, from_):
+    """The new supplier's side: register meter EUI64 here once the old supplier's database
+    OLD_DB holds the receipt of its CHANGE_SUPPLIER to this database's command key. The
+    meter's receipts continue from that receipt (verified with its own key), vouchers are
+    issued above the sequence floor the command set, and this ledger opens at the meter's
+    balance that receipt confirms."""
+    a = cmds.adopt(state.conn, eui64, from_)
+    click.echo("adopted %s: receipts from #%d, sequences up to %d refused (next issued %d); "
+               "ledger opens at %s, the meter's balance confirmed by receipt %d"
+               % (registry.format_eui64(eui64), a.first_index, a.floor,
+                  registry.get_device(state.conn, eui64).next_sequence,
+                  recon._mp(a.balance_mp), a.receipt_index))
+
+
+@cli.group("commands")
+def commands_group():
+    """Signed commands to meters: list them, export them (text, QR, JSON)."""
+
+
+def _command_selection(fn):
+    fn = click.option("--device", "eui64", callback=_device_arg, metavar="EUI64",
+                      help="One meter's commands.")(fn)
+    fn = click.option("--pending", is_flag=True,
+                      help="Only those not yet confirmed by a receipt.")(fn)
+    return fn
+
+
+def _selected_commands(conn, eui64, pending):
+    if eui64 is not None:
+        registry.get_device(conn, eui64)
+    return cmds.list_commands(conn, eui64, "pending" if pending else None)
+
+
+@commands_group.command("list")
+@_command_selection
+@click.pass_obj
+def commands_list(state, eui64, pending):
+    """One line per command: meter, number, kind, what it changes, status (pending: not
+    confirmed by the meter yet; applied: its receipt is stored; refused: the meter's
+    reason; superseded: a later provisioning replaced it)."""
+    rows = _selected_commands(state.reader, eui64, pending)
+    if not rows:
+        click.echo("no commands%s" % (" pending" if pending else ""), err=True)
+        return 0
+    for r in rows:
+        status = r.status
+        if r.status == "applied":
+            status += " (receipt %d)" % r.receipt_index
+        elif r.status == "refused":
+            status += " (%s)" % perr.name(r.reason)
+        click.echo("%s  #%-4d %-18s %-9s %s  made %s" % (
+            registry.format_eui64(r.device), r.number, r.kind_name, status.split(" ")[0]
+            if r.status == "pending" else status, r.describe(), delivery.utc(r.created)))
+    n = sum(1 for r in rows if r.status == "pending")
+    if n:
+        click.echo("%d pending on %d meter(s)" % (n, len({r.device for r in rows
+                                                          if r.status == "pending"})),
+                   err=True)
+    return 0
+
+
+@commands_group.command("export")
+@_command_selection
+@click.option("-f", "--format", "fmt", type=click.Choice(("text", "qr", "json")),
+              default="text", show_default=True,
+              help="text: OTC1: lines; qr: QR codes on the terminal; json: one object a line.")
+@click.option("-o", "--out", metavar="PATH", help="Write to PATH (text, json) instead of stdout.")
+@click.option("--force", is_flag=True, help=_FORCE_HELP)
+@click.pass_obj
+def commands_export(state, eui64, pending, fmt, out, force):
+    """Write commands in their text form (OTC1: + base45), as QR codes, or as JSON, for a
+    PPMID or an engineer to deliver. Pending ones in number order, per meter."""
+    import json
+    rows = _selected_commands(state.reader, eui64, pending)
+    if not rows:
+        raise TopupError("no commands to export")
+    if fmt == "qr":
+        if out:
+            raise TopupError("--format qr prints to the terminal; use text for a file")
+        for r in rows:
+            click.echo("%s command %d (%s):" % (registry.format_eui64(r.device), r.number,
+                                                r.kind_name))
+            import io
+            import segno
+            buf = io.StringIO()
+            segno.make(cmds.to_text(r.raw), error="m").terminal(out=buf, compact=True)
+            click.echo(buf.getvalue())
+        return 0
+    lines = []
+    for r in rows:
+        if fmt == "text":
+            lines.append(cmds.to_text(r.raw))
+        else:
+            lines.append(json.dumps({"device": registry.format_eui64(r.device),
+                                     "number": r.number, "kind": r.kind_name, "args": r.args,
+                                     "status": r.status, "text": cmds.to_text(r.raw)},
+                                    sort_keys=True))
+    data = "".join(line + "\n" for line in lines)
+    if out:
+        from .output import write_whole
+        write_whole(out, data.encode("utf-8"), force=force)
+        click.echo("wrote %d command(s) to %s" % (len(rows), out), err=True)
+    else:
+        click.echo(data, nl=False)
+    return 0
 
 
 def compose(*commands, name="topup", help=None):

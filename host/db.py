@@ -15,7 +15,7 @@ from protocol.cose import kid_for
 from .errors import TopupError
 
 APPLICATION_ID = 0x4F545531  # "OTU1"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_S = 60.0  # a concurrent issuer waits this long for the write lock
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -282,8 +282,80 @@ CREATE VIEW receipt_log AS
 """
 
 
+# Version 6: signed commands (SPEC.md §10). The supplier's command keys (Ed25519, sealed
+# like the issuer keys; the active one is installed on meters at provisioning as their root
+# of trust). Each meter key epoch records the command key its provisioning installed (NULL:
+# none, or firmware older than commands: the meter takes no commands) and the issuer keys
+# it was given (device_trust). A command is numbered per meter and per key epoch (a
+# provisioning starts the meter's numbering again); the number is allocated in the same
+# transaction that stores the signed command, so it is never reused. Status: pending
+# (made, not yet confirmed by a receipt), applied (a command receipt names it), refused
+# (the meter answered a reason code), superseded (a later provisioning replaced what it
+# would have changed; never sent).
+SCHEMA_V6 = """
+CREATE TABLE command_keys (
+    kid         BLOB PRIMARY KEY CHECK (length(kid) = 8),
+    public_key  BLOB NOT NULL UNIQUE CHECK (length(public_key) = 32),
+    salt        BLOB NOT NULL,
+    sealed_seed BLOB NOT NULL,
+    opslimit    INTEGER NOT NULL,
+    memlimit    INTEGER NOT NULL,
+    created     INTEGER NOT NULL,
+    active      INTEGER NOT NULL DEFAULT 0 CHECK (active IN (0, 1))
+);
+CREATE UNIQUE INDEX command_keys_one_active ON command_keys (active) WHERE active = 1;
+
+ALTER TABLE device_keys ADD COLUMN command_kid BLOB REFERENCES command_keys (kid);
+-- The `prev` of the epoch's first receipt: NULL for zeros (a provisioning starts a chain);
+-- a change of supplier hands over a chain that goes on (the hash of its command receipt).
+ALTER TABLE device_keys ADD COLUMN first_prev BLOB CHECK (first_prev IS NULL OR length(first_prev) = 32);
+
+CREATE TABLE device_trust (
+    device BLOB NOT NULL,
+    epoch  INTEGER NOT NULL,
+    kid    BLOB NOT NULL CHECK (length(kid) = 8),   -- an issuer key the provisioning installed
+    PRIMARY KEY (device, epoch, kid)                 -- (device, epoch): a device_keys row
+) WITHOUT ROWID;
+
+CREATE TABLE commands (
+    id            INTEGER PRIMARY KEY,
+    device        BLOB NOT NULL REFERENCES devices (device),
+    epoch         INTEGER NOT NULL,             -- the meter key epoch it is numbered in
+    number        INTEGER NOT NULL CHECK (number BETWEEN 1 AND 4294967295),
+    kind          INTEGER NOT NULL CHECK (kind BETWEEN 1 AND 6),
+    args          TEXT NOT NULL,                -- JSON: what it changes (keys as hex)
+    raw           BLOB NOT NULL,                -- the COSE_Sign1 bytes
+    ref           BLOB NOT NULL CHECK (length(ref) = 16),  -- sha256(raw)[:16]
+    command_kid   BLOB NOT NULL,                -- the command key that signed it
+    created       INTEGER NOT NULL,
+    status        TEXT NOT NULL DEFAULT 'pending'
+                  CHECK (status IN ('pending', 'applied', 'refused', 'superseded')),
+    receipt_index INTEGER,                      -- applied: its receipt's index
+    receipt       BLOB,                         -- applied: its receipt's hash
+    reason        INTEGER,                      -- refused: the meter's reason code
+    settled       INTEGER                       -- when the status last changed
+);
+CREATE UNIQUE INDEX commands_numbered ON commands (device, epoch, number)
+    WHERE status IN ('pending', 'applied');
+CREATE INDEX commands_by_ref ON commands (ref);
+
+ALTER TABLE receipts ADD COLUMN command_kind INTEGER;  -- kind 5: field 15
+ALTER TABLE receipts ADD COLUMN tariff TEXT;           -- kind 5, SET_TARIFF: field 16 as JSON
+"""
+
+
+def _v6(conn):
+    for stmt in _statements(SCHEMA_V6):
+        conn.execute(stmt)
+    # What each existing key epoch was given: the issuer keys that existed and were not
+    # revoked when it was provisioned (what `topup provision` installs).
+    conn.execute("INSERT INTO device_trust (device, epoch, kid) SELECT d.device, d.epoch, k.kid "
+                 "FROM device_keys d JOIN keys k ON k.created <= d.provisioned AND "
+                 "(k.revoked IS NULL OR k.revoked > d.provisioned)")
+
+
 # From version n to n + 1: an SQL script, or a function of the connection.
-MIGRATIONS = {1: SCHEMA_V2, 2: _v3, 3: SCHEMA_V4, 4: SCHEMA_V5}
+MIGRATIONS = {1: SCHEMA_V2, 2: _v3, 3: SCHEMA_V4, 4: SCHEMA_V5, 5: _v6}
 
 
 def _run_migration(conn, version):

@@ -14,6 +14,11 @@
 # versions) still opens, and is sealed again at MODERATE, with a new salt, the next time
 # the passphrase opens it. Limits are never lowered.
 #
+# Command keys (SPEC.md §10): the supplier's Ed25519 keys that sign commands to meters
+# (add or revoke an issuer key, set a tariff, change supplier), sealed the same way (table
+# command_keys). The active one is installed on meters at provisioning as their root of
+# trust; the first issuer key brings the first command key with it, like the code key.
+#
 # Tests may set TOPUP_INSECURE_FAST_KDF=1 to seal new keys at argon2id's minimum limits
 # (and then re-seal nothing); it makes the passphrase nearly worthless and is for tests only.
 import os
@@ -98,6 +103,12 @@ def _has_code_keys(conn):
                         "name = 'code_keys'").fetchone() is not None
 
 
+def _has_command_keys(conn):
+    """Whether the database has the command_keys table (schema 6)."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                        "name = 'command_keys'").fetchone() is not None
+
+
 def rewrap(conn, passphrase, seeds=None):
     """Seal again, at today's limits, every key (issuer or code key) sealed with weaker
     ones that `passphrase` opens. `seeds`: {kid: seed} already unsealed (saves a
@@ -106,6 +117,8 @@ def rewrap(conn, passphrase, seeds=None):
     done = _rewrap(conn, passphrase, seeds, "keys", "sealed_seed")
     if _has_code_keys(conn):
         done += _rewrap(conn, passphrase, seeds, "code_keys", "sealed_secret")
+    if _has_command_keys(conn):
+        done += _rewrap(conn, passphrase, seeds, "command_keys", "sealed_seed")
     return done
 
 
@@ -199,17 +212,22 @@ def check_passphrase(conn, passphrase):
     if r is None and _has_code_keys(conn):
         r = conn.execute("SELECT salt, sealed_secret, opslimit, memlimit, kid FROM code_keys "
                          "ORDER BY active DESC, revoked IS NOT NULL, created LIMIT 1").fetchone()
+    if r is None and _has_command_keys(conn):
+        r = conn.execute("SELECT salt, sealed_seed, opslimit, memlimit, kid FROM command_keys "
+                         "ORDER BY active DESC, created LIMIT 1").fetchone()
     if r is not None:
         seed = _unseal(r[:4], passphrase)
         rewrap(conn, passphrase, {bytes(r[4]): seed})
 
 
-def new_key(conn, passphrase, activate=False, now=None, seed=None, code_key=True):
+def new_key(conn, passphrase, activate=False, now=None, seed=None, code_key=True,
+            command_key=True, within=None):
     """Generate (or import `seed`), seal and store a key. The first key becomes active.
 
     With `code_key` (the default), a database with no active keypad-code key gets one in
     the same transaction (SPEC.md §8: provisioning installs it on meters), so that one
-    `topup key new` sets up vouchers and codes alike."""
+    `topup key new` sets up vouchers and codes alike. With `command_key` (the default), a
+    database with no command key gets one too (SPEC.md §10)."""
     if not passphrase:
         raise TopupError("the passphrase must not be empty")
     check_passphrase(conn, passphrase)  # before anything is written
@@ -221,10 +239,16 @@ def new_key(conn, passphrase, activate=False, now=None, seed=None, code_key=True
     code = None
     if code_key and _has_code_keys(conn) and active_code_key(conn) is None:
         code = _sealed_code_key(nacl.utils.random(32), passphrase)
-    with transaction(conn):
+    command = None
+    if command_key and _has_command_keys(conn) and active_command_key(conn) is None:
+        command = _sealed_signing_key(nacl.utils.random(32), passphrase)
+    def insert():
         if code is not None and not conn.execute(
                 "SELECT 1 FROM code_keys WHERE active = 1").fetchone():
             _insert_code_key(conn, code, True, created)
+        if command is not None and not conn.execute(
+                "SELECT 1 FROM command_keys WHERE active = 1").fetchone():
+            _insert_command_key(conn, command, created)
         if conn.execute("SELECT 1 FROM keys WHERE kid = ?", (signer.kid,)).fetchone():
             raise TopupError("a key with kid %s already exists" % signer.kid.hex())
         has_active = conn.execute("SELECT 1 FROM keys WHERE active = 1").fetchone()
@@ -235,11 +259,27 @@ def new_key(conn, passphrase, activate=False, now=None, seed=None, code_key=True
                      " created, active) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                      (signer.kid, signer.public_key, salt, sealed, ops, mem, created,
                       1 if make_active else 0))
+    if within is not None:
+        # The caller's transaction (host/commands.py: the key and its ADD_ISSUER_KEY
+        # commands are stored together or not at all).
+        within(insert)
+    else:
+        with transaction(conn):
+            insert()
     return get_key(conn, signer.kid)
 
 
-def activate(conn, kid):
-    with transaction(conn):
+def _in(conn, within, fn):
+    """Run fn inside the caller's transaction (`within(fn)`) or one of its own."""
+    if within is not None:
+        within(fn)
+    else:
+        with transaction(conn):
+            fn()
+
+
+def activate(conn, kid, within=None):
+    def do():
         k = get_key(conn, kid)
         if k is None:
             raise TopupError("no key with kid %s" % kid.hex())
@@ -247,19 +287,23 @@ def activate(conn, kid):
             raise TopupError("key %s is revoked and cannot be activated" % kid.hex())
         conn.execute("UPDATE keys SET active = 0 WHERE active = 1")
         conn.execute("UPDATE keys SET active = 1 WHERE kid = ?", (kid,))
+    _in(conn, within, do)
     return get_key(conn, kid)
 
 
-def revoke(conn, kid, now=None):
-    """Revoke a key: it stops being active and its vouchers are void from now on."""
+def revoke(conn, kid, now=None, within=None):
+    """Revoke a key: it stops being active and its vouchers are void from now on.
+    `within`: run inside the caller's transaction (with the REVOKE_ISSUER_KEY commands)."""
     when = int(time.time()) if now is None else int(now)
-    with transaction(conn):
+
+    def do():
         k = get_key(conn, kid)
         if k is None:
             raise TopupError("no key with kid %s" % kid.hex())
         if k.revoked is not None:
             raise TopupError("key %s is already revoked" % kid.hex())
         conn.execute("UPDATE keys SET active = 0, revoked = ? WHERE kid = ?", (when, kid))
+    _in(conn, within, do)
     return get_key(conn, kid)
 
 
@@ -387,3 +431,72 @@ def unlock_code_key(conn, passphrase, kid):
                          % bytes(r[0]).hex())
     rewrap(conn, passphrase, {key.kid: secret})
     return key
+
+
+# --- command keys (SPEC.md §10) ---------------------------------------------------------
+
+def _sealed_signing_key(seed, passphrase):
+    """(Signer, salt, sealed seed, opslimit, memlimit): an Ed25519 key sealed for storing."""
+    signer = Signer(seed)
+    ops, mem = limits()
+    salt, sealed = _seal(bytes(seed), passphrase, ops, mem)
+    return signer, salt, sealed, ops, mem
+
+
+def _insert_command_key(conn, sealed, created):
+    """Store a sealed command key as the active one (inside the caller's transaction)."""
+    signer, salt, blob, ops, mem = sealed
+    if conn.execute("SELECT 1 FROM command_keys WHERE kid = ?", (signer.kid,)).fetchone():
+        raise TopupError("a command key with kid %s already exists" % signer.kid.hex())
+    conn.execute("UPDATE command_keys SET active = 0 WHERE active = 1")
+    conn.execute("INSERT INTO command_keys (kid, public_key, salt, sealed_seed, opslimit, "
+                 "memlimit, created, active) VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
+                 (signer.kid, signer.public_key, salt, blob, ops, mem, created))
+    return signer.kid
+
+
+def list_command_keys(conn):
+    """Every command key, oldest first ([] on a database without them)."""
+    if not _has_command_keys(conn):
+        return []
+    rows = conn.execute("SELECT kid, public_key, created, active, NULL FROM command_keys "
+                        "ORDER BY created, kid").fetchall()
+    return [KeyInfo(*r) for r in rows]
+
+
+def active_command_key(conn):
+    """The active command key (KeyInfo), or None."""
+    if not _has_command_keys(conn):
+        return None
+    r = conn.execute("SELECT kid, public_key, created, active, NULL FROM command_keys "
+                     "WHERE active = 1").fetchone()
+    return KeyInfo(*r) if r else None
+
+
+def new_command_key(conn, passphrase, now=None, seed=None):
+    """Generate (or import `seed`), seal and store a command key; it becomes the active
+    one (meters provisioned from now on get it)."""
+    if not passphrase:
+        raise TopupError("the passphrase must not be empty")
+    check_passphrase(conn, passphrase)
+    sealed = _sealed_signing_key(nacl.utils.random(32) if seed is None else bytes(seed),
+                                 passphrase)
+    created = int(time.time()) if now is None else int(now)
+    with transaction(conn):
+        kid = _insert_command_key(conn, sealed, created)
+    return [k for k in list_command_keys(conn) if k.kid == kid][0]
+
+
+def unlock_command_key(conn, passphrase, kid):
+    """Command key `kid` as a Signer, or TopupError (no such key / wrong passphrase)."""
+    r = conn.execute("SELECT kid, salt, sealed_seed, opslimit, memlimit FROM command_keys "
+                     "WHERE kid = ?", (bytes(kid),)).fetchone()
+    if r is None:
+        raise TopupError("no command key %s in this database" % bytes(kid).hex())
+    seed = _unseal(r[1:], passphrase)
+    signer = Signer(seed)
+    if signer.kid != bytes(r[0]):
+        raise TopupError("key store is damaged: command key %s does not match its seed"
+                         % bytes(r[0]).hex())
+    rewrap(conn, passphrase, {signer.kid: seed})
+    return signer

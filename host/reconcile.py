@@ -58,7 +58,7 @@ import nacl.exceptions
 from protocol import receipt as pr
 from protocol.window import SIZE as WINDOW
 
-from . import receipts_io, registry
+from . import commands, receipts_io, registry
 from .db import transaction
 from .money import format_pence
 from .registry import format_eui64
@@ -92,6 +92,8 @@ ANOMALY_KINDS = {
     "void_redeemed": "a cancelled (voided) voucher was applied by its meter all the same",
     "form_mismatch": "a top-up receipt names a voucher as a keypad code, or a code as a "
                      "voucher (its field 13, SPEC.md §4)",
+    "applied_after_revocation": "a voucher applied under an issuer key its meter had already "
+                                "revoked (after the revocation command's receipt, SPEC.md §10)",
 }
 
 # SPEC.md §4.1: what a kind-4 receipt counts.
@@ -296,8 +298,33 @@ def import_rows(conn, batches, now=None, progress=None):
                 n = new[source] = conn.total_changes - before
                 conn.execute("UPDATE imports SET new = ? WHERE batch = ?", (n, batch))
                 res.new += n
+            _command_fields(conn, [row for _, _, todo in fresh for row in todo
+                                   if row[ROW_KIND] == COMMAND_RECEIPT])
+            commands.settle_from_receipts(conn, now)
     res.files = [(source, count, new.get(source, 0)) for source, count, _ in work]
     return res
+
+
+COMMAND_RECEIPT = 5  # SPEC.md §10: a command applied (K_SEQUENCE its number, K_VOUCHER its ref)
+
+
+def _command_fields(conn, rows):
+    """Fill a command receipt's own columns (command kind: field 15; a tariff's args:
+    field 16, as JSON) from its bytes."""
+    from protocol import cbor, cose
+    updates = []
+    for row in rows:
+        raw = bytes(row[_VALUES][10])
+        try:
+            fields = cbor.decode(cose.decode(raw).payload)
+        except Exception:  # noqa: BLE001 - structure was checked on reading; be safe
+            continue
+        tariff = fields.get(16)
+        updates.append((fields.get(15), None if not isinstance(tariff, dict) else
+                        json.dumps({str(k): v for k, v in sorted(tariff.items())}),
+                        bytes(row[ROW_DEVICE]), row[ROW_INDEX], bytes(row[ROW_HASH])))
+    conn.executemany("UPDATE receipts SET command_kind = ?, tariff = ? WHERE device = ? AND "
+                     "idx = ? AND hash = ?", updates)
 
 
 def import_files(conn, paths, now=None, progress=None):
@@ -355,6 +382,7 @@ class Result:
         self.receipts = 0
         self.vouchers = 0
         self.run = None
+        self.exposure = []   # [host.commands.Exposure]
 
     @property
     def liability(self):
@@ -470,7 +498,7 @@ def _chain(dev, epochs, rs, out):
                                    r.index, describe_faults(r.faults))))
         if r.index == r.key.first_index:
             # The first receipt of a key starts a new chain: a new epoch, not a fork.
-            if r.prev != pr.GENESIS:
+            if r.prev != (r.key.first_prev or pr.GENESIS):
                 out.append(Anomaly("chain_fork", dev, r.index, r.hash, None,
                                    "receipt %d does not start a chain (its prev is not zero): "
                                    "it is the first of key epoch %d" % (r.index, r.key.epoch)))
@@ -556,7 +584,7 @@ def reconcile(conn, now=None, expired_policy="refund", at=None):
 # The spans of the meter keys: [lo, hi) per key, hi the next key's first index (a key
 # followed by one with the same first index has an empty span: the later one wins).
 _SPANS = """spans AS (
-    SELECT device, kid, first_index AS lo,
+    SELECT device, kid, first_index AS lo, first_prev,
            lead(first_index, 1, 9223372036854775807)
                OVER (PARTITION BY device ORDER BY epoch) AS hi
     FROM device_keys)"""
@@ -575,7 +603,7 @@ SELECT r.device, count(*), min(r.idx), max(r.idx), count(s.kid),
        sum(r.sig_ok IS 1 AND r.checked_kid IS s.kid AND s.kid IS NOT NULL),
        sum(r.kind = 1 AND r.sig_ok IS 1 AND r.checked_kid IS s.kid AND s.kid IS NOT NULL),
        sum(r.kind = 4),
-       sum((r.idx = s.lo AND r.prev != :genesis)
+       sum((r.idx = s.lo AND r.prev != coalesce(s.first_prev, :genesis))
            OR (r.idx > s.lo AND (p.idx IS NULL OR r.balance_before > p.balance_after))
            OR r.balance_after != r.balance_before
                                  + CASE WHEN r.kind = 1 THEN 1000 * r.amount ELSE 0 END)
@@ -815,6 +843,17 @@ def _reconcile(conn, res, devices):
             "voucher %d was cancelled on %s but receipt %d applied it (meter time %s)%s" % (
                 seq, _utc(voided), idx, _utc(t),
                 "; if it was refunded or replaced, it was paid for twice")))
+
+    # Signed commands (SPEC.md §10): what the meters confirmed, vouchers applied under a
+    # key after its meter's receipt of the revocation, and what is still exposed.
+    commands.settle_from_receipts(conn)
+    for dev, idx, h, seq, kid, ridx in commands.applied_after_revocation(conn):
+        anomalies.append(Anomaly(
+            "applied_after_revocation", dev, idx, h, seq,
+            "receipt %d applied voucher %d under issuer key %s, which the meter had revoked "
+            "at receipt %d" % (idx, seq, bytes(kid).hex(), ridx)))
+    res.exposure = commands.exposure(conn)
+    commands.close_for_supplier_change(conn)
 
     count, pence = res.count, res.pence
     for status, n, total in conn.execute(

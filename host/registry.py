@@ -62,12 +62,17 @@ class MeterKey(bytes):
     it takes no keypad codes) and the kid of the supplier code key installed with it
     (`code_kid`). `set_public_key` registers these figures unless it is given others."""
 
-    def __new__(cls, public, first_index=None, floor=None, ka=None, code_kid=None):
+    def __new__(cls, public, first_index=None, floor=None, ka=None, code_kid=None,
+                command_kid=None, trust=None):
         self = super().__new__(cls, public)
         self.first_index = first_index
         self.floor = floor
         self.ka = None if ka is None else bytes(ka)
         self.code_kid = None if code_kid is None else bytes(code_kid)
+        # Signed commands (SPEC.md §10): the command key installed (None: none, the meter
+        # takes no commands) and the kids of the issuer keys it was given (None: unknown).
+        self.command_kid = None if command_kid is None else bytes(command_kid)
+        self.trust = None if trust is None else [bytes(k) for k in trust]
         return self
 
 
@@ -78,10 +83,10 @@ class KeyEpoch:
     (both None for a meter that takes no codes)."""
 
     __slots__ = ("device", "epoch", "public_key", "kid", "first_index", "floor", "provisioned",
-                 "ka_public", "code_kid")
+                 "ka_public", "code_kid", "command_kid", "first_prev")
 
     def __init__(self, device, epoch, public_key, kid, first_index, floor, provisioned,
-                 ka_public=None, code_kid=None):
+                 ka_public=None, code_kid=None, command_kid=None, first_prev=None):
         self.device = bytes(device)
         self.epoch = epoch
         self.public_key = bytes(public_key)
@@ -91,6 +96,12 @@ class KeyEpoch:
         self.provisioned = provisioned
         self.ka_public = None if ka_public is None else bytes(ka_public)
         self.code_kid = None if code_kid is None else bytes(code_kid)
+        self.command_kid = None if command_kid is None else bytes(command_kid)
+        self.first_prev = None if first_prev is None else bytes(first_prev)
+
+    @property
+    def takes_commands(self):
+        return self.command_kid is not None
 
     @property
     def takes_codes(self):
@@ -132,7 +143,7 @@ class Device:
 
 _COLUMNS = "device, public_key, max_voucher, max_credit, next_sequence, label, created"
 _KEY_COLUMNS = ("device, epoch, public_key, kid, first_index, floor, provisioned, ka_public, "
-                "code_kid")
+                "code_kid, command_kid, first_prev")
 
 
 def check_limits(max_voucher, max_credit):
@@ -241,19 +252,33 @@ def _check_figure(value, what):
 
 
 def _insert_epoch(conn, device, epoch, public_key, first_index, floor, now, ka_public=None,
-                  code_kid=None):
+                  code_kid=None, command_kid=None, trust=None, first_prev=None):
     conn.execute("INSERT INTO device_keys (device, epoch, public_key, kid, first_index, floor, "
-                 "provisioned, ka_public, code_kid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 "provisioned, ka_public, code_kid, command_kid, first_prev) VALUES (?, ?, ?, "
+                 "?, ?, ?, ?, ?, ?, ?, ?)",
                  (device, epoch, public_key, kid_for(public_key), first_index, floor, now,
                   None if ka_public is None else bytes(ka_public),
-                  None if code_kid is None else bytes(code_kid)))
+                  None if code_kid is None else bytes(code_kid),
+                  None if command_kid is None else bytes(command_kid),
+                  None if first_prev is None else bytes(first_prev)))
+    # The issuer keys the meter trusts from this provisioning (SPEC.md §10): as given, else
+    # every key not revoked (what `topup provision` installs).
+    if trust is None:
+        trust = [bytes(k) for (k,) in conn.execute("SELECT kid FROM keys WHERE revoked IS NULL")]
+    conn.executemany("INSERT OR IGNORE INTO device_trust (device, epoch, kid) VALUES (?, ?, ?)",
+                     [(device, epoch, bytes(k)) for k in trust])
+    # Commands still pending for an earlier epoch never apply: the provisioning replaced
+    # the meter's trust list and tariff (and its command numbering starts again).
+    conn.execute("UPDATE commands SET status = 'superseded', settled = ? WHERE device = ? AND "
+                 "epoch < ? AND status = 'pending'", (now, device, epoch))
     # Vouchers issued from now on must be above the meter's floor, or it refuses them.
     conn.execute("UPDATE devices SET public_key = ?, next_sequence = max(next_sequence, ?) "
                  "WHERE device = ?", (public_key, floor + 1, device))
 
 
 def set_public_key(conn, device, public_key, first_index=None, floor=None, now=None,
-                   ka_public=None, code_kid=None):
+                   ka_public=None, code_kid=None, command_kid=None, trust=None,
+                   first_prev=None):
     """Register a new key epoch: the meter's receipt key from a provisioning, the index of
     its first receipt and the meter's sequence floor (SPEC.md §2.2, §4), and for keypad
     codes (§8) its key-agreement key and the supplier code key it was given (default: what
@@ -275,6 +300,10 @@ def set_public_key(conn, device, public_key, first_index=None, floor=None, now=N
         ka_public = getattr(public_key, "ka", None)
     if code_kid is None:
         code_kid = getattr(public_key, "code_kid", None)
+    if command_kid is None:
+        command_kid = getattr(public_key, "command_kid", None)
+    if trust is None:
+        trust = getattr(public_key, "trust", None)
     if ka_public is None:
         code_kid = None        # a code key the meter cannot use is not worth recording
     elif code_kid is None:
@@ -306,7 +335,7 @@ def set_public_key(conn, device, public_key, first_index=None, floor=None, now=N
                              "(%d): receipt indices never go back" % (first_index,
                                                                      keys[-1].first_index))
         _insert_epoch(conn, device, len(keys) + 1, public_key, first_index, floor, now,
-                      ka_public, code_kid)
+                      ka_public, code_kid, command_kid, trust, first_prev)
     return get_device(conn, device)
 
 

@@ -246,6 +246,17 @@ def print_summary(con, s, details=20):
             t.add_row(a[1], format_eui64(a[2]) if a[2] else "-",
                       "-" if a[3] is None else str(a[3]), escape(a[6]))
         con.print(t)
+    from .commands import exposure
+    exposed = exposure(s.conn)
+    if exposed:
+        con.print("[bold red]exposure[/]: %d meter%s still trust a revoked issuer key "
+                  "(their revocation is not confirmed by a receipt):" % (
+                      len({e.device for e in exposed}), "" if len(exposed) == 1 else "s"))
+        for e in exposed:
+            con.print("  " + escape(e.line()))
+    elif s.conn.execute("SELECT 1 FROM keys WHERE revoked IS NOT NULL").fetchone():
+        con.print("exposure: none (every meter's receipts confirm it no longer trusts a "
+                  "revoked issuer key)")
     if s.imported_since:
         con.print("[yellow]%d receipt%s imported since this reconciliation: run `topup "
                   "reconcile` again[/]" % (s.imported_since, "" if s.imported_since == 1

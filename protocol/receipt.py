@@ -7,7 +7,8 @@ TOPUP = 1
 EMERGENCY = 2
 REJECTIONS = 3
 FAULT = 4
-KINDS = (TOPUP, EMERGENCY, REJECTIONS, FAULT)
+COMMAND = 5       # a signed command applied (SPEC.md §10)
+KINDS = (TOPUP, EMERGENCY, REJECTIONS, FAULT, COMMAND)
 
 HASH_LEN = 32
 GENESIS = bytes(HASH_LEN)  # `prev` of receipt 0
@@ -26,6 +27,8 @@ K_REJECTIONS = 11
 K_FAULTS = 12
 K_FORM = 13       # optional, kind 1: how the top-up came (SPEC.md §4)
 K_SUPPLY = 14     # optional, kinds 1 and 2: the supply state after it (SPEC.md §9)
+K_COMMAND_KIND = 15  # kind 5: the command's kind (SPEC.md §10)
+K_TARIFF = 16     # kind 5, SET_TARIFF only: the tariff as applied (its effective time as the meter takes it)
 
 FORM_VOUCHER = 1  # the default when K_FORM is absent
 FORM_CODE = 2     # a keypad code (SPEC.md §8): K_VOUCHER is the code's reference
@@ -40,6 +43,7 @@ _FIELDS_FOR_KIND = {
     EMERGENCY: (K_AMOUNT,),
     REJECTIONS: (K_REJECTIONS,),
     FAULT: (K_FAULTS,),
+    COMMAND: (K_SEQUENCE, K_VOUCHER, K_COMMAND_KIND),
 }
 _ALWAYS = (K_DEVICE, K_INDEX, K_KIND, K_TIME, K_PREV, K_BEFORE, K_AFTER)
 _OPTIONAL_FOR_KIND = {
@@ -47,6 +51,7 @@ _OPTIONAL_FOR_KIND = {
     EMERGENCY: (K_SUPPLY,),
     REJECTIONS: (),
     FAULT: (),
+    COMMAND: (K_TARIFF,),
 }
 
 
@@ -68,6 +73,8 @@ class Receipt:
         self.faults = fields.get(K_FAULTS)
         self.form = fields.get(K_FORM)        # None: absent (a voucher, for a top-up)
         self.supply = fields.get(K_SUPPLY)    # None: absent (older firmware)
+        self.command_kind = fields.get(K_COMMAND_KIND)
+        self.tariff = fields.get(K_TARIFF)
         self.kid = kid
         self.raw = raw
         self.hash = chain_hash(raw)
@@ -114,6 +121,10 @@ def check_fields(fields):
         ref = fields[K_VOUCHER]
         if not _uint(fields[K_SEQUENCE]) or not isinstance(ref, bytes) or len(ref) != 16:
             raise Rejected(MALFORMED, "top-up receipt needs sequence and a 16-byte voucher ref")
+    if kind == COMMAND:
+        # (in protocol/command.py: a meter loads it only when a command comes)
+        from .command import check_receipt
+        check_receipt(fields)
     if kind in (TOPUP, EMERGENCY) and (not _uint(fields[K_AMOUNT]) or fields[K_AMOUNT] == 0):
         raise Rejected(MALFORMED, "receipt amount must be positive")
     if kind == REJECTIONS or kind == FAULT:

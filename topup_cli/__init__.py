@@ -11,8 +11,9 @@ from hil.commands import COMMANDS
 from host.cli import compose, main as _main
 
 cli = compose(*COMMANDS, help="""Offline top-up vouchers and keypad codes: the supplier's commands
-(keys, meters, issue, code, vouchers, verify, receipts, reconcile, report, headend) and the
-engineer's (flash, provision, sim, han).
+(keys, meters, issue, code, vouchers, verify, receipts, reconcile, report, headend, and
+signed commands to meters: tariff, supplier, commands) and the engineer's (flash,
+provision, sim, han; `han sync` delivers pending commands).
 
 The passphrase of the issuer keys comes from $TOPUP_PASSPHRASE or a prompt; the database
 from --db or $TOPUP_DB; board ports from --port or $TOPUP_PORT / $TOPUP_HAN_PORT.

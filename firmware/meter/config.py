@@ -21,6 +21,8 @@ C_KA_SEED = 13        # the meter's X25519 key-agreement private key (made on th
 C_KA_PUBLIC = 14      # its public key, registered with the supplier
 C_CODE_SUPPLIER = 15  # the supplier's code key (X25519 public), if codes are taken
 C_CODE_KEY = 16       # the per-meter keypad-code key derived from the two (SPEC.md §8)
+# Keys 17-24: a meter with a command key (signed commands, SPEC.md §10), defined in
+# meter/admin.py so that a meter without one holds none of them.
 
 # State keys
 S_BALANCE = 1         # milli-pence, may be negative while emergency credit is in use

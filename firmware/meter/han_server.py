@@ -16,6 +16,11 @@ from meter import config as cfg
 # action (§9) and its two actions.
 _CODE = const(5)
 _ACTION = const(6)
+_COMMAND = const(7)      # a signed command (§10)
+# Ledger.admin's layout (meter/admin.py: KID, LAST, PENDING)
+_KID = const(1)
+_LAST = const(2)
+_PENDING = const(8)
 _ACTION_CONFIRM = const(1)
 _ACTION_EMERGENCY = const(2)
 
@@ -103,12 +108,15 @@ class HanServer:
     def handle(self, msg_type, payload):
         if msg_type == han.STATUS:
             return han.STATUS | han.RESPONSE, self.status()
-        if msg_type == han.SUBMIT:
+        if msg_type == han.SUBMIT or msg_type == _COMMAND:
             data = payload.get(1)
             if not isinstance(data, bytes):
-                raise Rejected(errors.BAD_REQUEST, "submit needs {1: voucher bytes}")
-            receipt, duplicate = self.ledger.submit(data)
-            return han.SUBMIT | han.RESPONSE, {1: receipt, 2: duplicate}
+                raise Rejected(errors.BAD_REQUEST, "submit needs {1: voucher or command bytes}")
+            if msg_type == _COMMAND:
+                receipt, duplicate = self.ledger.submit_command(data)
+            else:
+                receipt, duplicate = self.ledger.submit(data)
+            return msg_type | han.RESPONSE, {1: receipt, 2: duplicate}
         if msg_type == han.RECEIPTS:
             return han.RECEIPTS | han.RESPONSE, self.receipts(payload)
         if msg_type == _CODE:
@@ -123,7 +131,7 @@ class HanServer:
 
     def status(self):
         ledger = self.ledger
-        return {
+        out = {
             1: ledger.device if ledger.provisioned else b"",
             2: cfg.FIRMWARE_VERSION,
             3: ledger.balance_mp,
@@ -143,6 +151,13 @@ class HanServer:
             17: ledger.code_tries_left,
             18: ledger.provisioned and ledger.code_key is not None,
         }
+        a = ledger.admin
+        if a is not None:
+            # Signed commands (SPEC.md §10): only a meter with a command key says these.
+            out[19] = a[_LAST]
+            out[20] = a[_KID]
+            out[21] = a[_PENDING][0][0] if a[_PENDING] else 0
+        return out
 
     def action(self, what):
         """The customer's action from the PPMID (SPEC.md §9): confirm an armed supply (a
@@ -172,10 +187,10 @@ class HanServer:
 
 
 def _is_submit(body):
-    # [2, id, {...}] starts 0x83 0x02 in deterministic CBOR (0x05 a code, 0x06 an action):
-    # the requests that may sign a receipt, check a signature or write flash.
+    # [2, id, {...}] starts 0x83 0x02 in deterministic CBOR (0x05 a code, 0x06 an action,
+    # 0x07 a command): the requests that may sign a receipt, check a signature or write flash.
     return len(body) > 1 and body[0] == 0x83 and (body[1] == han.SUBMIT or body[1] == _CODE
-                                                  or body[1] == _ACTION)
+                                                  or body[1] == _ACTION or body[1] == _COMMAND)
 
 
 def _peek_id(body):

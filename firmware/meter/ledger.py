@@ -5,9 +5,9 @@
 # and the next top-up fills that hole first ("repaid first"). Top-ups and emergency credit
 # are committed with their receipt (receipt first, state last: the state record is the
 # commit point). Metering lowers the balance in RAM and is checkpointed at a bounded
-# interval, and always with any other commit. Keypad codes (meter/codes.py) and the supply's
-# arming (meter/supply.py) are decided in their own modules; what changes credit or the
-# supply state is committed here.
+# interval, and always with any other commit. Keypad codes (meter/codes.py), signed commands
+# (meter/commands.py) and the supply's arming (meter/supply.py) are decided in their own
+# modules; what changes credit, the supply state or the configuration is committed here.
 try:
     from micropython import const
 except ImportError:
@@ -23,6 +23,13 @@ from meter.clock import MeterClock
 from meter.receipts import ReceiptSigner
 from meter.store import StoreError
 
+_C_COMMAND_KEY = const(17)      # meter.admin.C_COMMAND_KEY (a meter with a command key)
+# Ledger.admin's layout (meter/admin.py: RECEIPTS, REVOKED, RETIRED, FLOOR, PENDING)
+_RECEIPTS = const(3)
+_REVOKED = const(5)
+_RETIRED = const(6)
+_FLOOR = const(7)
+_PENDING = const(8)
 # Metering checkpoint: at most every 15 minutes while anything is unsaved, and at once when
 # 20 p of consumption is unsaved. A power cut loses at most min(15 min, 20 p) of metered
 # consumption, in the customer's favour (see firmware/README.md, "Storage").
@@ -43,10 +50,20 @@ UPLINK_QUEUE = const(128)
 _DROP = sys.implementation.name == "micropython"
 
 
-def _drop_code_modules():
+_CODE_MODULES = (("meter", "codes"), ("protocol", "keycode"))
+# A signed command (meter/commands.py with protocol/command.py, and X25519 for a new code
+# key) is rarer still: loaded for it and dropped after it, the same way.
+_COMMAND_MODULES = (("meter", "commands"), ("meter", "admin"), ("protocol", "command"),
+                    ("protocol", "keycode"), ("protocol", "x25519"))
+# meter/admin.py is loaded to read a command key's part of the config, and when a tariff
+# change comes due; dropped after it like the rest.
+_ADMIN_MODULES = (("meter", "admin"),)
+
+
+def _drop_code_modules(modules=_CODE_MODULES):
     if not _DROP:
         return
-    for package, name in (("meter", "codes"), ("protocol", "keycode")):
+    for package, name in modules:
         sys.modules.pop(package + "." + name, None)
         parent = sys.modules.get(package)
         if parent is not None and name in dir(parent):
@@ -76,6 +93,7 @@ class Ledger:
         self._unsaved_mp = 0
         self._state = None
         self.code_key = None
+        self.admin = None       # a list (meter/admin.py): only a meter with a command key
         self.faults = dict(store.faults)
         # Damaged: the store holds a ledger that cannot be read whole. The meter then
         # changes no credit at all (DAMAGED) rather than invent or forget any.
@@ -95,6 +113,7 @@ class Ledger:
         self._committed_at = self._state[cfg.S_CHARGED_TO]
         self.committed_lockout = lockout.of(self._state)
         recovery.roll_forward(self)
+        _drop_code_modules(_ADMIN_MODULES)
         # A state from before arming gets its supply state; one whose credit ran out with
         # the supply not interrupted is interrupted now and committed at the first
         # metering pass (before the relay is driven).
@@ -112,6 +131,17 @@ class Ledger:
             raise ValueError("no state record")
         c = cfg.decode(config)
         self.device = c[cfg.C_DEVICE]
+        self.signer = ReceiptSigner(self.device, c[cfg.C_SEED], c[cfg.C_PUBLIC])
+        self.public_key = c[cfg.C_PUBLIC]
+        self.first_receipt = c.get(cfg.C_FIRST_RECEIPT, 0)
+        st = cfg.decode(state)
+        self._apply_config(c, st[cfg.S_CHARGED_TO])
+        self._state = st
+
+    def _apply_config(self, c, charged_to):
+        """The parts of the config a signed command may change (SPEC.md §10): trust,
+        limits and tariff (tariff changes due by meter time charged_to in force, later
+        ones pending), code key, command key."""
         self.trust = {}
         for key in c[cfg.C_TRUST]:
             self.trust[cose.kid_for(key)] = key
@@ -121,11 +151,11 @@ class Ledger:
         self.ec_threshold = c[cfg.C_EC_THRESHOLD]
         self.unit_rate = c[cfg.C_UNIT_RATE]
         self.standing = c[cfg.C_STANDING]
-        self.signer = ReceiptSigner(self.device, c[cfg.C_SEED], c[cfg.C_PUBLIC])
-        self.public_key = c[cfg.C_PUBLIC]
-        self.first_receipt = c.get(cfg.C_FIRST_RECEIPT, 0)
         self.code_key = c.get(cfg.C_CODE_KEY)        # None: this meter takes no codes
-        self._state = cfg.decode(state)
+        if _C_COMMAND_KEY in c:
+            from meter import admin     # only a meter with a command key (dropped after)
+            self.admin = admin.load(self, c, charged_to)
+
 
     # ---- views -------------------------------------------------------------------
     def _need(self):
@@ -135,6 +165,9 @@ class Ledger:
             raise Rejected(errors.DAMAGED, "flash damage: %s" % self.damaged)
         if not self.provisioned:
             raise Rejected(errors.NOT_PROVISIONED, "meter is not provisioned")
+        a = self.admin
+        if a is not None and a[_PENDING] and a[_PENDING][0][0] <= self.clock():
+            self._accrue(0, self.clock())   # a tariff change that is due: in force first
 
     @property
     def balance_mp(self):
@@ -162,7 +195,11 @@ class Ledger:
 
     @property
     def floor(self):
-        return self._state.get(cfg.S_FLOOR, 0) if self.provisioned else 0
+        if not self.provisioned:
+            return 0
+        f = self._state.get(cfg.S_FLOOR, 0)
+        a = self.admin
+        return a[_FLOOR] if a is not None and a[_FLOOR] > f else f
 
     @property
     def supply_state(self):
@@ -242,6 +279,18 @@ class Ledger:
         finally:
             _drop_code_modules()
 
+    def submit_command(self, data):
+        """Apply a signed command (SPEC.md §10, meter/commands.py). Return (receipt bytes,
+        duplicate); raise Rejected: nothing changed. Out of memory is BUSY."""
+        self._need()
+        try:
+            from meter import commands    # loaded for the command, dropped after it
+            return commands.submit(self, data)
+        except MemoryError:
+            raise Rejected(errors.BUSY, "out of memory")
+        finally:
+            _drop_code_modules(_COMMAND_MODULES)
+
     def _top_up(self, item, now, form):
         """Checks 9-11 of SPEC.md §2.1 (a code's check 6) for a verified voucher or code
         (item: .sequence, .ref, .amount), then the commit: receipt first, state last. A
@@ -307,6 +356,12 @@ class Ledger:
         # trusted key, and not while the back-off holds.
         msg = cose.decode(data)
         if msg.kid not in self.trust:
+            a = self.admin
+            if a is not None:
+                if msg.kid in a[_REVOKED]:
+                    raise Rejected(errors.KEY_REVOKED, "the issuer key was revoked")
+                if msg.kid in a[_RETIRED]:
+                    raise Rejected(errors.STALE, "the issuer key is the previous supplier's")
             return False
         backoff.check(self._state, now)
         return True
@@ -328,6 +383,8 @@ class Ledger:
             return False
         if tag > 0 and tag >= st[cfg.S_HIGHEST] - replay.SIZE:
             return True
+        if self.admin is not None and index in self.admin[_RECEIPTS]:
+            return True       # a repeated command gets its original receipt back
         return index >= st[cfg.S_UPLOADED] and index >= self.store.receipt_count - UPLINK_QUEUE
 
     # ---- WAN uplink ----------------------------------------------------------------
@@ -364,7 +421,7 @@ class Ledger:
 
     def _take_emergency_credit(self):
         now = self.clock()
-        self._accrue(0, now)
+        self._accrue(0, now)      # (puts a tariff change that is due in force first)
         st = self._state
         if st[cfg.S_EC]:
             raise Rejected(errors.EC_UNAVAILABLE, "emergency credit already in use")
@@ -418,7 +475,14 @@ class Ledger:
 
     def _accrue(self, wh, now):
         st = self._state
-        cost, st[cfg.S_ENERGY_REM] = metering.energy_cost(wh, self.unit_rate, st[cfg.S_ENERGY_REM])
+        cost = 0
+        a = self.admin
+        if a is not None and a[_PENDING] and a[_PENDING][0][0] <= now:
+            from meter import admin         # tariff changes due: split at their time
+            cost = admin.changes(self, now)
+            _drop_code_modules(_ADMIN_MODULES)
+        energy, st[cfg.S_ENERGY_REM] = metering.energy_cost(wh, self.unit_rate, st[cfg.S_ENERGY_REM])
+        cost += energy
         if now > st[cfg.S_CHARGED_TO]:
             # A clock that steps back charges nothing until it passes the old time again.
             sc, st[cfg.S_STANDING_REM] = metering.standing_cost(
@@ -492,9 +556,9 @@ class Ledger:
         return r
 
     # ---- commit --------------------------------------------------------------------
-    def _commit(self, new, now, receipt=None, tag=0, adopt=0):
+    def _commit(self, new, now, receipt=None, tag=0, adopt=0, config=None):
         try:
-            self.store.commit(cfg.encode(new), receipt, tag, adopt=adopt)
+            self.store.commit(cfg.encode(new), receipt, tag, adopt=adopt, config=config)
         except StoreError as e:
             raise Rejected(errors.STORAGE, str(e))
         except (OSError, MemoryError) as e:
@@ -506,6 +570,8 @@ class Ledger:
                 raise Rejected(errors.BUSY, "out of memory")
             raise Rejected(errors.STORAGE, "flash error %s" % (e,))
         self._state = new
+        if config is not None:
+            self._apply_config(cfg.decode(config), new[cfg.S_CHARGED_TO])
         self._committed_at = now
         self._unsaved_mp = 0
         self._dirty = False

@@ -9,8 +9,15 @@
 # Keypad codes (SPEC.md §8): provisioning also makes the meter's X25519 key-agreement key
 # pair and, given the supplier's code key, derives the per-meter code key once, here --
 # X25519 runs only at provisioning and is never imported by the meter's boot or apply path.
+#
+# Signed commands (SPEC.md §10): given the supplier's command key, provisioning installs it
+# as the meter's root of trust (config C_COMMAND_KEY); a meter without one refuses every
+# command NOT_PROVISIONED and is otherwise unchanged.
 from protocol import cbor, ed25519, keycode, receipt as receipt_format, x25519
 from meter import config as cfg, lockout, supply
+
+
+_C_FLOOR = 24                   # meter.admin.C_FLOOR (a change of supplier's floor)
 
 
 class ProvisioningError(Exception):
@@ -39,7 +46,7 @@ def carried(store):
 
 
 def provision(store, board, device, trust, limits=None, initial_credit=0, now=None, floor=0,
-              first_index=0, code_key=None):
+              first_index=0, code_key=None, command_key=None):
     """Provision a blank meter. Return its receipt public key (32 bytes).
 
     device: 8-byte EUI-64; trust: list of issuer public keys (32 bytes each);
@@ -50,7 +57,9 @@ def provision(store, board, device, trust, limits=None, initial_credit=0, now=No
     meter takes the larger of each and of what its own carry says. code_key: the supplier's
     code key (X25519 public, 32 bytes), or None for a meter that takes no keypad codes; the
     meter's key-agreement key pair is made either way (config C_KA_SEED, C_KA_PUBLIC).
-    With no opening credit the supply starts interrupted (SPEC.md §9).
+    With no opening credit the supply starts interrupted (SPEC.md §9). command_key: the
+    supplier's command key (Ed25519 public, 32 bytes), or None for a meter that takes no
+    signed commands (SPEC.md §10).
     """
     if store.config is not None:
         raise ProvisioningError("already provisioned: factory reset first")
@@ -71,6 +80,8 @@ def provision(store, board, device, trust, limits=None, initial_credit=0, now=No
                "%s must be 0..2^32-1" % name)
     _check(code_key is None or (isinstance(code_key, bytes) and len(code_key) == 32),
            "the supplier's code key must be a 32-byte X25519 public key")
+    _check(command_key is None or (isinstance(command_key, bytes) and len(command_key) == 32),
+           "the supplier's command key must be a 32-byte Ed25519 public key")
     # A ledger left without its configuration (provisioning cut short, or both copies lost
     # to flash damage) still closes what it applied.
     carry = _closing_carry(store)
@@ -99,6 +110,11 @@ def provision(store, board, device, trust, limits=None, initial_credit=0, now=No
             raise ProvisioningError("the supplier's code key is not a usable X25519 public key")
         config[cfg.C_CODE_SUPPLIER] = code_key
         config[cfg.C_CODE_KEY] = keycode.derive_key(shared, device, code_key, ka_public)
+    if command_key is not None:
+        from meter import admin
+        config[admin.C_COMMAND_KEY] = command_key
+        config[admin.C_COMMAND_LAST] = 0
+        config[admin.C_COMMAND_RECEIPTS] = []
     config.update(values)
     # The receipt chain of a new key starts at GENESIS: a new epoch, not a fork (SPEC.md §4).
     state = {cfg.S_BALANCE: initial_credit * 1000, cfg.S_EC: 0, cfg.S_HIGHEST: 0, cfg.S_BITMAP: 0,
@@ -126,6 +142,11 @@ def _closing_carry(store):
     carry = carried(store)
     floor, nxt, clock = carry[cfg.K_FLOOR], carry[cfg.K_NEXT_RECEIPT], carry[cfg.K_CLOCK]
     nxt = max(nxt, store.receipt_count + len(store.pending_receipts()))
+    if store.config is not None:
+        try:
+            floor = max(floor, cfg.decode(store.config).get(_C_FLOOR, 0))
+        except Exception:  # noqa: BLE001 - a damaged config: keep what the carry knew
+            pass
     if store.state is not None:
         try:
             st = cfg.decode(store.state)
@@ -155,14 +176,16 @@ def _board_store(board):
 
 
 def provision_board(device_hex, trust_hex, limits=None, initial_credit=0, board=None, now=None,
-                    floor=0, first_index=0, code_key_hex=None):
+                    floor=0, first_index=0, code_key_hex=None, command_key_hex=None):
     """The REPL entry point for `topup provision`: provision this board and print
     `PUBLIC <hex> FIRST <index> FLOOR <sequence> KA <hex>` -- the meter's receipt key, the
     index of its first receipt, the sequence floor and the meter's key-agreement public key
     (keypad codes, SPEC.md §8) -- for the engineer's tool to register.
 
     device_hex: 16 hex digits; trust_hex: list of 64-hex-digit issuer public keys;
-    code_key_hex: the supplier's code key (64 hex digits, X25519 public) or None.
+    code_key_hex: the supplier's code key (64 hex digits, X25519 public) or None;
+    command_key_hex: the supplier's command key (64 hex digits, Ed25519 public) or None --
+    when given, ` CMD <kid hex>` (the command key's kid) ends the printed line.
     """
     import binascii
     board, store = _board_store(board)
@@ -172,13 +195,24 @@ def provision_board(device_hex, trust_hex, limits=None, initial_credit=0, board=
             code_key = binascii.unhexlify(code_key_hex)
         except ValueError:
             raise ProvisioningError("the supplier's code key must be 64 hex digits")
+    command_key = None
+    if command_key_hex is not None:
+        try:
+            command_key = binascii.unhexlify(command_key_hex)
+        except ValueError:
+            raise ProvisioningError("the supplier's command key must be 64 hex digits")
     public = provision(store, board, binascii.unhexlify(device_hex),
                        [binascii.unhexlify(k) for k in trust_hex], limits, initial_credit, now,
-                       floor, first_index, code_key)
+                       floor, first_index, code_key, command_key)
     c = cfg.decode(store.config)
     st = cfg.decode(store.state)
-    print("PUBLIC", binascii.hexlify(public).decode(), "FIRST", c[cfg.C_FIRST_RECEIPT],
-          "FLOOR", st[cfg.S_FLOOR], "KA", binascii.hexlify(c[cfg.C_KA_PUBLIC]).decode())
+    line = "PUBLIC %s FIRST %d FLOOR %d KA %s" % (
+        binascii.hexlify(public).decode(), c[cfg.C_FIRST_RECEIPT], st[cfg.S_FLOOR],
+        binascii.hexlify(c[cfg.C_KA_PUBLIC]).decode())
+    if command_key is not None:
+        from protocol import cose
+        line += " CMD " + binascii.hexlify(cose.kid_for(command_key)).decode()
+    print(line)
     return public
 
 

@@ -35,4 +35,8 @@ class ReceiptSigner:
             fields[receipt.K_FORM] = extra["form"]      # absent: a voucher (SPEC.md §4)
         if "supply" in extra:
             fields[receipt.K_SUPPLY] = extra["supply"]
+        if "command_kind" in extra:
+            fields[receipt.K_COMMAND_KIND] = extra["command_kind"]
+        if "tariff" in extra:
+            fields[receipt.K_TARIFF] = extra["tariff"]
         return receipt.encode(self.kid, self._sign, fields)

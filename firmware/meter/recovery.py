@@ -16,9 +16,29 @@
 # state is the one the torn commit would have written. If the figures do not fit those
 # rules (a unit rate under 1 mp per Wh makes Wh ambiguous), the remainders and the Wh
 # counter keep their older values: less than 1 mp, in the customer's favour.
+#
+# A signed command's receipt (kind 5, meter/commands.py) is followed by the new config and
+# then the state; the config's first whole copy is its commit point. Its orphan receipt is
+# taken as committed exactly when the config on the flash names it (its reference), and
+# breaks the roll-forward otherwise (the command was not applied; the next commit
+# supersedes the receipt). What a command changes is in the config (a change of
+# supplier's floor too: Ledger.floor is the larger of the state's and the config's). A
+# tariff change between the state and the receipt splits the standing charge at its time,
+# as the ledger does.
 from protocol import receipt as receipt_format, window as replay
 from protocol.errors import Rejected
 from meter import config as cfg, lockout, metering
+
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+# Ledger.admin's layout (meter/admin.py: RECEIPTS, REF, PENDING)
+_RECEIPTS = const(3)
+_REF = const(4)
+_PENDING = const(8)
 
 
 def _metering_between(ledger, st, drop, until):
@@ -26,9 +46,14 @@ def _metering_between(ledger, st, drop, until):
     if drop <= 0 and until <= st[cfg.S_CHARGED_TO]:
         return
     seconds = until - st[cfg.S_CHARGED_TO] if until > st[cfg.S_CHARGED_TO] else 0
-    standing, srem = metering.standing_cost(seconds, ledger.standing, st[cfg.S_STANDING_REM])
-    energy = drop - standing
     rate = ledger.unit_rate
+    a = ledger.admin
+    if a is not None and a[_PENDING]:
+        from meter import admin      # (the ledger drops it after its load)
+        standing, srem, rate = admin.split(ledger, st, until)
+    else:
+        standing, srem = metering.standing_cost(seconds, ledger.standing, st[cfg.S_STANDING_REM])
+    energy = drop - standing
     erem = st[cfg.S_ENERGY_REM]
     wh = 0
     if energy > 0 and rate > 0:
@@ -65,6 +90,10 @@ def roll_forward(ledger):
                     break
             except Rejected:
                 break
+        elif r.kind == receipt_format.COMMAND and (ledger.admin is None
+                                                   or r.voucher != ledger.admin[_REF]
+                                                   or index not in ledger.admin[_RECEIPTS]):
+            break                          # its config never landed: not applied
         _metering_between(ledger, st, st[cfg.S_BALANCE] - r.balance_before, r.time)
         if r.kind == receipt_format.TOPUP:
             w.mark(r.sequence)

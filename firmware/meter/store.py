@@ -807,11 +807,14 @@ class Store:
         self._ready()
         self._put_config(blob)
 
-    def commit(self, state, receipt=None, tag=0, first_index=None, adopt=0):
+    def commit(self, state, receipt=None, tag=0, first_index=None, adopt=0, config=None):
         """Write receipt (if any) as receipt number receipt_count, then the state record,
         the commit point. first_index: the receipt_count to start from when the store holds
         no state (after a format). adopt: take the first `adopt` pending receipts as
-        committed in the same state record, before the new receipt."""
+        committed in the same state record, before the new receipt. config: a new config
+        blob written (two copies) between the receipt and the state, in the same block: a
+        signed command's, whose first whole copy is its commit point (the ledger takes a
+        receipt left pending behind it as committed: meter/recovery.py)."""
         if tag < 0 or tag > 0xFFFFFFFF:
             raise ValueError("tag")
         self._ready()
@@ -832,7 +835,11 @@ class Store:
             cnt += adopt
         rs = _size(len(receipt)) if receipt else 0
         ss = _size(len(state))
-        self._fit(rs + ss, rs if rs > ss else ss, rs + ss - self._stsz)
+        cs = _size(len(config)) if config is not None else 0
+        big = rs if rs > ss else ss
+        if cs > big:
+            big = cs
+        self._fit(rs + 2 * cs + ss, big, rs + ss - self._stsz + (2 * cs - self._cfgsz if cs else 0))
         recs = []
         if receipt:
             recs.append((RECEIPT, receipt, cnt, tag))
@@ -842,8 +849,27 @@ class Store:
         span = cnt - lo
         if span > records.SPAN:
             span = records.SPAN
-        recs.append((STATE, state, cnt, span | self._flags()))
+        if config is not None:
+            config = bytes(config)
+            recs.append((CONFIG, config, 0, 0))
+            recs.append((CONFIG, config, 1, 0))
+            old_config = self._config
+            self._config = config       # the state record names the new config
+            try:
+                flags = self._flags()
+            finally:
+                self._config = old_config
+        else:
+            flags = self._flags()
+        recs.append((STATE, state, cnt, span | flags))
         locs = self._write(recs)
+        if config is not None:
+            self._live += 2 * cs - self._cfgsz
+            self._config = config
+            self._cfg = locs[-2]
+            self._cfg2 = locs[-3]
+            self._cfgsz = 2 * cs
+            self._cfix = False
         # Committed: the state record is whole.
         self._live += ss - self._stsz
         self._state = bytes(state)

@@ -3,7 +3,9 @@
 # can change credit: the only thing it can say is which receipts it holds, and that only in
 # an acknowledgement signed by a key the meter trusts, naming this meter's receipt key and
 # the hash of the last receipt it holds. One acknowledgement is checked per push: a bad one
-# costs the link RETRY_MS, not a signature check per frame.
+# costs the link RETRY_MS, not a signature check per frame. The answer to a push may also
+# carry signed commands (SPEC.md §10), which the ledger checks and applies exactly as if
+# they came over the HAN: one per main-loop step, their receipts going up with the next push.
 try:
     from micropython import const
 except ImportError:
@@ -36,11 +38,17 @@ class Uplink:
         self._pending = None      # [request id, ticks when sent, answer checked]
         self._next_id = 1
         self.pushed = 0
+        self._commands = []       # command bytes the head end sent, applied one per step
 
     def poll(self):
         """Take acknowledgements, then push the next batch if one is due."""
         if self.stream is None:
             return
+        if self._commands:
+            try:
+                self.ledger.submit_command(self._commands.pop(0))
+            except Exception:  # noqa: BLE001 - refused (its reason is counted), or busy
+                pass
         self._read_acks()
         if not self.wan_up():
             return
@@ -68,6 +76,11 @@ class Uplink:
                     pending[2] = True
                     if self._accept(payload):
                         self._pending = None
+                    commands = payload.get(3)
+                    if isinstance(commands, list):
+                        for c in commands:
+                            if isinstance(c, bytes) and len(self._commands) < _BATCH:
+                                self._commands.append(c)
 
     def _accept(self, payload):
         """Check a push response's signed acknowledgement; move the acknowledged index."""

@@ -14,6 +14,7 @@ T0 = 1790000000
 ISSUER_SEED = bytes(range(1, 33))
 STRANGER_SEED = bytes(range(101, 133))
 CODE_SECRET = bytes(range(201, 233))     # the supplier's X25519 code key (private)
+COMMAND_SEED = bytes(range(151, 183))    # the supplier's command key (SPEC §10)
 _keys = {}
 _code_keys = {}
 
@@ -69,9 +70,10 @@ class Kit:
     """A provisioned meter: flash, store, ledger and clock; reboot() remounts the flash."""
 
     def __init__(self, initial=1000, limits=None, blocks=16, copy_of=None, seed=0, codes=False,
-                 floor=0):
+                 floor=0, commands=False):
         """codes: provision with the supplier's code key (keypad codes, SPEC §8);
-        floor: the supplier's highest issued sequence at provisioning."""
+        floor: the supplier's highest issued sequence at provisioning; commands: provision
+        with the supplier's command key (signed commands, SPEC §10)."""
         if copy_of is not None:
             # The same meter on a copy of its flash image (for power-cut runs).
             self.clock = Clock(copy_of.clock.now)
@@ -86,7 +88,8 @@ class Kit:
             store.mount()
             self.public_key = provisioning.provision(store, _ProvisioningBoard(self.clock), DEVICE,
                                                      [public(ISSUER_SEED)], limits, initial, T0,
-                                                     floor, 0, code_public() if codes else None)
+                                                     floor, 0, code_public() if codes else None,
+                                                     public(COMMAND_SEED) if commands else None)
             # the meter's key-agreement public key, as `topup provision` registers it
             from meter import config as cfg
             self.ka_public = cfg.decode(store.config)[cfg.C_KA_PUBLIC]
@@ -124,3 +127,11 @@ class Kit:
             prev = r.hash
             out.append(r)
         return out
+
+
+def command(number, kind, args, device=DEVICE, seed=COMMAND_SEED, issued=None, strict=True):
+    """A signed command (SPEC §10) as the supplier makes it, by default with its command key."""
+    from protocol import command as command_format
+    return command_format.encode(cose.kid_for(public(seed)), lambda m: ed25519.sign(seed, m),
+                                 device, number, kind, T0 - 60 if issued is None else issued,
+                                 args, strict)

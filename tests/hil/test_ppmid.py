@@ -221,3 +221,24 @@ def test_emergency_credit_is_taken_with_a_on_the_ppmid(board, han, ppmid):
     assert r.kind == receipt_format.EMERGENCY and r.amount == 500
     ppmid.type("A", expect="Emergency credit not available")   # already in use
     assert han.status()["receipt_count"] == st["receipt_count"]
+
+
+def test_topup_flash_ppmid_puts_the_ppmid_firmware_on_a_board_that_then_runs_it(board, ppmid):
+    """The engineer's command for the customer's device: the same checked copy as the
+    meter's, with the PPMID's files; the board boots into the PPMID (its display, its
+    status from the meter over the cable)."""
+    import contextlib
+    import io
+
+    from topup_cli import main
+    vb = ppmid.board
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["flash", "--ppmid", "--port", vb.repl_port])
+    assert code == 0, out.getvalue()
+    assert "all verified" in out.getvalue()
+    assert (vb.fs_dir / "lib" / "ppmid" / "app.mpy").is_file()
+    assert not (vb.fs_dir / "lib" / "meter").exists()        # a PPMID carries no meter ledger
+    gen = vb.display()["gen"]
+    vb.hard_reset()
+    ppmid.wait_for("Credit " + POUND, timeout=15, since=gen)

@@ -45,10 +45,12 @@ def test_help_and_version(run):
 
 def test_key_new_list_activate_revoke(store):
     r = store.ok("key", "list")
-    # header, the issuer key and the keypad-code key made with it (issue 11), both active
-    assert r.stdout.count("\n") == 3
+    # header, the issuer key and the keypad-code and command keys made with it (issues 11,
+    # 12), all active
+    assert r.stdout.count("\n") == 4
     rows = [ln.split() for ln in r.stdout.splitlines()[1:]]
-    assert [(w[2], w[-1]) for w in rows] == [("yes", "issuer"), ("yes", "codes")]
+    assert [(w[2], w[-1]) for w in rows] == [("yes", "issuer"), ("yes", "codes"),
+                                            ("yes", "commands")]
     kid1 = rows[0][0]
     r = store.ok("key", "new")
     kid2 = r.stdout.split()[2]

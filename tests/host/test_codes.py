@@ -113,7 +113,7 @@ def test_key_new_makes_the_code_key_with_the_first_issuer_key(run):
     assert r.stdout.startswith("new code key") and "(inactive)" in r.stdout
     listing = run.ok("key", "list").stdout
     assert [ln.split()[-1] for ln in listing.splitlines()[1:]] == [
-        "issuer", "issuer", "codes", "codes"]
+        "issuer", "issuer", "codes", "codes", "commands"]
 
 
 def test_an_older_database_gets_its_code_key_from_the_next_key_new(run):
@@ -510,7 +510,7 @@ def test_a_version_4_database_with_vouchers_is_upgraded_in_place(tmp_path):
     conn.close()
     conn = db.open_db(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
         got = [(v.sequence, v.form, v.cose, v.amount, v.code) for v in issuer.stored(conn)]
         assert got == [(1, 1, raws[0], 100, None), (2, 1, raws[1], 200, None)]
         assert list(conn.execute("SELECT sequence, batch, voided, void_note FROM vouchers")) == [
