@@ -2,6 +2,7 @@
 #
 #   topup [--db PATH] init
 #   topup key new [--activate] [--code] | key list | key activate KID | key revoke KID
+#   topup key rotate-commands
 #   topup device add EUI64 [--max-voucher £] [--max-credit £] [--public-key HEX]
 #                          [--ka-key HEX] [--label T]
 #   topup device list | device show EUI64
@@ -321,14 +322,62 @@ def key_new(state, activate, code_only):
             click.echo("new command key %s: signs commands to meters (key changes, tariffs), "
                        "installed on meters at provisioning" % cmd.kid.hex())
     c = None
+    code_made = []
     if code_only:
-        c = keystore.new_code_key(conn, passphrase, activate=activate)
+        import nacl.utils
+        secret = nacl.utils.random(32)
+        pending = keystore.CodeKey(secret)
+        # An active code key is the one meters derive codes with: SET_CODE_KEY for each
+        # that takes commands and codes, stored with the key in one transaction (SPEC §10).
+        will_be_active = activate or keystore.active_code_key(conn) is None
+        plan = (cmds.plan_code_key(conn, pending.kid, pending.public_key)
+                if will_be_active else [])
+
+        def within_code(insert):
+            code_made.extend(cmds.make(conn, passphrase, plan, also=insert))
+        c = keystore.new_code_key(conn, passphrase, activate=activate, secret=secret,
+                                  within=within_code if plan else None)
     elif had_code_key is None:
         c = keystore.active_code_key(conn)      # made with it, in the same transaction
     if c is not None:
         click.echo("new code key %s (%s): keypad codes, installed on meters at provisioning"
                    % (c.kid.hex(), c.status))
         click.echo("code public key %s" % c.public_key.hex(), err=True)
+    if code_made:
+        _say_made(code_made, "set code key %s" % c.kid.hex())
+        click.echo("note: codes for those meters are derived with their old code key until "
+                   "a receipt confirms the change (`topup han sync` or the head end, then "
+                   "`topup receipts import`/`reconcile`)", err=True)
+
+
+@key.command("rotate-commands", short_help="Replace the command key on every meter.")
+@click.pass_obj
+def key_rotate_commands(state):
+    """Make a new command key (the one `topup provision` installs from now on) and a
+    ROTATE_COMMAND_KEY command for every meter that takes commands, each signed by the key
+    that meter holds (SPEC §10). Commands made after it for a meter are signed by the new
+    key: the meter applies them strictly in order, so it holds the new key by then. The
+    old key stays in the database (re-signing, meters not yet rotated).
+    """
+    import nacl.utils
+    conn = state.conn
+    if keystore.active_command_key(conn) is None:
+        raise TopupError("this database has no command key yet (run `topup key new`)")
+    passphrase = _passphrase()
+    seed = nacl.utils.random(32)
+    signer = keystore.Signer(seed)
+    plan = cmds.plan_rotate(conn, signer.kid, signer.public_key)
+    made = []
+
+    def within(insert):
+        made.extend(cmds.make(conn, passphrase, plan, also=insert))
+    k = keystore.new_command_key(conn, passphrase, seed=seed, within=within)
+    click.echo("new command key %s (active): installed on meters at provisioning from now on"
+               % k.kid.hex())
+    click.echo("command public key %s" % k.public_key.hex(), err=True)
+    _say_made(made, "rotate the command key to %s" % k.kid.hex())
+    _say_untrusting(conn)
+    return 0
 
 
 @key.command("list")
@@ -537,8 +586,12 @@ def device_show(state, eui64):
         trusted = sorted(k.hex() for k in cmds.trust(conn, eui64))
         confirmed = cmds.trust(conn, eui64, confirmed=True)
         pending = len(cmds.pending_for(conn, eui64))
-        rows.append(("signed commands", "yes: command key %s, %d pending (`topup commands "
-                     "list --device %s`)" % (cur.command_kid.hex(), pending, d.name)
+        held = cmds.signing_kid(conn, eui64, confirmed=True)
+        heading = cmds.signing_kid(conn, eui64)
+        rows.append(("signed commands", "yes: command key %s%s, %d pending (`topup commands "
+                     "list --device %s`)" % (
+                         held.hex() if held else "", "" if heading == held else
+                         " (rotating to %s)" % heading.hex(), pending, d.name)
                      if cur.takes_commands else
                      "no: provisioned without a command key; its trust list and tariff "
                      "change only by provisioning it again"))
@@ -1242,7 +1295,9 @@ def required_port(env, what):
 @click.pass_obj
 def headend_cmd(state, port, idle_exit):
     """Receive the receipts meters push when their WAN is back; store them and send a
-    signed acknowledgement of those held with a verified signature.
+    signed acknowledgement of those held with a verified signature. Each answer also
+    carries that meter's pending signed commands (at most 4, in number order: `topup
+    commands list`); their receipts come back with its next push and mark them applied.
 
     Acknowledgements are signed with the active issuer key (the meters trust it), so the
     passphrase comes from $TOPUP_PASSPHRASE or a prompt.
@@ -1276,8 +1331,9 @@ def headend_cmd(state, port, idle_exit):
     finally:
         link.close()
     con.print("head end stopped (%s): %d push(es), %d new receipt(s) stored, %d "
-              "acknowledgement(s) signed, %d push(es) refused" % (
-                  why, server.pushes, server.stored, server.acks, server.refused))
+              "acknowledgement(s) signed, %d push(es) refused, %d command(s) sent" % (
+                  why, server.pushes, server.stored, server.acks, server.refused,
+                  server.commands))
 
 
 # --- vouchers: find, export again, cancel ------------------------------------------------

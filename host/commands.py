@@ -256,9 +256,18 @@ def make(conn, passphrase, plan, now=None, before_commit=None, also=None):
                 format_eui64(device), "it has not been provisioned" if cur is None else
                 "its provisioning installed no command key (firmware older than commands, "
                 "or a database without one): `topup provision --factory-reset` it"))
-        if cur[1] not in signers:
+        ckid = signing_kid(conn, device)
+        if ckid not in signers:
             from . import keystore
-            signers[cur[1]] = keystore.unlock_command_key(conn, passphrase, cur[1])
+            signers[ckid] = keystore.unlock_command_key(conn, passphrase, ckid)
+    rotating = set()
+    for device, kind, *_ in plan:
+        if bytes(device) in rotating:
+            raise TopupError("meter %s: a command after a ROTATE_COMMAND_KEY in the same run "
+                             "(make it in a run of its own)" % format_eui64(device))
+        if kind == ROTATE_COMMAND_KEY:
+            rotating.add(bytes(device))
+    keys = {bytes(p[0]): signing_kid(conn, p[0]) for p in plan}
     made = []
     with transaction(conn):
         if also is not None:
@@ -266,7 +275,7 @@ def make(conn, passphrase, plan, now=None, before_commit=None, also=None):
         nxt = {}
         for device, kind, args, jargs in plan:
             device = bytes(device)
-            epoch, ckid = epochs[device]
+            epoch, ckid = epochs[device][0], keys[device]
             if device not in nxt:
                 nxt[device] = conn.execute(
                     "SELECT coalesce(max(number), 0) + 1 FROM commands WHERE device = ? AND "
@@ -296,6 +305,41 @@ def changed_supplier(conn, device):
                      "AND status IN ('applied', 'pending') ORDER BY status = 'applied' DESC",
                      (bytes(device), cur[0])).fetchone()
     return None if r is None else r[0]
+
+
+def signing_kid(conn, device, confirmed=False):
+    """The kid of the command key that signs `device`'s next command: the one its current
+    provisioning installed, or the new key of its last ROTATE_COMMAND_KEY (pending or
+    applied: commands apply strictly in order, so every command numbered after a rotation
+    must be signed by the new key; `confirmed`: applied ones only, the key the meter is
+    known to hold). None if it takes no commands."""
+    cur = current_epochs(conn, {bytes(device)}).get(bytes(device))
+    if cur is None or cur[1] is None:
+        return None
+    statuses = ("applied",) if confirmed else ("applied", "pending")
+    r = conn.execute("SELECT args FROM commands WHERE device = ? AND epoch = ? AND kind = 5 "
+                     "AND status IN (%s) ORDER BY number DESC, id DESC LIMIT 1"
+                     % ",".join("?" * len(statuses)), (bytes(device), cur[0]) + statuses
+                     ).fetchone()
+    return cur[1] if r is None else bytes.fromhex(json.loads(r[0])["kid"])
+
+
+def code_kid(conn, device, confirmed=True):
+    """The kid of the supplier code key the meter of `device` derives its keypad-code key
+    from: the one its current provisioning installed, or the key of its last SET_CODE_KEY
+    -- applied only (a receipt confirmed it: codes are derived with that one), or pending
+    too with confirmed=False (where it is heading). None if it takes no codes."""
+    from . import registry
+    keys = registry.device_keys(conn, bytes(device))
+    if not keys:
+        return None
+    cur = keys[-1]
+    statuses = ("applied",) if confirmed else ("applied", "pending")
+    r = conn.execute("SELECT args FROM commands WHERE device = ? AND epoch = ? AND kind = 3 "
+                     "AND status IN (%s) ORDER BY number DESC, id DESC LIMIT 1"
+                     % ",".join("?" * len(statuses)), (bytes(device), cur.epoch) + statuses
+                     ).fetchone()
+    return cur.code_kid if r is None else bytes.fromhex(json.loads(r[0])["kid"])
 
 
 def commandable(conn):
@@ -401,6 +445,32 @@ def plan_revoke_key(conn, kid):
     return plan
 
 
+def plan_code_key(conn, kid, public_key):
+    """SET_CODE_KEY for every meter taking commands and keypad codes (a key-agreement key
+    registered by its provisioning) whose code key is not `kid` already, pending included."""
+    from . import registry
+    yes, _ = commandable(conn)
+    plan = []
+    for d in yes:
+        keys = registry.device_keys(conn, d)
+        if not keys or keys[-1].ka_public is None:
+            continue
+        if code_kid(conn, d, confirmed=False) == bytes(kid):
+            continue
+        plan.append((d, SET_CODE_KEY, {1: bytes(public_key)},
+                     {"kid": bytes(kid).hex(), "public_key": bytes(public_key).hex()}))
+    return plan
+
+
+def plan_rotate(conn, kid, public_key):
+    """ROTATE_COMMAND_KEY to `kid` for every meter taking commands whose next command
+    would not be signed by it already (each signed by the key it holds then)."""
+    yes, _ = commandable(conn)
+    return [(d, ROTATE_COMMAND_KEY, {1: bytes(public_key)},
+             {"kid": bytes(kid).hex(), "public_key": bytes(public_key).hex()})
+            for d in yes if signing_kid(conn, d) != bytes(kid)]
+
+
 def untrusting(conn, kid):
     """Meters provisioned without a command key that may trust `kid` (their trust list
     cannot be changed offline)."""
@@ -462,13 +532,20 @@ def mark_refused(conn, cid, reason, passphrase=None, now=None):
                        (cid,)).fetchone()
     later = []
     signer = None
+    signers = {}
     if row is not None:
         later = conn.execute(
             "SELECT id, number, kind, args, raw FROM commands WHERE device = ? AND epoch = ? "
             "AND number > ? AND status = 'pending' ORDER BY number", row[:3]).fetchall()
         if later and passphrase is not None:
             from . import keystore
-            signer = keystore.unlock_command_key(conn, passphrase, bytes(row[3]))
+            # The key in force at the refused number signs the next; a rotation among the
+            # later ones hands over to its new key after it (a refused rotation never
+            # happened: the ones after it go back to the key it named the old one).
+            kids = {bytes(row[3])} | {bytes.fromhex(json.loads(j)["kid"])
+                                      for _, _, k, j, _ in later if k == ROTATE_COMMAND_KEY}
+            signers = {k: keystore.unlock_command_key(conn, passphrase, k) for k in kids}
+            signer = signers[bytes(row[3])]
     made = []
     with transaction(conn):
         conn.execute("UPDATE commands SET status = 'refused', reason = ?, settled = ? "
@@ -490,6 +567,8 @@ def mark_refused(conn, cid, reason, passphrase=None, now=None):
             made.append(Made(bytes(row[0]), row[1], number, kind, json.loads(jargs), new_raw,
                              ref))
             number += 1
+            if kind == ROTATE_COMMAND_KEY:
+                signer = signers[bytes.fromhex(json.loads(jargs)["kid"])]
     return made
 
 
@@ -515,6 +594,10 @@ class Row:
             return "issuer key %s" % a.get("kid")
         if self.kind == SET_TARIFF:
             return describe_tariff(a)
+        if self.kind == SET_CODE_KEY:
+            return "code key %s" % a.get("kid")
+        if self.kind == ROTATE_COMMAND_KEY:
+            return "to command key %s" % a.get("kid")
         if self.kind == CHANGE_SUPPLIER:
             return "to command key %s, issuer keys %s%s, sequence floor %d" % (
                 a["command_kid"], ", ".join(a["issuer_kids"]),

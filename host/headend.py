@@ -14,6 +14,13 @@ Rules:
   of the meter key whose span holds next - 1, `next` and SHA-256 of the held receipt
   next - 1; it is absent when next equals the push's first index (nothing to let go).
   A forged push therefore moves nothing: its receipts are stored and not held.
+- The answer also carries field 3 = the meter's pending signed commands (SPEC.md §5.1,
+  §10; host/commands.py pending_for: its current provisioning's), in number order, at
+  most 4. They are signed for that meter
+  alone, so sending them to whoever pushes in its name gives nothing away; the meter
+  applies them one per main-loop step and their receipts (kind 5) come back with its next
+  push, whose import marks them applied (commands.settle_from_receipts), so the next
+  answer no longer carries them.
 """
 import hashlib
 import time
@@ -25,6 +32,7 @@ from .reconcile import import_raw, recheck
 
 _READ = 512
 _MAX_READ_PER_POLL = 8192  # so that a flood of frames cannot keep poll() from returning
+MAX_COMMANDS = 4           # per answer: what a meter takes from one (firmware/meter/uplink.py)
 
 
 def _held(conn, device, first):
@@ -93,6 +101,14 @@ def handle_push(conn, payload, source, signer):
     return nxt, ack, result
 
 
+def pending_commands(conn, device, limit=MAX_COMMANDS):
+    """The bytes of `device`'s pending commands for its current provisioning (each signed
+    by the command key in force at its number: host/commands.py signing_kid), in number
+    order, at most `limit`: field 3 of the answer to its push."""
+    from . import commands
+    return [row.raw for row in commands.pending_for(conn, device)[:limit]]
+
+
 class HeadEnd:
     """Serve one WAN link (a serial port or any byte stream with read/write).
 
@@ -109,6 +125,7 @@ class HeadEnd:
         self.stored = 0
         self.acks = 0
         self.refused = 0
+        self.commands = 0         # command bytes sent in answers (repeats counted)
 
     def poll(self):
         """Handle what has arrived (a bounded amount per call); return the number of frames
@@ -147,6 +164,11 @@ class HeadEnd:
                     held = "acknowledged #%d-#%d" % (first, next_index - 1)
                 else:
                     held = "nothing acknowledged (#%d not held verified)" % first
+                sent = pending_commands(self.conn, payload[1])
+                if sent:
+                    reply[3] = sent
+                    self.commands += len(sent)
+                    held += "; %d pending command(s) sent" % len(sent)
                 self.log("meter %s: %d receipt(s) from #%d, %d new%s; %s" % (
                     registry.format_eui64(payload[1]), len(payload[3]), first, new,
                     ", %d with a bad signature" % bad if bad else "", held))

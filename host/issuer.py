@@ -301,9 +301,24 @@ def issue_batches(conn, signer, device, amount, count=1, expires_in=None, now=No
                       destination, delivered, store, "vouchers")
 
 
+def code_epoch(conn, device):
+    """The meter's current key epoch for keypad codes (registry.code_epoch: TopupError if
+    it takes none), its `code_kid` the supplier code key the meter is known to derive its
+    code key from: a SET_CODE_KEY command confirmed by a receipt replaces the one its
+    provisioning installed (SPEC.md §10); a pending one does not yet."""
+    from . import commands
+    epoch = registry.code_epoch(conn, device)
+    kid = commands.code_kid(conn, device, confirmed=True)
+    if kid is not None and kid != epoch.code_kid:
+        epoch = registry.KeyEpoch(epoch.device, epoch.epoch, epoch.public_key, epoch.kid,
+                                  epoch.first_index, epoch.floor, epoch.provisioned,
+                                  epoch.ka_public, kid, epoch.command_kid, epoch.first_prev)
+    return epoch
+
+
 def _check_code_request(conn, dev, amount, count):
     """The code-specific refusals, before anything is stored: (code epoch, highest)."""
-    epoch = registry.code_epoch(conn, dev.device)
+    epoch = code_epoch(conn, dev.device)
     if not 1 <= amount <= keycode.MAX_AMOUNT:
         raise TopupError("a keypad code carries 1p..%s (SPEC §8); issue a voucher for more"
                          % format_pence(keycode.MAX_AMOUNT))
@@ -341,7 +356,7 @@ def issue_code_batches(conn, code_key, device, amount, count=1, now=None,
     _check_request(dev, amount, count, None)
     epoch, _ = _check_code_request(conn, dev, amount, count)
     if epoch.code_kid != code_key.kid:
-        raise TopupError("meter %s was provisioned with code key %s, not %s"
+        raise TopupError("meter %s holds code key %s, not %s"
                          % (dev.name, epoch.code_kid.hex(), code_key.kid.hex()))
     enc = CodeEncoder(code_key.code_key(device, epoch.ka_public), device)
     kid = code_key.kid

@@ -380,17 +380,23 @@ def active_code_key(conn):
     return KeyInfo(*r) if r else None
 
 
-def new_code_key(conn, passphrase, activate=False, now=None, secret=None):
+def new_code_key(conn, passphrase, activate=False, now=None, secret=None, within=None):
     """Generate (or import `secret`), seal and store an X25519 code key under the store's
-    passphrase. The first becomes active (later ones only with `activate`)."""
+    passphrase. The first becomes active (later ones only with `activate`). `within(fn)`:
+    run the insert inside the caller's transaction (host/commands.py: the key and its
+    SET_CODE_KEY commands together or not at all)."""
     if not passphrase:
         raise TopupError("the passphrase must not be empty")
     check_passphrase(conn, passphrase)  # before anything is written
     sealed = _sealed_code_key(nacl.utils.random(32) if secret is None else bytes(secret),
                               passphrase)
     created = int(time.time()) if now is None else int(now)
-    with transaction(conn):
-        kid = _insert_code_key(conn, sealed, activate, created)
+    kid = sealed[0].kid
+    if within is not None:
+        within(lambda: _insert_code_key(conn, sealed, activate, created))
+    else:
+        with transaction(conn):
+            _insert_code_key(conn, sealed, activate, created)
     return get_code_key(conn, kid)
 
 
@@ -473,17 +479,22 @@ def active_command_key(conn):
     return KeyInfo(*r) if r else None
 
 
-def new_command_key(conn, passphrase, now=None, seed=None):
+def new_command_key(conn, passphrase, now=None, seed=None, within=None):
     """Generate (or import `seed`), seal and store a command key; it becomes the active
-    one (meters provisioned from now on get it)."""
+    one (meters provisioned from now on get it). `within(fn)`: run the insert inside the
+    caller's transaction (the key and its ROTATE_COMMAND_KEY commands together)."""
     if not passphrase:
         raise TopupError("the passphrase must not be empty")
     check_passphrase(conn, passphrase)
     sealed = _sealed_signing_key(nacl.utils.random(32) if seed is None else bytes(seed),
                                  passphrase)
     created = int(time.time()) if now is None else int(now)
-    with transaction(conn):
-        kid = _insert_command_key(conn, sealed, created)
+    kid = sealed[0].kid
+    if within is not None:
+        within(lambda: _insert_command_key(conn, sealed, created))
+    else:
+        with transaction(conn):
+            _insert_command_key(conn, sealed, created)
     return [k for k in list_command_keys(conn) if k.kid == kid][0]
 
 

@@ -9,7 +9,7 @@ from protocol import voucher as pv
 from protocol.errors import Rejected, UNKNOWN_KEY, OK
 
 from . import keystore, registry
-from .issuer import find_sequence
+from .issuer import code_epoch, find_sequence
 
 
 def nacl_verify(public, msg, sig):
@@ -229,7 +229,9 @@ def explain_code(conn, text, device=None, unlock=None):
                       "refuses it as wrong, and counts it towards its lockout"
                       % (registry.format_eui64(d), s, dev.name))
         return rep
-    rep.epoch = registry.code_epoch(conn, dev.device)      # TopupError: takes no codes
+    # the code key the meter is known to hold (a confirmed SET_CODE_KEY replaces the
+    # provisioned one); TopupError: the meter takes no codes
+    rep.epoch = code_epoch(conn, dev.device)
     key = unlock(rep.epoch.code_kid).code_key(dev.device, rep.epoch.ka_public)
     rep.highest = registry.highest_applied(conn, dev.device)
     tries = list(keycode.candidates(code.low, rep.highest))

@@ -48,6 +48,7 @@ _T_BALANCE = const(5)
 _T_USB_VOUCHER = const(6)
 _T_USB_CODE = const(7)
 _T_USB_STATUS = const(8)
+_T_USB_COMMAND = const(9)
 
 
 def _int(v):
@@ -187,7 +188,10 @@ class Ppmid:
                 self._usb_out("STATUS " + self._status_line())
             return
         self._status_due = True
-        if tag == _T_CODE or tag == _T_USB_VOUCHER or tag == _T_USB_CODE:
+        if tag == _T_USB_COMMAND:
+            self.message, line = self._command_applied(payload.get(1), payload.get(2))
+            self._usb_out(line)
+        elif tag == _T_CODE or tag == _T_USB_VOUCHER or tag == _T_USB_CODE:
             text, line = self._applied(payload.get(1), payload.get(2), tries)
             self.message = text
             if tag == _T_CODE:
@@ -229,6 +233,19 @@ class Ppmid:
         # (a duplicate after a retry is our own first try, answered late: it was added)
         added = "%s added" % screen.money_pence(amount)
         return added, "OK %s, receipt %d" % (added, index)
+
+    def _command_applied(self, raw, duplicate):
+        """(display text, USB line) for a signed command's answer: its receipt."""
+        try:
+            r = receipt_format.parse(raw)
+            number, index = r.sequence, r.index
+        except Exception:  # noqa: BLE001
+            return "Meter answered", "ERROR unreadable receipt"
+        if not _int(number):
+            return "Meter answered", "ERROR unreadable receipt"
+        if duplicate is True:
+            return "Meter updated", "OK command %d already applied, receipt %d (the original)" % (number, index)
+        return "Meter updated", "OK command %d applied, receipt %d" % (number, index)
 
     def _balance_text(self):
         st = self.status or {}
@@ -277,7 +294,7 @@ class Ppmid:
     def _usb_line(self, raw, now):
         for b in raw:
             if b < 32 or b > 126:
-                self._usb_out("ERROR not text: send a voucher (OTU1:...) or a 20-digit code")
+                self._usb_out("ERROR not text: send a voucher (OTU1:...), a command (OTC1:...) or a 20-digit code")
                 return
         text = raw.decode().strip()
         if not text:
@@ -289,15 +306,22 @@ class Ppmid:
         if low == "status":
             self.link.send(han.STATUS, {}, _T_USB_STATUS, now)
             return
-        if low[:5] == "otu1:":
-            from protocol import voucher
+        prefix = low[:5]
+        if prefix == "otu1:" or prefix == "otc1:":
+            # a signed voucher (SPEC.md §2) or command (§10), relayed as it came
+            if prefix == "otu1:":
+                from protocol import voucher as form
+                what, msg_type, tag = "voucher", han.SUBMIT, _T_USB_VOUCHER
+            else:
+                from protocol import command as form
+                what, msg_type, tag = "command", han.COMMAND, _T_USB_COMMAND
             try:
-                raw = voucher.from_text(text)
+                raw = form.from_text(text)
             except Exception:  # noqa: BLE001
-                self._usb_out("ERROR not a voucher: its text form does not decode")
+                self._usb_out("ERROR not a %s: its text form does not decode" % what)
                 return
-            self.message = "Voucher received..."
-            self.link.send(han.SUBMIT, {1: raw}, _T_USB_VOUCHER, now, SIGNED_TIMEOUT_MS)
+            self.message = "Voucher received..." if tag == _T_USB_VOUCHER else "Command received..."
+            self.link.send(msg_type, {1: raw}, tag, now, SIGNED_TIMEOUT_MS)
             return
         digits = 0
         for ch in text:
@@ -310,7 +334,7 @@ class Ppmid:
             self.message = "Code received..."
             self.link.send(CODE, {1: text}, _T_USB_CODE, now)
             return
-        self._usb_out("ERROR not a voucher or code: send OTU1:... or the 20 digits")
+        self._usb_out("ERROR not a voucher, command or code: send OTU1:..., OTC1:... or the 20 digits")
 
     def _usb_refused(self, reason, payload):
         extra = ""

@@ -208,3 +208,55 @@ def test_device_show_says_what_the_meter_trusts_and_what_is_pending(fleet):
     line = [ln for ln in out.splitlines() if ln.startswith("issuer keys trusted")][0]
     assert "%s (pending)" % new_kid in line and old in line and "%s (pending)" % old not in line
     assert "no: provisioned without a command key" in fleet.ok("device", "show", OTHER).stdout
+
+
+def test_key_rotate_commands_makes_a_rotation_per_meter_signed_by_the_old_key(fleet):
+    old_kid = hashlib.sha256(fleet.cmd_public).digest()[:8]
+    r = fleet.ok("key", "rotate-commands")
+    new_kid = r.stdout.split()[3]
+    assert "1 command(s) to rotate the command key to %s" % new_kid in r.stdout, r.stdout
+    assert OTHER in r.stderr                       # named: it takes no signed commands
+    assert rows(fleet, "SELECT lower(hex(kid)) FROM command_keys WHERE active = 1") == [
+        (new_kid,)]
+    new_public = bytes(rows(fleet, "SELECT public_key FROM command_keys WHERE active = 1")[0][0])
+    (text,) = fleet.ok("commands", "export", "--device", DEVICE).stdout.splitlines()
+    c = pc.verify(pc.from_text(text), {old_kid: fleet.cmd_public}, DEVICE_BYTES)
+    assert (c.number, c.kind, c.args) == (1, pc.ROTATE_COMMAND_KEY, {1: new_public})
+    assert "(rotating to %s)" % new_kid in fleet.ok("device", "show", DEVICE).stdout
+    # The next command is signed by the new key, numbering going on.
+    fleet.ok("tariff", "set", "--device", DEVICE, "--unit-rate", "20", "--effective", "now")
+    texts = fleet.ok("commands", "export", "--device", DEVICE).stdout.splitlines()
+    t = pc.verify(pc.from_text(texts[-1]), {bytes.fromhex(new_kid): new_public}, DEVICE_BYTES)
+    assert (t.number, t.kind) == (2, pc.SET_TARIFF)
+
+
+def test_key_new_code_activate_sets_the_code_key_on_meters_taking_codes(fleet):
+    from host import db, keystore, registry
+    import nacl.bindings
+    conn = db.open_db(fleet.db_path)
+    try:
+        old_code = keystore.active_code_key(conn)
+        ck = keystore.active_command_key(conn)
+        # A provisioning again (a new receipt key), by firmware that takes codes.
+        public = bytes(nacl.signing.SigningKey(b"\x09" * 32).verify_key)
+        ka = nacl.bindings.crypto_scalarmult_base(b"\x33" * 32)
+        registry.set_public_key(conn, DEVICE_BYTES, registry.MeterKey(
+            public, 0, 0, ka, old_code.kid, ck.kid))
+    finally:
+        conn.close()
+    r = fleet.ok("key", "new", "--code", "--activate")
+    new_kid = r.stdout.split()[3]
+    assert "1 command(s) to set code key %s" % new_kid in r.stdout, r.stdout
+    assert "derived with their old code key until a receipt confirms" in r.stderr
+    (text,) = fleet.ok("commands", "export", "--device", DEVICE).stdout.splitlines()
+    kid = hashlib.sha256(fleet.cmd_public).digest()[:8]
+    c = pc.verify(pc.from_text(text), {kid: fleet.cmd_public}, DEVICE_BYTES)
+    new_public = bytes(rows(fleet, "SELECT public_key FROM code_keys WHERE active = 1")[0][0])
+    assert (c.number, c.kind, c.args) == (1, pc.SET_CODE_KEY, {1: new_public})
+    # Not confirmed yet: `topup code` still derives with the old key (its kid stored).
+    fleet.ok("code", DEVICE, "1.00")
+    assert rows(fleet, "SELECT lower(hex(code_kid)) FROM vouchers WHERE code_kid IS NOT NULL"
+                ) == [(old_code.kid.hex(),)]
+    # Without --activate: a spare code key, no command.
+    fleet.ok("key", "new", "--code")
+    assert rows(fleet, "SELECT count(*) FROM commands") == [(1,)]

@@ -10,18 +10,18 @@ from ppmid import screen
 from ppmid.app import ENTRY_TIMEOUT_MS, Ppmid
 from ppmid.link import TIMEOUT_MS, TRIES
 from protocol import keycode, voucher, x25519
-from tests.firmware._meterkit import DEVICE, ISSUER_SEED, issue, public
+from tests.firmware._meterkit import COMMAND_SEED, DEVICE, ISSUER_SEED, command, issue, public
 
 SUPPLIER_SECRET = bytes(range(40, 72))
 _KEY = {}
 
 
-def _wired(initial=1000):
+def _wired(initial=1000, command_key=None):
     board = Board(now=1790000000)
     store = Store(board.flash)
     store.mount()
     provisioning.provision(store, board, DEVICE, [public(ISSUER_SEED)], None, initial,
-                           code_key=_supplier_public())
+                           code_key=_supplier_public(), command_key=command_key)
     from meter import config as cfg
     ka = cfg.decode(store.config)[cfg.C_KA_PUBLIC]
     if ka not in _KEY:
@@ -191,6 +191,34 @@ def test_usb_relay_takes_a_voucher_and_a_code_and_refuses_garbage():
     p.pboard.usb.feed(b"0000-0000\n")
     p.run()
     assert p.pboard.usb.take_output().decode().startswith("REFUSED CODE_INCOMPLETE (21)")
+
+
+def test_usb_relay_takes_a_signed_command_once_and_refuses_a_bad_one():
+    """A supplier's signed command given to the PPMID as text (SPEC.md §10) reaches the
+    meter: applied once (its receipt), the same again is the original receipt; a command
+    whose text does not decode is refused on the PPMID and nothing is sent."""
+    from protocol import command as C
+    p = _wired(command_key=public(COMMAND_SEED))
+    tariff = {C.A_EFFECTIVE: 1790000000 + 3600, C.A_UNIT_RATE: 30000}
+    text = C.to_text(command(1, C.SET_TARIFF, tariff, issued=1790000000 - 60))
+    p.pboard.usb.feed((text + "\n").encode())
+    p.run()
+    out = p.pboard.usb.take_output().decode()
+    assert out.startswith("OK command 1 applied, receipt "), out
+    assert "Meter updated" in p.text
+    p.pboard.usb.feed((text + "\n").encode())
+    p.run()
+    assert "already applied" in p.pboard.usb.take_output().decode()
+    sent = []
+    p.pboard.usb.feed(b"OTC1:!!!not base45\n")
+    p.ppmid.step()
+    sent.append(p.pboard.han.take_output())
+    assert p.pboard.usb.take_output().decode().startswith("ERROR not a command")
+    assert sent == [b""] or sent == [None]
+    # out of order: the meter's reason comes back on the USB line
+    p.pboard.usb.feed((C.to_text(command(3, C.SET_TARIFF, tariff, issued=1790000000 - 60)) + "\n").encode())
+    p.run()
+    assert p.pboard.usb.take_output().decode().startswith("REFUSED COMMAND_OUT_OF_ORDER (24)")
 
 
 def test_garbage_on_the_han_and_on_the_keys_never_stops_it():

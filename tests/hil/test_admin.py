@@ -238,3 +238,244 @@ def test_a_command_relayed_in_its_text_form(meter, issuer):
     r = _sync(issuer, meter)           # reads the receipt back: the command is applied
     assert r.exit_code == 0, r.stdout + r.stderr
     assert "applied (receipt" in issuer.cli("commands", "list").stdout
+
+
+# --- commands through power cuts (issue 12): applied once or not at all -------------------
+def _command_receipts(issuer, han, number):
+    """The board's kind-5 receipts for this meter and command number, each verified."""
+    out = []
+    for raw in han.receipts():
+        r = pr.parse(raw)
+        if r.kind == pr.COMMAND and r.device == bytes(issuer.device) and r.sequence == number:
+            out.append(issuer.verify_receipt(raw))
+    return out
+
+
+def _check_once_or_not_at_all(issuer, meter, made, before, answered, probe=None):
+    """After a cut while `made` (number before['last_command'] + 1) was in flight: the meter
+    has applied it exactly once or not at all, moved no money, and a resubmission of the
+    same bytes gives the original receipt (it landed) or applies it once (it did not)."""
+    from host import commands as cmds
+    number = made.number
+    assert number == before["last_command"] + 1
+    with meter.han() as han:
+        st = han.status()
+        assert st["last_command"] in (number - 1, number), (st, number)
+        landed = st["last_command"] == number
+        got = _command_receipts(issuer, han, number)
+        assert len(got) == (1 if landed else 0), (landed, [r.index for r in got])
+        if answered is not None:                       # an answer proves the commit
+            assert landed, "answered %r but not applied" % (answered,)
+            assert answered == got[0].raw
+        assert st["balance_mp"] == before["balance_mp"], "a command moved money"
+        assert st["receipt_count"] == before["receipt_count"] + (1 if landed else 0)
+        moved = 0
+        if probe is not None:                          # the command's effect: there or not
+            moved = probe(han, landed)                 # (milli-pence a probe itself added)
+        receipt, dup = han.submit_command(made.raw)
+        assert dup is landed
+        r = issuer.verify_receipt(receipt)
+        assert (r.kind, r.sequence, r.voucher, r.command_kind) == (
+            pr.COMMAND, number, cmds.reference(made.raw), made.kind)
+        assert r.balance_before == r.balance_after
+        if made.kind == cmds.SET_TARIFF:               # the tariff as signed; its effective
+            signed = {int(k): v for k, v in made.args.items()}   # time as the meter takes it:
+            taken = dict(r.tariff)                     # not before the signed one, nor after
+            eff = taken.pop(1)                         # the receipt (metering already charged)
+            assert signed.pop(1) <= eff <= r.time and taken == signed, (r.tariff, r.time)
+        if landed:
+            assert receipt == got[0].raw               # the original receipt, byte for byte
+        after = han.status()
+        assert after["last_command"] == number
+        assert after["balance_mp"] == before["balance_mp"] + moved
+        assert len(_command_receipts(issuer, han, number)) == 1
+        again, dup = han.submit_command(made.raw)      # and once more: a duplicate
+        assert dup and again == receipt
+        return landed, han.status()
+
+
+def _tariff_command(issuer, effective, ec_pence):
+    from host import commands as cmds
+    from hil.pytest_plugin import PASSPHRASE
+    plan = cmds.plan_tariff(issuer.conn, [bytes(issuer.device)], {1: effective, 4: ec_pence})
+    (made,) = cmds.make(issuer.conn, PASSPHRASE, plan)
+    return made
+
+
+def test_a_command_through_a_flash_cut_at_every_write_is_applied_once_or_not_at_all(meter,
+                                                                                     issuer):
+    """cut_after(n) for n = 0, 1, 2 … while a SET_TARIFF is submitted over the HAN, until
+    one completes without a cut: after every power-on the meter has applied it exactly once
+    or not at all (status field 19, at most one kind-5 receipt for its number, no money
+    moved), and the same bytes again give the original receipt or apply it once."""
+    try:
+        meter.require("flash_cut")
+    except Unsupported as e:
+        pytest.skip(str(e))
+    with meter.han() as han:
+        t0 = han.status()["meter_time"]
+    outcomes = []
+    n = 0
+    while True:
+        with meter.han() as han:
+            before = han.status()
+        made = _tariff_command(issuer, t0, 500 + n)
+        res = meter.power_cut_after(n, during=lambda h: h.submit_command(made.raw))
+        if res.error is not None and not isinstance(res.error, HanError):
+            if not res.cut:
+                raise res.error
+        if not res.cut:
+            assert res.result is not None and not res.result[1], res
+            r = issuer.verify_receipt(res.result[0])
+            assert (r.kind, r.sequence) == (pr.COMMAND, made.number)
+            break
+        answered = res.result[0] if res.result is not None else None
+        landed, _ = _check_once_or_not_at_all(issuer, meter, made, before, answered)
+        outcomes.append(landed)
+        n += 1
+        assert n < 40, "a command that never stops writing"
+    assert n >= 2, "a command writes a receipt and its config/state: at least two operations"
+    assert False in outcomes, outcomes                # a cut before the commit: not applied
+    with meter.han() as han:
+        st = han.status()
+    assert st["last_command"] == made.number
+
+
+def test_a_command_through_kills_at_random_instants_is_applied_once_or_not_at_all(meter,
+                                                                                  issuer):
+    """The power killed at random instants while commands (an issuer key added, tariff
+    changes) are submitted: the same rule after every power-on. The added key is trusted
+    exactly when its command landed."""
+    import random
+    import nacl.signing
+    from host import commands as cmds
+    from hil.pytest_plugin import PASSPHRASE
+    from protocol import cose, voucher as pv
+    try:
+        meter.require("power_cut")
+    except Unsupported as e:
+        pytest.skip(str(e))
+    rng = random.Random(12)
+    with meter.han() as han:
+        t0 = han.status()["meter_time"]
+    extra = nacl.signing.SigningKey(bytes(range(40, 72)))
+    kid = cose.kid_for(bytes(extra.verify_key))
+    landed_any = []
+    for i in range(8):
+        with meter.han() as han:
+            before = han.status()
+        if i == 0:
+            plan = cmds.plan_add_key(issuer.conn, kid, bytes(extra.verify_key),
+                                     devices=[bytes(issuer.device)])
+            (made,) = cmds.make(issuer.conn, PASSPHRASE, plan)
+        else:
+            made = _tariff_command(issuer, t0, 600 + i)
+        res = meter.power_cut_kill(during=lambda h: h.submit_command(made.raw),
+                                   delay=rng.uniform(0.0, 0.03))
+        answered = res.result[0] if res.result is not None else None
+        probe = None
+        if i == 0:
+            v = pv.encode(kid, lambda m: extra.sign(m).signature, bytes(issuer.device),
+                          issuer.floor() + 1, 100, int(time.time()))
+
+            def probe(han, landed):
+                """The added key's voucher: taken iff the command landed."""
+                if landed:
+                    receipt, dup = han.submit(v)
+                    assert not dup and pr.parse(receipt).amount == 100
+                    return 100000
+                with pytest.raises(HanError) as e:
+                    han.submit(v)
+                assert e.value.reason == errors.UNKNOWN_KEY
+                return 0
+        landed, _ = _check_once_or_not_at_all(issuer, meter, made, before, answered, probe)
+        landed_any.append(landed)
+        if i == 0:                                   # applied now either way: the key is trusted
+            with meter.han() as han:
+                receipt, dup = han.submit(v)
+            assert pr.parse(receipt).amount == 100 and dup is landed
+    assert len(landed_any) == 8
+
+
+def test_the_head_end_delivers_a_tariff_change_over_the_wan_without_han_sync(meter, issuer):
+    """Issue 12: `topup headend` answers the meter's push with its pending command (SPEC.md
+    §5.1 field 3); the meter applies it, its receipt comes up with the next push and marks
+    it applied — no `topup han sync`. The new unit rate then charges."""
+    import threading
+    try:
+        meter.require(PULSES)
+    except Unsupported as e:
+        pytest.skip(str(e))
+    wan_port = getattr(getattr(meter, "board", None), "wan_port", None)
+    if wan_port is None:
+        pytest.skip("%s has no WAN link port" % meter.describe())
+    first = issuer.next_first_index()
+    (v,) = issuer.issue(300, count=1)
+    with meter.han() as han:
+        han.submit(v)                                  # a receipt to push
+        t0 = han.status()["meter_time"]
+    r = issuer.cli("tariff", "set", "--device", issuer.eui, "--standing", "0",
+                   "--unit-rate", "49", "--effective", str(t0))
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert "pending" in issuer.cli("commands", "list").stdout
+    threading.Timer(0.5, meter.set_wan, [True]).start()
+    r = issuer.cli("headend", "--port", wan_port, "--idle-exit", 3)
+    meter.set_wan(False)
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert "1 pending command(s) sent" in r.stdout, r.stdout
+    assert "0 push(es) refused" in r.stdout, r.stdout
+    listing = issuer.cli("commands", "list").stdout
+    assert "applied" in listing and "pending" not in listing, listing
+    rows = issuer.conn.execute("SELECT tariff FROM receipts WHERE kind = 5 AND command_kind = 4 "
+                               "AND idx >= ? ORDER BY idx", (first,)).fetchall()
+    assert [json.loads(t) for (t,) in rows] == [{"1": t0, "2": 49000, "3": 0}], rows
+    with meter.han() as han:
+        st = han.status()
+        assert st["last_command"] == 1 and st["pending_tariff"] == 0
+        start = st["balance_mp"]
+        meter.add_pulses(1000)                         # 1 kWh at the new rate
+        _wait_balance(han, start - 49000)
+
+
+def test_command_key_rotation_and_a_new_code_key_on_the_board(meter, issuer):
+    """Issue 12: `topup key rotate-commands` (signed by the old command key) and `topup key
+    new --code --activate` (SET_CODE_KEY) delivered by `han sync`; the next command is
+    signed by the new command key and applies, numbering going on; a keypad code issued
+    once the change is confirmed is derived with the new code key and accepted."""
+    with meter.han() as han:
+        st = han.status()
+    old_ck = st["command_kid"]
+    r = issuer.cli("key", "rotate-commands")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    new_ck = r.stdout.split()[3]
+    assert "1 command(s) to rotate the command key" in r.stdout, r.stdout
+    r = issuer.cli("key", "new", "--code", "--activate")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    code_takers = "1 command(s) to set code key" in r.stdout
+    assert code_takers == bool(st.get("takes_codes")), (st, r.stdout)
+    r = issuer.cli("tariff", "set", "--device", issuer.eui, "--standing", "0",
+                   "--effective", "now")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    r = _sync(issuer, meter)
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert "command 1 (ROTATE_COMMAND_KEY) APPLIED" in r.stdout, r.stdout
+    if code_takers:
+        assert "command 2 (SET_CODE_KEY) APPLIED" in r.stdout, r.stdout
+    assert "(SET_TARIFF) APPLIED" in r.stdout and "0 pending" in r.stdout, r.stdout
+    with meter.han() as han:
+        st = han.status()
+        assert bytes(st["command_kid"]).hex() == new_ck != bytes(old_ck).hex()
+        assert st["last_command"] == (3 if code_takers else 2)
+    if not code_takers:
+        return
+    r = issuer.cli("code", issuer.eui, "2.00")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    code = r.stdout.strip().splitlines()[-1]
+    new_code_kid = issuer.conn.execute(
+        "SELECT lower(hex(kid)) FROM code_keys WHERE active = 1").fetchone()[0]
+    assert issuer.conn.execute("SELECT lower(hex(code_kid)) FROM vouchers WHERE code_kid IS "
+                               "NOT NULL ORDER BY sequence DESC LIMIT 1").fetchone()[0] == \
+        new_code_kid
+    with meter.han() as han:
+        receipt, dup = han.submit_code(code.replace(" ", ""))
+        assert not dup and pr.parse(receipt).amount == 200

@@ -367,3 +367,117 @@ def test_change_of_supplier_old_suppliers_view(conn, tmp_path):
         assert res.anomalies == [] and res.count["redeemed"] == 1
     finally:
         new.close()
+
+
+# --- replacing the code key (SET_CODE_KEY) and the command key (ROTATE_COMMAND_KEY) --------
+
+def _x25519_public(secret):
+    import nacl.bindings
+    return nacl.bindings.crypto_scalarmult_base(bytes(secret))
+
+
+def test_a_new_code_key_is_set_on_meters_taking_codes_and_codes_follow_once_confirmed(conn):
+    import nacl.bindings
+    from protocol import keycode
+    keystore.new_key(conn, PASSPHRASE, now=NOW)
+    old_code = keystore.active_code_key(conn)
+    ck = keystore.active_command_key(conn)
+    meter_ka_secret = b"\x33" * 32
+    ka = _x25519_public(meter_ka_secret)
+    registry.add_device(conn, DEVICE_BYTES, 10000, 50000, now=NOW)
+    meter = Meter(DEVICE_BYTES)
+    registry.set_public_key(conn, DEVICE_BYTES, registry.MeterKey(
+        meter.public, 0, 0, ka, old_code.kid, ck.kid), now=NOW)
+    provisioned(conn, OTHER, Meter(OTHER, b"\x08" * 32))      # takes commands, no codes
+    secret = b"\x44" * 32
+    new_pub = _x25519_public(secret)
+    new_kid = kid(new_pub)
+    plan = cmds.plan_code_key(conn, new_kid, new_pub)
+    assert [(p[0], p[1], p[2]) for p in plan] == [(DEVICE_BYTES, 3, {1: new_pub})]
+    made = []
+    keystore.new_code_key(conn, PASSPHRASE, activate=True, secret=secret, now=NOW,
+                          within=lambda ins: made.extend(cmds.make(conn, PASSPHRASE, plan,
+                                                                   also=ins, now=NOW)))
+    (m,) = made
+    assert keystore.active_code_key(conn).kid == new_kid
+    c = pc.verify(m.raw, {ck.kid: ck.public_key}, DEVICE_BYTES)
+    assert (c.number, c.kind, c.args) == (1, 3, {1: new_pub})
+    assert cmds.plan_code_key(conn, new_kid, new_pub) == []      # pending counts
+    # Pending: codes are still derived with the key the meter holds.
+    assert issuer.code_epoch(conn, DEVICE_BYTES).code_kid == old_code.kid
+    new_key = keystore.unlock_code_key(conn, PASSPHRASE, new_kid)
+    with pytest.raises(TopupError, match="holds code key %s" % old_code.kid.hex()):
+        issuer.issue_codes(conn, new_key, DEVICE_BYTES, 100, now=NOW)
+    # The meter's receipt confirms it: from then on the new one.
+    reconcile.import_raw(conn, [meter.command(m.raw)], "test")
+    assert [r.status for r in cmds.list_commands(conn, DEVICE_BYTES)] == ["applied"]
+    assert issuer.code_epoch(conn, DEVICE_BYTES).code_kid == new_kid
+    (code,) = issuer.issue_codes(conn, new_key, DEVICE_BYTES, 100, now=NOW)
+    assert bytes(code.kid) == new_kid
+    # `topup verify CODE` checks the MAC with the key the meter holds now, too.
+    from host import verify
+    rep = verify.explain_code(conn, code.code, DEVICE_BYTES,
+                              unlock=lambda k: keystore.unlock_code_key(conn, PASSPHRASE, k))
+    assert rep.reason == 0 and rep.epoch.code_kid == new_kid, (rep.reason, rep.detail)
+    # The key the meter derives (X25519 with its own secret, SPEC §8) is the one used.
+    theirs = keycode.derive_key(nacl.bindings.crypto_scalarmult(meter_ka_secret, new_pub),
+                                DEVICE_BYTES, new_pub, ka)
+    assert new_key.code_key(DEVICE_BYTES, ka) == theirs
+
+
+def test_rotating_the_command_key_signs_later_commands_with_the_new_one(conn):
+    keystore.new_key(conn, PASSPHRASE, now=NOW)
+    old = keystore.active_command_key(conn)
+    provisioned(conn)
+    args = cmds.tariff_args(NOW, now=NOW, unit_rate_mp=30000)
+    (t1,) = cmds.make(conn, PASSPHRASE, cmds.plan_tariff(conn, [DEVICE_BYTES], args), now=NOW)
+    seed = b"\x55" * 32
+    new_public = bytes(nacl.signing.SigningKey(seed).verify_key)
+    new_kid = kid(new_public)
+    plan = cmds.plan_rotate(conn, new_kid, new_public)
+    made = []
+    keystore.new_command_key(conn, PASSPHRASE, seed=seed, now=NOW,
+                             within=lambda ins: made.extend(cmds.make(conn, PASSPHRASE, plan,
+                                                                      also=ins, now=NOW)))
+    (rot,) = made
+    assert keystore.active_command_key(conn).kid == new_kid
+    c = pc.verify(rot.raw, {old.kid: old.public_key}, DEVICE_BYTES)   # the old key signs it
+    assert (c.number, c.kind, c.args) == (2, 5, {1: new_public})
+    assert cmds.plan_rotate(conn, new_kid, new_public) == []
+    assert cmds.signing_kid(conn, DEVICE_BYTES) == new_kid
+    assert cmds.signing_kid(conn, DEVICE_BYTES, confirmed=True) == old.kid
+    (t3,) = cmds.make(conn, PASSPHRASE, cmds.plan_tariff(conn, [DEVICE_BYTES], args), now=NOW)
+    c3 = pc.verify(t3.raw, {new_kid: new_public}, DEVICE_BYTES)          # numbering goes on
+    assert c3.number == 3
+    # A refused rotation never happened: the command after it is signed again, one number
+    # lower, by the old key.
+    rid = [r.id for r in cmds.list_commands(conn, DEVICE_BYTES) if r.number == 2][0]
+    (again,) = cmds.mark_refused(conn, rid, 26, PASSPHRASE, now=NOW)
+    assert again.number == 2 and pc.verify(again.raw, {old.kid: old.public_key},
+                                           DEVICE_BYTES).kind == 4
+    assert cmds.signing_kid(conn, DEVICE_BYTES) == old.kid
+    # A command after a rotation in the same run is refused (it would need the new key).
+    with pytest.raises(TopupError, match="after a ROTATE_COMMAND_KEY"):
+        cmds.make(conn, PASSPHRASE, cmds.plan_rotate(conn, new_kid, new_public)
+                  + cmds.plan_tariff(conn, [DEVICE_BYTES], args), now=NOW)
+
+
+def test_a_refused_command_before_a_rotation_re_signs_each_with_the_key_in_force(conn):
+    keystore.new_key(conn, PASSPHRASE, now=NOW)
+    old = keystore.active_command_key(conn)
+    meter = provisioned(conn)
+    args = cmds.tariff_args(NOW, now=NOW, unit_rate_mp=30000)
+    (t1,) = cmds.make(conn, PASSPHRASE, cmds.plan_tariff(conn, [DEVICE_BYTES], args), now=NOW)
+    new = keystore.new_command_key(conn, PASSPHRASE, seed=b"\x56" * 32, now=NOW)
+    (rot,) = cmds.make(conn, PASSPHRASE, cmds.plan_rotate(conn, new.kid, new.public_key),
+                       now=NOW)
+    (t3,) = cmds.make(conn, PASSPHRASE, cmds.plan_tariff(conn, [DEVICE_BYTES], args), now=NOW)
+    assert [m.number for m in (t1, rot, t3)] == [1, 2, 3]
+    made = cmds.mark_refused(conn, [r.id for r in cmds.list_commands(conn, DEVICE_BYTES)
+                                    if r.number == 1][0], 26, PASSPHRASE, now=NOW)
+    assert [(m.number, m.kind) for m in made] == [(1, 5), (2, 4)]
+    pc.verify(made[0].raw, {old.kid: old.public_key}, DEVICE_BYTES)
+    pc.verify(made[1].raw, {new.kid: new.public_key}, DEVICE_BYTES)
+    # The meter applies the rotation: the new key is then the one it is known to hold.
+    reconcile.import_raw(conn, [meter.command(made[0].raw)], "test")
+    assert cmds.signing_kid(conn, DEVICE_BYTES, confirmed=True) == new.kid

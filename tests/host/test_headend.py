@@ -348,7 +348,7 @@ def test_idle_exit_ends_the_head_end_under_a_continuous_stream_of_pushes(tmp_pat
     last = out.strip().splitlines()[-1]
     assert re.match(r"head end stopped \(no new receipt for 2 s\): \d+ push\(es\), 2 new "
                     r"receipt\(s\) stored, \d+ acknowledgement\(s\) signed, 0 push\(es\) "
-                    r"refused$", last), out
+                    r"refused, 0 command\(s\) sent$", last), out
     assert int(re.search(r"(\d+) push\(es\),", last).group(1)) >= 10   # it was busy
     replies = [han.decode_message(b) for b in han.Deframer().feed(bytes(buf))]
     assert replies and all(r[0] == han.PUSH | han.RESPONSE and r[2][1] == 2 for r in replies)
@@ -373,3 +373,103 @@ def test_headend_needs_the_passphrase(tmp_path):
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "passphrase" in r.stderr, r.stderr
+
+
+# --- signed commands in the answer to a push (SPEC.md §5.1, §10) ---------------------------
+
+def _setup_commands(tmp_path):
+    """As _setup, but the meter is provisioned with the database's command key (made with
+    its first issuer key) and registered with it, as `topup provision` does."""
+    conn, signer = _supplier(tmp_path)
+    ck = keystore.active_command_key(conn)
+    board = Board(now=1790000000)
+    board.wan = HanStream()
+    store = Store(board.flash)
+    store.mount()
+    key = provisioning.provision(store, board, DEVICE, [public(ISSUER_SEED)], None, 100,
+                                 command_key=bytes(ck.public_key))
+    registry.add_device(conn, DEVICE)
+    registry.set_public_key(conn, DEVICE, key, first_index=0, floor=0,
+                            command_kid=ck.kid, trust=[signer.kid])
+    meter = Meter(board)
+    return conn, signer, board, meter, headend.HeadEnd(conn, Link(board.wan), "wan:test", signer)
+
+
+class Pipe:
+    """A head end's stream in a test: what it reads is fed in, what it writes is kept."""
+
+    def __init__(self):
+        self.inbox, self.outbox = bytearray(), bytearray()
+
+    def read(self, n):
+        data, self.inbox[:] = bytes(self.inbox[:n]), self.inbox[n:]
+        return data
+
+    def write(self, data):
+        self.outbox += data
+
+    def answer(self, msg_id, payload):
+        self.inbox += han.encode_message(han.PUSH, msg_id, payload)
+        return msg_id
+
+
+def _answer(head, pipe, msg_id, payload):
+    pipe.answer(msg_id, payload)
+    assert head.poll() == 1
+    (body,) = han.Deframer().feed(bytes(pipe.outbox))
+    pipe.outbox.clear()
+    t, got_id, reply = han.decode_message(body)
+    assert (t, got_id) == (han.PUSH | han.RESPONSE, msg_id)
+    return reply
+
+
+def _tariff(conn, unit_rate_mp, device=DEVICE):
+    from host import commands as cmds
+    args = cmds.tariff_args(1790000000, now=1790000000, unit_rate_mp=unit_rate_mp)
+    return cmds.make(conn, PASS, cmds.plan_tariff(conn, [device], args), now=1790000000)
+
+
+def test_the_answer_to_a_push_carries_the_pending_commands_until_their_receipts_come(tmp_path):
+    from host import commands as cmds
+    from protocol import command as pc
+    conn, signer, board, meter, head = _setup_commands(tmp_path)
+    made = [m for rate in (30000, 31000, 32000, 33000, 34000) for m in _tariff(conn, rate)]
+    assert [m.number for m in made] == [1, 2, 3, 4, 5]
+    _top_up(board, meter, 1)
+    raw = meter.store.receipt(0)
+    # Pure host: the pending ones in number order, at most 4, for this meter only.
+    assert headend.pending_commands(conn, DEVICE) == [m.raw for m in made[:4]]
+    assert headend.pending_commands(conn, bytes(8)) == []
+    # Through the head end's framing: field 3 of the answer.
+    pipe = Pipe()
+    h2 = headend.HeadEnd(conn, pipe, "wan:x", signer)
+    payload = _answer(h2, pipe, 77, {1: DEVICE, 2: 0, 3: [raw]})
+    assert payload[1] == 1
+    assert payload[3] == [m.raw for m in made[:4]]
+    assert [pc.parse(c).number for c in payload[3]] == [1, 2, 3, 4]
+    assert h2.commands == 4
+    # The real meter over the WAN: it takes them, applies them one per step, and their
+    # receipts (kind 5) come back with its next pushes and mark them applied.
+    board.set_wan(True)
+    _run(board, meter, head, steps=30)
+    rows = cmds.list_commands(conn, DEVICE)
+    assert [(r.number, r.status) for r in rows] == [(n, "applied") for n in range(1, 6)]
+    assert meter.ledger.unit_rate == 34000
+    kinds = [k for (k,) in conn.execute("SELECT kind FROM receipts WHERE device = ? ORDER BY "
+                                        "idx", (DEVICE,))]
+    assert kinds.count(5) == 5
+    assert meter.ledger.uploaded == meter.store.receipt_count     # all acknowledged
+    # Nothing pending any more: an answer carries no field 3.
+    assert headend.pending_commands(conn, DEVICE) == []
+    nxt = meter.store.receipt_count - 1
+    payload = _answer(h2, pipe, 78, {1: DEVICE, 2: nxt, 3: [meter.store.receipt(nxt)]})
+    assert payload[1] == nxt + 1 and 3 not in payload
+
+
+def test_a_meter_without_a_command_key_gets_no_commands_in_its_answers(tmp_path):
+    conn, signer, board, meter, head = _setup(tmp_path)
+    _top_up(board, meter, 1)
+    assert headend.pending_commands(conn, DEVICE) == []
+    board.set_wan(True)
+    _run(board, meter, head, steps=4)
+    assert head.commands == 0 and meter.ledger.uploaded == 1
