@@ -679,33 +679,9 @@ class MeterModel:
             self.dirty = True
         if verdict != "OK":
             return self._refuse(_BY_NAME[verdict])
-        seq, amount = f["sequence"], f["amount"]
-        # 9. the floor, and the window's lower edge
-        if seq <= s["floor"] or seq < s["highest"] - WINDOW:
-            return self._refuse(errors.STALE)
-        # 10. a used sequence
-        if seq in s["applied"]:
-            _, aref, index = s["applied"][seq]
-            if self._kept(seq, index) is False:
-                return self._refuse(errors.RECEIPT_LOST)
-            if aref == ref:
-                return ("duplicate", index)
-            return self._refuse(errors.SEQUENCE_REUSED)
-        # 11. the maximum credit, on the balance charged up to now
-        self._accrue(0, now)
-        if self.balance_mp + 1000 * amount > 1000 * self.max_credit:
-            return self._refuse(errors.OVER_CREDIT_LIMIT)
-        before = self.balance_mp
-        index = s["receipts"]
-        s["applied"][seq] = (amount, ref, index)
-        s["topups"] += amount
-        if seq > s["highest"]:
-            s["highest"] = seq
-        if self.balance_mp >= 0:
-            s["ec"] = 0                                 # emergency credit repaid
-        if s["supply"] == SUPPLY_OFF and self.credit_mp() > 0:
-            s["supply"] = SUPPLY_ARMED                  # armed, not on (SPEC §9)
-        self._commit(now, (receipt_format.TOPUP, before, self.balance_mp))
+        answer = self._top_up(ref, f["sequence"], f["amount"], now)
+        if answer[0] != "applied":
+            return answer
         # a signed time ahead of meter time moves it on, uncharged, at most 7 days
         now = self._now()
         if f["issued"] > now:
@@ -715,7 +691,7 @@ class MeterModel:
                 self.last = at
                 s["charged_to"] = at
                 self.dirty = True
-        return ("applied", index)
+        return answer
 
     def _refuse(self, reason):
         self._count(reason)
@@ -793,12 +769,18 @@ class MeterModel:
         return answer
 
     def _code_top_up(self, digits, seq, amount, now):
-        s = self.s
-        ref = code_ref(digits)
         if amount > self.max_voucher:
             return self._refuse(errors.OVER_VOUCHER_LIMIT)
+        return self._top_up(code_ref(digits), seq, amount, now, (FORM_CODE,))
+
+    def _top_up(self, ref, seq, amount, now, form=()):
+        """Checks 9-11 of SPEC §2.1 (a code's check 6) and the commit, for a voucher or a
+        code whose own checks passed. form: () a voucher, (FORM_CODE,) a code."""
+        s = self.s
+        # 9. the floor, and the window's lower edge
         if seq <= s["floor"] or seq < s["highest"] - WINDOW:
             return self._refuse(errors.STALE)
+        # 10. a used sequence
         if seq in s["applied"]:
             _, aref, index = s["applied"][seq]
             if self._kept(seq, index) is False:
@@ -806,6 +788,7 @@ class MeterModel:
             if aref == ref:
                 return ("duplicate", index)
             return self._refuse(errors.SEQUENCE_REUSED)
+        # 11. the maximum credit, on the balance charged up to now
         self._accrue(0, now)
         if self.balance_mp + 1000 * amount > 1000 * self.max_credit:
             return self._refuse(errors.OVER_CREDIT_LIMIT)
@@ -816,10 +799,10 @@ class MeterModel:
         if seq > s["highest"]:
             s["highest"] = seq
         if self.balance_mp >= 0:
-            s["ec"] = 0
+            s["ec"] = 0                                 # emergency credit repaid
         if s["supply"] == SUPPLY_OFF and self.credit_mp() > 0:
-            s["supply"] = SUPPLY_ARMED
-        self._commit(now, (receipt_format.TOPUP, before, self.balance_mp, FORM_CODE))
+            s["supply"] = SUPPLY_ARMED                  # armed, not on (SPEC §9)
+        self._commit(now, (receipt_format.TOPUP, before, self.balance_mp) + form)
         return ("applied", index)
 
     # -- power -----------------------------------------------------------------------------
