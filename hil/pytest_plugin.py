@@ -43,6 +43,7 @@ where this test's meter starts.
 
 A control the bench lacks (hil.transport.Unsupported) skips the test with the reason.
 """
+import contextlib
 import os
 import time
 
@@ -160,28 +161,12 @@ class Issuer:
         # rig runs (otherwise each unlock would re-seal it at MODERATE, about 1 s each).
         self.env = {"TOPUP_DB": self.path, "TOPUP_PASSPHRASE": PASSPHRASE, keystore.FAST_KDF_ENV: "1"}
         self.conn = db.create(self.path)
-        saved = os.environ.get(keystore.FAST_KDF_ENV)
-        os.environ[keystore.FAST_KDF_ENV] = "1"
-        try:
+        with _fast_kdf():
             keystore.new_key(self.conn, PASSPHRASE)
             self.signer = keystore.unlock_active(self.conn, PASSPHRASE)
-        finally:
-            if saved is None:
-                del os.environ[keystore.FAST_KDF_ENV]
-            else:
-                os.environ[keystore.FAST_KDF_ENV] = saved
-        self.code_key = None         # the supplier's keypad-code key (host.keystore.CodeKey)
-        if hasattr(keystore, "new_code_key"):
-            saved = os.environ.get(keystore.FAST_KDF_ENV)
-            os.environ[keystore.FAST_KDF_ENV] = "1"
-            try:
-                info = keystore.new_code_key(self.conn, PASSPHRASE)
-                self.code_key = keystore.unlock_code_key(self.conn, PASSPHRASE, info.kid)
-            finally:
-                if saved is None:
-                    del os.environ[keystore.FAST_KDF_ENV]
-                else:
-                    os.environ[keystore.FAST_KDF_ENV] = saved
+            # the supplier's keypad-code key (host.keystore.CodeKey)
+            info = keystore.new_code_key(self.conn, PASSPHRASE)
+            self.code_key = keystore.unlock_code_key(self.conn, PASSPHRASE, info.kid)
         kw = {}
         if max_voucher is not None:
             kw["max_voucher"] = max_voucher
@@ -191,6 +176,12 @@ class Issuer:
 
     def close(self):
         self.conn.close()
+
+    def reload_signer(self):
+        """Sign with the database's active issuer key (after `topup key new --activate`)."""
+        from host import keystore
+        with _fast_kdf():
+            self.signer = keystore.unlock_active(self.conn, PASSPHRASE)
 
     # the registry
     @property
@@ -292,6 +283,21 @@ class Issuer:
                               amount, self._now() if issued is None else issued, expires)
 
 
+@contextlib.contextmanager
+def _fast_kdf():
+    """argon2id at its minimum while the rig unseals its throwaway keys."""
+    from host import keystore
+    saved = os.environ.get(keystore.FAST_KDF_ENV)
+    os.environ[keystore.FAST_KDF_ENV] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[keystore.FAST_KDF_ENV]
+        else:
+            os.environ[keystore.FAST_KDF_ENV] = saved
+
+
 @pytest.fixture
 def issuer(tmp_path, request):
     m = request.node.get_closest_marker("meter")
@@ -317,6 +323,7 @@ class BoardUnderTest:
         self.device = issuer.device
         self.public_key = None       # a MeterKey: .first_index, .floor as the meter reported
         self.provisioned_now = None  # the time provisioning asked the meter for
+        self.commands = False        # install the supplier's command key (SPEC.md §10)
         self.supplier_floor = 0      # the supplier's figures it was provisioned with
         self.supplier_first = 0
 
@@ -354,10 +361,13 @@ class BoardUnderTest:
             # The engineer's path with the supplier's code key (SPEC.md §8): the meter makes
             # its key-agreement key, registered below with the receipt key.
             from hil.flashing import provision
+            from host import keystore
+            command = keystore.active_command_key(self.issuer.conn) if self.commands else None
             self.public_key = provision(t.repl_port, bytes(self.device), list(self.issuer.trust()),
                                         self.limits, credit, True, now=self.provisioned_now,
                                         floor=self.supplier_floor, first_index=self.supplier_first,
-                                        code_key=code_key.public_key)
+                                        code_key=code_key.public_key,
+                                        command_key=command and command.public_key)
             t.wait_meter(device=bytes(self.device))
         self.issuer.register_meter_key(self.public_key)
         return self

@@ -88,6 +88,23 @@ flash with the top-up's commit, or at once when a refusal follows and the flash 
 than this code's own pending failure), and the code goes on as a voucher from check 9, with
 the per-voucher maximum first. Every refusal is counted in the rejections receipt.
 
+Signed commands (SPEC §10), one HAN request in one pass; the model sends issuer-key
+additions and revocations (kinds 1 and 2), replays and tampered copies of them: 0. these
+exact bytes are among the meter's last 4 applied commands: the original receipt. -. no
+command key installed: NOT_PROVISIONED (not counted). 1-2 as a voucher's. 3. kid not the
+command key: UNKNOWN_KEY. -. signature checks paused: BUSY (the vouchers' back-off, shared).
+4. BAD_SIGNATURE (extends the run as a voucher's; a signature that verifies ends it). 5-6.
+payload, device (tests/oracle.py's command_verdict). 7. number <= the last applied:
+COMMAND_REPLAYED; > the last + 1: COMMAND_OUT_OF_ORDER. 9. adding a revoked key, a fifth
+key, or revoking the last key: COMMAND_REFUSED. Applied: metering charged up to now, then
+one commit: a kind-5 receipt (balance before = after, the command's number and reference)
+with the trust list, the revoked list (newest 8), the last number and the last 4 command
+receipts. A cut that leaves its receipt rolls it forward (the configuration is the commit
+point, and the roll-forward is taken only when it names the command; the model allows both
+the receipt rolled forward and the command not applied). A voucher whose kid was revoked:
+KEY_REVOKED at check 3 (counted), before any signature check. Every refusal but BUSY and
+NOT_PROVISIONED is counted.
+
 `Books` checks the receipts read over the HAN; `Harness` drives a board with a set of
 models (a power cut can leave the meter in more than one allowed state: the board's
 answers and status tell which) and checks them after every step.
@@ -112,7 +129,9 @@ GENESIS = bytes(32)
 # Refusals a kind-3 receipt may count: the voucher checks and RECEIPT_LOST (never BUSY,
 # STORAGE, EC_UNAVAILABLE, DAMAGED, NOT_PROVISIONED: those are not verdicts).
 COUNTED = frozenset(range(1, 11)) | {errors.RECEIPT_LOST, errors.CODE_WRONG, errors.CODE_TYPO,
-                                     errors.CODE_INCOMPLETE, errors.CODE_LOCKED}
+                                     errors.CODE_INCOMPLETE, errors.CODE_LOCKED,
+                                     errors.KEY_REVOKED, errors.COMMAND_OUT_OF_ORDER,
+                                     errors.COMMAND_REPLAYED, errors.COMMAND_REFUSED}
 FAULT_CODES = frozenset(range(1, 6))
 _BY_NAME = {v: k for k, v in errors.NAMES.items()}
 MAX_CANDIDATES = 24
@@ -124,6 +143,10 @@ MAX_LOCKOUTS = 16
 CODE_CLEAR = (0, 0, 0)                                # (wrong, lockouts, locked until)
 CODE_SPAN = 1 << 14
 FORM_CODE = 2
+ADD_ISSUER_KEY, REVOKE_ISSUER_KEY = 1, 2                # SPEC §10 command kinds
+MAX_ISSUER_KEYS = 4
+MAX_REVOKED = 8
+KEEP_COMMAND_RECEIPTS = 4
 _DAMM = ("0317598642", "7092154863", "4206871359", "1750983426", "6123045978",
          "3674209581", "5869720134", "8945362017", "9438617205", "2581436790")
 
@@ -183,6 +206,23 @@ def voucher_ref(raw):
     return hashlib.sha256(bytes(raw)).digest()[:16]
 
 
+def kid_of(public_key):
+    """SPEC §2: a key's id, the first 8 bytes of SHA-256 of its 32 bytes."""
+    return hashlib.sha256(bytes(public_key)).digest()[:8]
+
+
+def cose_kid(raw):
+    """The kid in a COSE_Sign1's protected header, or None if it does not decode."""
+    from tests.oracle import cbor_decode
+    try:
+        top = cbor_decode(bytes(raw), allow_tag=True)
+        if isinstance(top, tuple):
+            top = top[1]
+        return cbor_decode(top[0]).get(4)
+    except Exception:  # noqa: BLE001 - anything that is not a COSE_Sign1
+        return None
+
+
 def voucher_fields(raw):
     """{kid, sequence, amount, issued, expires} read from voucher bytes (for the rig's own
     bookkeeping; nothing is decided here), or None if they do not decode as a voucher.
@@ -227,15 +267,17 @@ class Books:
     issued: {sequence: voucher bytes} the supplier issued for this meter (kept up to date by
     the caller)."""
 
-    def __init__(self, device, verify, issued, ec_amount, first_index=0):
+    def __init__(self, device, verify, issued, ec_amount, first_index=0, commands=None):
         self.device = device
         self.verify = verify
         self.issued = issued
+        self.commands = {} if commands is None else commands  # ref -> (number, kind) signed
         self.ec_amount = ec_amount
         self.epochs = [first_index]   # the first receipt index of each meter key, in order
         self.next = first_index       # the next index to read
         self.receipts = {}            # index -> Receipt
         self.applied = {}             # sequence -> (index, amount)
+        self.command_last = 0         # the number of the last command receipt this epoch
 
     def _fail(self, msg):
         raise BooksError(msg)
@@ -252,6 +294,7 @@ class Books:
                        % (first_index, self.next))
         self.epochs.append(first_index)
         self.next = first_index
+        self.command_last = 0
 
     def epoch_receipts(self):
         return [self.receipts[i] for i in sorted(self.receipts) if i >= self.first]
@@ -334,6 +377,20 @@ class Books:
             if not r.rejections or not set(r.rejections) <= COUNTED:
                 self._fail("receipt %d counts %r: only voucher verdicts are counted (never BUSY "
                            "or STORAGE)" % (r.index, r.rejections))
+        elif r.kind == receipt_format.COMMAND:
+            if r.balance_after != r.balance_before:
+                self._fail("receipt %d: a command receipt changed the balance" % r.index)
+            signed = self.commands.get(bytes(r.voucher))
+            if signed is None:
+                self._fail("receipt %d applies command %s, which the supplier never signed"
+                           % (r.index, bytes(r.voucher).hex()))
+            if (r.sequence, r.command_kind) != signed:
+                self._fail("receipt %d: command %d of kind %d, signed as number %d of kind %d"
+                           % ((r.index, r.sequence, r.command_kind) + signed))
+            if r.sequence != self.command_last + 1:
+                self._fail("receipt %d applies command %d after command %d (once, in order)"
+                           % (r.index, r.sequence, self.command_last))
+            self.command_last = r.sequence
         elif r.kind == receipt_format.FAULT:
             if r.balance_after != r.balance_before:
                 self._fail("receipt %d: a fault receipt changed the balance" % r.index)
@@ -356,9 +413,10 @@ class MeterModel:
     """
 
     def __init__(self, device, trust, settings, *, opening_mp, now, floor=0, first_index=0,
-                 clock_survives=True, board_clock=None):
+                 clock_survives=True, board_clock=None, command_key=None):
         self.device = device
-        self.trust = dict(trust)               # {kid: issuer public key}
+        self.trust = dict(trust)               # {kid: issuer public key} given at provisioning
+        self.command_key = command_key         # the command public key installed, or None
         self.unit_rate = settings["unit_rate"]
         self.standing = settings["standing"]
         self.ec_amount = settings["ec_amount"]
@@ -389,6 +447,9 @@ class MeterModel:
             "faults_seen": {},
             "supply": SUPPLY_ON if opening_mp > 0 else SUPPLY_OFF,
             "code": CODE_CLEAR,
+            # the configuration signed commands change (SPEC §10)
+            "trust": dict(self.trust), "revoked": [],
+            "cmd_last": 0, "cmd_recent": [],   # [(command ref, receipt index)], newest 4
         }
         self.c = copy.deepcopy(self.s)
         self.committed_at = now
@@ -436,6 +497,8 @@ class MeterModel:
                "highest_sequence": self.s["highest"], "receipt_count": self.s["receipts"],
                "emergency_mp": 1000 * self.s["ec"], "floor": self.s["floor"], "damaged": False,
                "supply_state": self.s["supply"]}
+        if self.command_key is not None:
+            out["last_command"] = self.s["cmd_last"]
         if exact_time:
             out["meter_time"] = self.meter_time
             out["clock_resumed"] = self.resumed
@@ -664,21 +727,17 @@ class MeterModel:
         now = self._now()
         # 1-2 decide whether the key is trusted; the back-off turns trusted keys away
         shape = voucher_verdict(raw, {}, self.device, now, self.max_voucher)
-        f = voucher_fields(raw) if shape == "UNKNOWN_KEY" else None
-        trusted = f is not None and f["kid"] in self.trust
+        kid = cose_kid(raw) if shape == "UNKNOWN_KEY" else None
+        trusted = kid is not None and kid in s["trust"]
+        if kid is not None and not trusted and kid in s["revoked"]:
+            return self._refuse(errors.KEY_REVOKED)      # check 3, before any signature
         if trusted and now < s["backoff_until"]:
             return ("rejected", errors.BUSY)            # not a verdict: not counted
-        verdict = voucher_verdict(raw, self.trust, self.device, now, self.max_voucher)
-        if verdict == "BAD_SIGNATURE":
-            s["bad_sigs"] += 1
-            n = s["bad_sigs"]
-            if n >= FREE_BAD_SIGNATURES:
-                s["backoff_until"] = now + min(2 ** (n - FREE_BAD_SIGNATURES), MAX_BACKOFF_SECONDS)
-        elif trusted and s["bad_sigs"]:
-            s["bad_sigs"] = 0                           # a signature that verifies ends the run
-            self.dirty = True
+        verdict = voucher_verdict(raw, s["trust"], self.device, now, self.max_voucher)
+        self._signature_run(verdict, trusted, now)
         if verdict != "OK":
             return self._refuse(_BY_NAME[verdict])
+        f = voucher_fields(raw)
         answer = self._top_up(ref, f["sequence"], f["amount"], now)
         if answer[0] != "applied":
             return answer
@@ -693,9 +752,93 @@ class MeterModel:
                 self.dirty = True
         return answer
 
+    def _signature_run(self, verdict, trusted, now):
+        """SPEC §5.2: a bad signature extends the run (from the 3rd on, checks pause for
+        2^(n-3) s, at most 256 s); a signature that verifies under a trusted key ends it."""
+        s = self.s
+        if verdict == "BAD_SIGNATURE":
+            s["bad_sigs"] += 1
+            n = s["bad_sigs"]
+            if n >= FREE_BAD_SIGNATURES:
+                s["backoff_until"] = now + min(2 ** (n - FREE_BAD_SIGNATURES), MAX_BACKOFF_SECONDS)
+        elif trusted and s["bad_sigs"]:
+            s["bad_sigs"] = 0
+            self.dirty = True
+
     def _refuse(self, reason):
         self._count(reason)
         return ("rejected", reason)
+
+    # -- a signed command (SPEC §10) --------------------------------------------------------------
+    def _command_applied(self, raw):
+        ref = voucher_ref(raw)
+        for aref, index in self.s["cmd_recent"]:
+            if aref == ref:
+                return index
+        return None
+
+    def command_options(self, raw):
+        """[(answer, model)] for these command bytes (as submit_options). The meter keeps the
+        receipts of its last 4 commands, so the answer is always certain."""
+        m = self.fork()
+        return [(m._submit_command(raw, self._command_applied(raw) is not None), m)]
+
+    def submit_command(self, raw):
+        return self._certain(self.command_options(raw))
+
+    def _submit_command(self, raw, original):
+        return self._pass(self._decide_command, raw, original)
+
+    def _decide_command(self, raw, original):
+        from tests.oracle import command_verdict
+        s = self.s
+        if original:
+            return ("duplicate", self._command_applied(raw))
+        if self.command_key is None:
+            return ("rejected", errors.NOT_PROVISIONED)   # no command key: not counted
+        now = self._now()
+        keys = {kid_of(self.command_key): self.command_key}
+        shape, _ = command_verdict(raw, {}, self.device)
+        ours = shape == "UNKNOWN_KEY" and cose_kid(raw) in keys
+        if shape != "UNKNOWN_KEY" or not ours:
+            return self._refuse(_BY_NAME[shape])
+        if now < s["backoff_until"]:
+            return ("rejected", errors.BUSY)
+        verdict, fields = command_verdict(raw, keys, self.device)
+        self._signature_run(verdict, True, now)
+        if verdict != "OK":
+            return self._refuse(_BY_NAME[verdict])
+        number, kind, args = fields[2], fields[3], fields[5]
+        if number <= s["cmd_last"]:
+            return self._refuse(errors.COMMAND_REPLAYED)
+        if number > s["cmd_last"] + 1:
+            return self._refuse(errors.COMMAND_OUT_OF_ORDER)
+        trust, revoked = dict(s["trust"]), list(s["revoked"])
+        if kind == ADD_ISSUER_KEY:
+            kid = kid_of(args[1])
+            if kid in revoked:
+                return self._refuse(errors.COMMAND_REFUSED)
+            if kid not in trust:
+                if len(trust) >= MAX_ISSUER_KEYS:
+                    return self._refuse(errors.COMMAND_REFUSED)
+                trust[kid] = bytes(args[1])
+        elif kind == REVOKE_ISSUER_KEY:
+            kid = bytes(args[1])
+            trust.pop(kid, None)
+            if not trust:
+                return self._refuse(errors.COMMAND_REFUSED)
+            if kid not in revoked:
+                revoked.append(kid)
+            revoked = revoked[-MAX_REVOKED:]
+        else:
+            raise AssertionError("the model sends issuer-key commands only, not kind %d" % kind)
+        self._accrue(0, now)                  # metering up to now, before the change
+        index = s["receipts"]
+        s["trust"], s["revoked"], s["cmd_last"] = trust, revoked, number
+        s["cmd_recent"] = (s["cmd_recent"] + [(voucher_ref(raw), index)])[-KEEP_COMMAND_RECEIPTS:]
+        b = self.balance_mp
+        self._commit(now, (receipt_format.COMMAND, b, b))
+        return ("applied", index)
 
     # -- a keypad code (SPEC §8) -------------------------------------------------------------
     def _code_applied(self, digits):
@@ -919,6 +1062,9 @@ def _roll_forward(before, after, receipt, at):
         out["rej_at"] = at
     elif kind == receipt_format.FAULT:
         out["faults_seen"] = copy.deepcopy(after["faults_seen"])
+    elif kind == receipt_format.COMMAND:
+        for k in ("trust", "revoked", "cmd_last", "cmd_recent"):
+            out[k] = copy.deepcopy(after[k])   # the configuration named the command
     return out
 
 
@@ -981,7 +1127,10 @@ class Harness:
         self.han = han
         self.issuer = board.issuer
         self.issued = {}                      # sequence -> voucher bytes (this meter's)
+        self.commands = {}                    # ref -> (number, kind): commands signed for it
+        self._settled = set()                 # command receipts given to the supplier's database
         trust = {cose.kid_for(k): k for k in self.issuer.trust()}
+        command_key = self._command_key()
         self._real_clock = board.clock() is None
         self.expect_faults = {}               # what the store must report at a start
         st = han.status()
@@ -994,7 +1143,8 @@ class Harness:
         if self._real_clock:
             now = int(time.time())
             model = MeterModel(board.device, trust, board.settings, opening_mp=board.opening_mp,
-                               now=now, floor=floor, first_index=first, clock_survives=survives)
+                               now=now, floor=floor, first_index=first, clock_survives=survives,
+                               command_key=command_key)
         else:
             # The meter was provisioned at the rig's time, or later if its carry said so.
             now = st["meter_time"]
@@ -1003,7 +1153,7 @@ class Harness:
                                      % (now, board.clock()))
             model = MeterModel(board.device, trust, board.settings, opening_mp=board.opening_mp,
                                now=now, floor=floor, first_index=first, clock_survives=survives,
-                               board_clock=board.board_clock())
+                               board_clock=board.board_clock(), command_key=command_key)
         # The supplier's figures are a lower bound (SPEC §2.2): the carry may raise them.
         supplier_floor = getattr(board, "supplier_floor", 0) or 0
         supplier_first = getattr(board, "supplier_first", 0) or 0
@@ -1012,7 +1162,7 @@ class Harness:
                                  "%d / %d" % (floor, first, supplier_floor, supplier_first))
         self.models = [model]
         self.books = Books(board.device, self.issuer.verify_receipt, self.issued,
-                           board.settings["ec_amount"], first_index=first)
+                           board.settings["ec_amount"], first_index=first, commands=self.commands)
         self.cuts = 0
         self._flooding = False
         self._tick_origin = time.monotonic()
@@ -1021,6 +1171,18 @@ class Harness:
     @property
     def model(self):
         return self.models[0]
+
+    def _command_key(self):
+        """The command public key the provisioning installed (SPEC §10), or None."""
+        kid = getattr(self.board.public_key, "command_kid", None)
+        if kid is None:
+            return None
+        from host import keystore
+        key = keystore.active_command_key(self.issuer.conn)
+        if key is None or key.kid != bytes(kid):
+            raise AssertionError("the meter was given command key %s, the supplier's is %s"
+                                 % (bytes(kid).hex(), key and key.kid.hex()))
+        return key.public_key
 
     # -- time -----------------------------------------------------------------------------------
     def _tick(self):
@@ -1054,6 +1216,59 @@ class Harness:
                 m.codes[digits] = row[0].sequence
         return codes
 
+    def pending_commands(self):
+        """The supplier's pending commands for this meter (made by `topup key new`, `key
+        revoke`, ...), in number order: [command bytes]. The books learn what was signed."""
+        from host import commands as cmds
+        rows = cmds.pending_for(self.issuer.conn, self.board.device)
+        for r in rows:
+            self.commands[bytes(r.ref)] = (r.number, r.kind)
+        return [bytes(r.raw) for r in rows]
+
+    def deliver_commands(self):
+        """Send the pending commands in order, as `topup han sync` does: an applied one's
+        receipt goes into the supplier's database (the command is then applied there), a
+        refused one frees its number (the ones after it are signed again), BUSY leaves the
+        rest pending for a later try. Return [(command bytes, answer)]."""
+        out = []
+        for _ in range(16):
+            raws = self.pending_commands()
+            if not raws:
+                break
+            for raw in raws:
+                got = self.submit_command(raw)
+                out.append((raw, got))
+                if got[0] == "rejected":
+                    break
+                self.settle_commands([got[1]])
+            if got[0] != "rejected" or got[1] == errors.BUSY:
+                break
+            self.command_refused(raw, got[1])
+        return out
+
+    def settle_commands(self, raws=None):
+        """Command receipts from the meter (`raws`, default: those the books read) go into
+        the supplier's database, which marks their commands applied (what a read-out and
+        `topup receipts import` do)."""
+        from host import commands as cmds, reconcile
+        if raws is None:
+            raws = [r.raw for r in self.books.epoch_receipts() if r.kind == receipt_format.COMMAND]
+        raws = [bytes(r) for r in raws if bytes(r) not in self._settled]
+        self._settled.update(raws)
+        if raws:
+            reconcile.import_raw(self.issuer.conn, raws, "model run")
+            cmds.settle_from_receipts(self.issuer.conn)
+
+    def command_refused(self, raw, reason):
+        """The meter refused a command: the supplier's bookkeeping (`topup han sync` does
+        this) frees its number and signs the pending ones after it again, one lower."""
+        from host import commands as cmds
+        from hil.pytest_plugin import PASSPHRASE
+        ref = voucher_ref(raw)
+        row = [r for r in cmds.pending_for(self.issuer.conn, self.board.device) if bytes(r.ref) == ref]
+        if row:
+            cmds.mark_refused(self.issuer.conn, row[0].id, reason, PASSPHRASE)
+
     # -- following the board ----------------------------------------------------------------------
     def _keep(self, models, why):
         if not models:
@@ -1076,7 +1291,32 @@ class Harness:
             got[0], _name(got), " or ".join("%s %s" % (a[0], _name(a)) for a, _ in options)))
         return want
 
+    def follow_command(self, raw, got):
+        options = [(a, m) for model in self.models for a, m in model.command_options(raw)]
+        fits = [m for a, m in options if a == got]
+        self._keep(fits, "command: the meter said %s %s, the model %s" % (
+            got[0], _name(got), " or ".join("%s %s" % (a[0], _name(a)) for a, _ in options)))
+
     # -- actions ----------------------------------------------------------------------------------
+    def submit_command(self, raw):
+        """A signed command over the HAN (as `topup han sync` sends it); the answer must be
+        the one the model gives. Return ("applied"|"duplicate", receipt bytes) or
+        ("rejected", reason)."""
+        from hil.han_client import HanError
+        self._tick()
+        try:
+            receipt, dup = self.han.submit_command(raw)
+            got = ("duplicate" if dup else "applied", receipt)
+        except HanError as e:
+            got = ("rejected", e.reason)
+        key = got if got[0] == "rejected" else (got[0], self.issuer.verify_receipt(got[1]).index)
+        self.follow_command(raw, key)
+        if got[0] == "duplicate":
+            self.books.sync(self.han, self.model.s["receipts"])
+            if self.books.receipts[key[1]].raw != bytes(got[1]):
+                raise AssertionError("a repeated command got a receipt other than the original")
+        return got
+
     def submit(self, raw):
         """Submit over the HAN; the answer must be one the model allows. Return (outcome,
         receipt bytes or reason)."""
@@ -1225,6 +1465,11 @@ class Harness:
 
             def during(han):
                 return han.submit_code(text)
+        elif action[0] == "command":
+            raw, act = action[1], None
+
+            def during(han):
+                return han.submit_command(raw)
         elif action[0] == "pulses":
             count = action[1]
 
@@ -1260,7 +1505,7 @@ class Harness:
         if res.error is not None and not isinstance(res.error, (HanError, HanTimeout)):
             raise res.error
         # Only a submit's answer proves its commit (a status answer may come before the step).
-        request = action is not None and action[0] in ("submit", "code")
+        request = action is not None and action[0] in ("submit", "code", "command")
         answered = request and (res.result is not None or isinstance(res.error, HanError))
         got = None
         if answered:
@@ -1275,6 +1520,8 @@ class Harness:
                     raise AssertionError("a submit with no cut got no answer: %r" % (res.error,))
                 if action[0] == "code":
                     self.follow_code(action[1], got)
+                elif action[0] == "command":
+                    self.follow_command(action[1], got)
                 else:
                     self.follow_submit(action[1], got)
             elif act is not None:
@@ -1288,19 +1535,21 @@ class Harness:
         for model in self.models:
             if request:
                 # each answer the model allows, then the cut
-                code = action[0] == "code"
-                options = model.code_options(action[1]) if code else model.submit_options(action[1])
+                options = {"code": model.code_options, "command": model.command_options,
+                           "submit": model.submit_options}[action[0]](action[1])
                 for answer, _ in options:
                     if got is not None and answer != got:
                         continue
                     candidates += _submit_cut_options(model, action[1], answer, answered, faults,
-                                                      code=code)
+                                                      what=action[0])
             else:
                 candidates += model.cut_options(act, answered=False, faults=faults)
         self._keep(candidates, "no state the rules allow after this power cut")
         self.settle(after_cut=True)
         self.check(full=True)
-        if request:
+        if request and action[0] == "command":
+            landed = self.model._command_applied(action[1]) is not None
+        elif request:
             digits = code_digits(action[1]) if action[0] == "code" else None
             ref = code_ref(digits) if digits else voucher_ref(action[1]) if action[0] == "submit" else None
             landed = any(a[1] == ref for a in self.model.s["applied"].values())
@@ -1348,8 +1597,10 @@ class Harness:
         floor, first = board.supplier_floor, board.supplier_first
         from protocol import cose
         trust = {cose.kid_for(k): k for k in self.issuer.trust()}
+        command_key = self._command_key()
         outcomes = []
         for m in self.models:
+            m.command_key = command_key
             outcomes.append(m.factory_reset_and_provision(credit * 1000, now, floor, first, trust))
         want = outcomes[0]
         got = (key.floor, key.first_index)
@@ -1461,16 +1712,16 @@ class Harness:
         return None
 
 
-def _submit_cut_options(model, raw, answer, answered, faults, code=False):
-    """cut_options for a submit (a voucher, or a keypad code) whose answer (had it been
-    given) is `answer`: the original receipt is found (or not) as that answer says."""
+def _submit_cut_options(model, raw, answer, answered, faults, what="submit"):
+    """cut_options for a request (a voucher "submit", a keypad "code", a signed "command")
+    whose answer (had it been given) is `answer`: the original receipt is found (or not) as
+    that answer says."""
     original = answer[0] == "duplicate"
+    step = {"submit": MeterModel._submit, "code": MeterModel._submit_code,
+            "command": MeterModel._submit_command}[what]
 
     def act(m):
-        if code:
-            m._submit_code(raw, original=original)
-        else:
-            m._submit(raw, original=original)
+        step(m, raw, original)
     return model.cut_options(act, answered=answered, faults=faults)
 
 

@@ -4,6 +4,9 @@ without importing anything from protocol/ (so a test comparing protocol.voucher 
 this oracle compares two readings of the SPEC, not the code with itself).
 
 `voucher_verdict(raw, trusted, device, now, max_amount)` returns "OK" or the reason name.
+`command_verdict(raw, command_keys, device)` does the same for SPEC §10's checks 1-6 (a
+signed command's form, key, signature, payload and device), returning ("OK", payload) or
+(reason name, None).
 """
 import hashlib
 
@@ -111,8 +114,8 @@ def _nacl_ok(public, message, signature):
         return False
 
 
-def _sig_structure(protected, payload):
-    # ["Signature1", protected, h'', payload], encoded deterministically by hand
+def _sig_structure(protected, payload, aad=b""):
+    # ["Signature1", protected, external_aad, payload], encoded deterministically by hand
     def bstr(b):
         n = len(b)
         if n < 24:
@@ -120,7 +123,7 @@ def _sig_structure(protected, payload):
         if n < 256:
             return bytes([0x58, n]) + b
         return bytes([0x59]) + n.to_bytes(2, "big") + b
-    return b"\x84" + b"\x6aSignature1" + bstr(protected) + b"\x40" + bstr(payload)
+    return b"\x84" + b"\x6aSignature1" + bstr(protected) + bstr(aad) + bstr(payload)
 
 
 def voucher_verdict(raw, trusted, device, now, max_amount):
@@ -132,6 +135,13 @@ def voucher_verdict(raw, trusted, device, now, max_amount):
 
 
 def _check(raw, trusted, device, now, max_amount):
+    fields = _signed(raw, trusted, b"")
+    _voucher_payload(fields, device, now, max_amount)
+
+
+def _signed(raw, trusted, aad):
+    """Checks 1-4, common to vouchers and commands: the payload map once the signature made
+    over `aad` verifies under a trusted kid."""
     # 1. one deterministic CBOR item, tag 18 or none, an array of 4 with the right types
     top = cbor_decode(raw, allow_tag=True)
     if isinstance(top, tuple):
@@ -158,10 +168,13 @@ def _check(raw, trusted, device, now, max_amount):
     if kid not in trusted:
         raise Bad("UNKNOWN_KEY")
     # 4. libsodium's verdict on the signature over the protected bytes as received
-    if not _nacl_ok(trusted[kid], _sig_structure(protected, payload), signature):
+    if not _nacl_ok(trusted[kid], _sig_structure(protected, payload, aad), signature):
         raise Bad("BAD_SIGNATURE")
+    return cbor_decode(payload)
+
+
+def _voucher_payload(fields, device, now, max_amount):
     # 5. the payload table: keys 1-4 required, 5 optional, nothing else, exact types
-    fields = cbor_decode(payload)
     if not isinstance(fields, dict) or not set(fields) >= {1, 2, 3, 4} or not set(fields) <= {1, 2, 3, 4, 5}:
         raise Bad("MALFORMED")
     dev, seq, amount, issued = fields[1], fields[2], fields[3], fields[4]
@@ -191,3 +204,47 @@ def _check(raw, trusted, device, now, max_amount):
 def voucher_reference(raw):
     """SPEC §2.2: the first 16 bytes of SHA-256 of the voucher bytes as received."""
     return hashlib.sha256(bytes(raw)).digest()[:16]
+
+
+# --- SPEC §10: a signed command ------------------------------------------------------------------
+COMMAND_AAD = b"OTU1 command v1"
+# kind -> {arg key: (type, length)}: the kinds whose args are keys. The args of a tariff (4)
+# and a change of supplier (6) are not restated here (the rig's model sends neither): a map.
+_COMMAND_ARGS = {1: {1: (bytes, 32)}, 2: {1: (bytes, 8)}, 3: {1: (bytes, 32)}, 5: {1: (bytes, 32)}}
+
+
+def command_verdict(raw, command_keys, device):
+    """("OK", payload map) or (reason name, None) for SPEC §10 checks 1-6: COSE form and
+    header as a voucher's, kid one of `command_keys` ({kid: public key}), the signature over
+    the command's external AAD, the payload table (keys 1-5 exactly, number 1 <= n < 2^32,
+    issued <= 2^48 - 1, args as the kind's table), the device."""
+    try:
+        fields = _signed(bytes(raw), command_keys, COMMAND_AAD)
+        if not isinstance(fields, dict) or set(fields) != {1, 2, 3, 4, 5}:
+            raise Bad("MALFORMED")
+        dev, number, kind, issued, args = (fields[k] for k in (1, 2, 3, 4, 5))
+        if not isinstance(dev, bytes) or len(dev) != 8:
+            raise Bad("MALFORMED")
+        if not _is_uint(number) or not 1 <= number < 2 ** 32:
+            raise Bad("MALFORMED")
+        if not _is_uint(issued) or issued > 2 ** 48 - 1:
+            raise Bad("MALFORMED")
+        if not _is_uint(kind) or kind not in (1, 2, 3, 4, 5, 6) or not isinstance(args, dict):
+            raise Bad("MALFORMED")
+        table = _COMMAND_ARGS.get(kind)
+        if table is not None:
+            if set(args) != set(table):
+                raise Bad("MALFORMED")
+            for k, (typ, n) in table.items():
+                if not isinstance(args[k], typ) or len(args[k]) != n:
+                    raise Bad("MALFORMED")
+        if dev != device:
+            raise Bad("WRONG_DEVICE")
+        return "OK", fields
+    except Bad as e:
+        return e.reason, None
+
+
+def command_reference(raw):
+    """SPEC §10: a command's reference, as a voucher's."""
+    return voucher_reference(raw)

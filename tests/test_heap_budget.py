@@ -5,6 +5,13 @@ tools/heap_scenario.py: boot on blank flash and provisioning over the REPL, then
 the reset that ends provisioning, boot, 50 top-ups over the HAN, a metering checkpoint
 and every receipt read out over the HAN -- in HEAP bytes, or the test fails.
 
+A meter provisioned with a command key (SPEC.md §10) that applies a signed command after
+its 50 top-ups is held to HEAP_COMMANDS: its smallest heap measured 168 KiB (2 KiB steps;
+at 166 KiB the meter answers the command BUSY -- out of memory, nothing changed -- and
+goes on), so applying a command is 8 KiB over the 160 KiB goal the rest of the firmware
+meets (smallest 158 KiB). That is the command path's debt (frozen modules on a board pay
+it: their bytecode stays in flash).
+
 The flash image is a host file (tools/heap_scenario.py FileFlash), never on the heap.
 The goal (issue 10) is 160 KiB on this 64-bit build, about 112 KiB on a 32-bit board
 such as an ESP32 without PSRAM.  tests/bench/bench_heap.py finds the smallest heap the
@@ -21,6 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import unix_port  # noqa: E402
 
 HEAP = 160 * 1024
+HEAP_COMMANDS = 176 * 1024
 RUNS = 3          # each run lays the heap out differently (address-space randomisation)
 
 pytestmark = pytest.mark.skipif(unix_port.micropython() is None,
@@ -33,6 +41,12 @@ def firmware(tmp_path_factory):
     tree = unix_port.build_tree(str(tmp / "lib"), mpy=True)
     frames = unix_port.write_frames(str(tmp / "frames.bin"), count=50)
     return tree, frames
+
+
+@pytest.fixture(scope="module")
+def command_frames(tmp_path_factory):
+    return unix_port.write_frames(str(tmp_path_factory.mktemp("heap") / "frames.bin"), count=50,
+                                  with_command=True)
 
 
 def test_the_firmware_is_loaded_as_mpy(firmware):
@@ -49,6 +63,14 @@ def test_boot_provision_50_topups_checkpoint_and_readout_fit_the_heap(firmware, 
     assert len(figures["apply"]) == 50 and "checkpoint" in figures and "readout" in figures
     # nothing grows without bound: 50 receipts on flash cost the ledger a few hundred bytes
     assert figures["apply"][-1] - figures["apply"][0] < 4096, figures["apply"]
+
+
+def test_a_meter_with_a_command_key_applies_a_command_within_its_budget(firmware, command_frames):
+    tree, _ = firmware
+    ok, figures, output = unix_port.run_scenario(tree, HEAP_COMMANDS, command_frames)
+    assert ok, "the meter does not run in %d KiB:\n%s" % (HEAP_COMMANDS // 1024, output[-3000:])
+    # 50 top-ups and the command, each answered with its receipt, all read out
+    assert len(figures["apply"]) == 51 and "readout" in figures
 
 
 def test_the_heap_size_is_enforced(firmware):

@@ -6,13 +6,14 @@
 #       (meter.provisioning, with the application loaded), as `topup provision` does;
 #   micropython -X heapsize=N -m heap_scenario run FRAMES FLASH [--peak]
 #       after the soft reset that ends provisioning: the meter boots, applies every
-#       voucher of FRAMES over the HAN, takes a metering checkpoint and has every
-#       receipt read out over the HAN.
+#       voucher of FRAMES over the HAN and then any signed command, takes a metering
+#       checkpoint and has every receipt read out over the HAN.
 #
 # Every answer is checked; anything short of the whole scenario (a MemoryError, a BUSY, a
 # missing reply) ends the run with FAIL.  FRAMES (written by tools/unix_port.py): the
-# issuer key, the device id, then one SUBMIT frame per voucher, each a 2-byte big-endian
-# length and the bytes.  FLASH: a host file that is the meter's 64 KiB flash partition
+# issuer key, the device id, the command key (empty: none; installed at provisioning, as
+# `topup provision` does), then one SUBMIT frame per voucher and, with a command key, a
+# COMMAND frame, each a 2-byte big-endian length and the bytes.  FLASH: a host file that is the meter's 64 KiB flash partition
 # (FileFlash below), so the flash image is never on the heap -- as on a board, where it is
 # flash, not RAM.
 #
@@ -176,7 +177,10 @@ def provision(frames, flash):
     # the engineer's tool stops the app and provisions over the REPL (hil/flashing.py)
     from meter import provisioning
     issuer = next(frames)
-    provisioning.provision_board(next(frames).hex(), [issuer.hex()], board=board)
+    device = next(frames)
+    command_key = next(frames)
+    provisioning.provision_board(device.hex(), [issuer.hex()], board=board,
+                                 command_key_hex=command_key.hex() if command_key else None)
     print("OK provisioned")
 
 
@@ -206,7 +210,7 @@ def run(frames, flash, peak):
             meter.step()
             print("TIME apply", count, time.ticks_diff(time.ticks_us(), t))
         t, i, p = _reply(han, board.take_output(), "apply %d" % count)
-        if t != (han.SUBMIT | han.RESPONSE) or p.get(2):
+        if t not in (han.SUBMIT | han.RESPONSE, han.COMMAND | han.RESPONSE) or p.get(2):
             _fail("apply %d: answer %r" % (count, p))
         board.advance(60)
         gc.collect()
@@ -246,7 +250,8 @@ def main():
     if args[0] == "provision":
         provision(frames, args[2])
     else:
-        next(frames)                  # the issuer key and the device id: provisioning's
+        next(frames)                  # the issuer key, device id, command key: provisioning's
+        next(frames)
         next(frames)
         gc.collect()
         run(frames, args[2], "--peak" in args)

@@ -21,6 +21,7 @@ SCENARIO = "tools/heap_scenario.py"
 DEVICE = bytes.fromhex("70b3d5f0000000a1")
 T0 = 1790000000
 ISSUER_SEED = bytes(range(1, 33))
+COMMAND_SEED = bytes(range(33, 65))
 
 
 def micropython():
@@ -78,18 +79,27 @@ def build_tree(dest, mpy=True, overrides=None, bytecode=None):
     return dest
 
 
-def write_frames(path, count=50):
-    """The scenario's input: issuer key, device id, then `count` SUBMIT frames of vouchers
-    for sequences 1..count (each record: 2-byte big-endian length, bytes)."""
+def write_frames(path, count=50, with_command=False):
+    """The scenario's input: issuer key, device id, command key (empty: none), then `count`
+    SUBMIT frames of vouchers for sequences 1..count and, with_command, one COMMAND frame
+    (a signed command adding a second issuer key: SPEC.md §10) (each record: 2-byte
+    big-endian length, bytes)."""
     import nacl.signing
-    from protocol import cose, han, voucher
+    from protocol import command, cose, han, voucher
     issuer = nacl.signing.SigningKey(ISSUER_SEED)
+    commander = nacl.signing.SigningKey(COMMAND_SEED)
     pub = bytes(issuer.verify_key)
     kid = cose.kid_for(pub)
-    records = [pub, DEVICE]
+    command_pub = bytes(commander.verify_key)
+    records = [pub, DEVICE, command_pub if with_command else b""]
     for seq in range(1, count + 1):
         v = voucher.encode(kid, lambda m: issuer.sign(m).signature, DEVICE, seq, 100 + seq, T0 - 60)
         records.append(han.encode_message(han.SUBMIT, seq, {1: v}))
+    if with_command:
+        second = bytes(nacl.signing.SigningKey(bytes(32 - i for i in range(32))).verify_key)
+        c = command.encode(cose.kid_for(command_pub), lambda m: commander.sign(m).signature,
+                           DEVICE, 1, command.ADD_ISSUER_KEY, T0 - 60, {1: second})
+        records.append(han.encode_message(han.COMMAND, count + 1, {1: c}))
     with open(path, "wb") as f:
         for r in records:
             f.write(len(r).to_bytes(2, "big") + r)
@@ -107,11 +117,14 @@ def run_scenario(tree, heapsize, frames, peak=False, timeout=300):
     output = ""
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        flash = os.path.join(tmp, "flash.bin")
-        env = dict(os.environ, MICROPYPATH=tree)
+        # Short relative names, in the run's directory: argv and sys.path are on the heap,
+        # so the scenario's figures must not depend on how long the caller's paths are.
+        shutil.copyfile(frames, os.path.join(tmp, "frames.bin"))
+        os.symlink(os.path.abspath(tree), os.path.join(tmp, "lib"))
+        env = dict(os.environ, MICROPYPATH="lib")
         for phase in ("provision", "run"):
             cmd = [micropython(), "-X", "heapsize=%d" % heapsize, "-m", "heap_scenario", phase,
-                   frames, flash] + (["--peak"] if peak and phase == "run" else [])
+                   "frames.bin", "flash.bin"] + (["--peak"] if peak and phase == "run" else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                                   cwd=tmp)
             output += proc.stdout + proc.stderr

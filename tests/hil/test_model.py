@@ -1,7 +1,10 @@
 """Model-based run against the board under test: a Hypothesis state machine drives random
 sequences of issue, submit (in order, out of order, duplicated, tampered, stale), keypad
 codes over the HAN as a PPMID sends them (right, wrong -- in bursts that reach the lockout
---, typo, incomplete, duplicate), the PPMID's confirm and emergency-credit actions, energy
+--, typo, incomplete, duplicate), the PPMID's confirm and emergency-credit actions, signed
+commands made by the supplier's real `topup key new --activate` and `topup key revoke` and
+delivered as `topup han sync` does (the issuer key rotated and the old one revoked with no
+factory reset; replayed and tampered commands; cuts while one is applied), energy
 pulses, clock steps, WAN toggles, button presses, reboots and power cuts of both kinds (kill
 at a random instant with a request in flight; a cut at the n-th flash erase/program) against
 the board and a host-side model of the ledger (hil/rig.py: SPEC.md's and firmware/README.md's
@@ -78,9 +81,11 @@ class MeterMachine(RuleBasedStateMachine):
         from hil.transport import VirtualTransport
         if isinstance(self.board.transport, VirtualTransport):
             self.board.transport.set_clock_survives(self.stats["examples"] % 2 == 0)
+        self.board.commands = True                       # the meter takes signed commands
         self.board.reprovision()
         self.h = Harness(self.board, self.han)
         self.held = []                                   # issued, not yet submitted
+        self.sent = []                                   # commands sent to the meter
         self.wan = False
         self.stats["examples"] += 1
         # The factory reset that starts each example re-opens nothing: vouchers of the last
@@ -198,6 +203,77 @@ class MeterMachine(RuleBasedStateMachine):
         self.held.extend(raws[:2])
         self.h.submit(raws[-1])
         self._count()
+
+    # -- signed commands (SPEC §10): the issuer key rotated with no factory reset ---------------------
+    def _cli(self, *args):
+        r = self.board.issuer.cli(*args)
+        assert r.exit_code == 0, (args, r.stdout, r.stderr)
+        return r
+
+    def _new_issuer_key(self):
+        """`topup key new --activate`: an ADD_ISSUER_KEY for the meter, pending; vouchers are
+        signed with the new key from now on. Return the old key's kid."""
+        old = self.board.issuer.signer.kid
+        self._cli("key", "new", "--activate")
+        self.board.issuer.reload_signer()
+        return old
+
+    def _delivered(self, answers):
+        for raw, got in answers:
+            self.sent.append(raw)
+            key = "command_" + (got[0] if got[0] != "rejected" else errors.name(got[1]).lower())
+            self.stats[key] = self.stats.get(key, 0) + 1
+
+    @rule()
+    def rotate_issuer_key(self):
+        """The new key added and the old one revoked, each delivered over the HAN: vouchers
+        held back under the old key are then refused KEY_REVOKED, the new key's applied."""
+        old = self._new_issuer_key()
+        self._delivered(self.h.deliver_commands())
+        self._cli("key", "revoke", old.hex(), "--yes")
+        self._delivered(self.h.deliver_commands())
+        self._count()
+
+    @precondition(lambda self: self.sent)
+    @rule(i=st.integers(0, 1000), tamper=st.booleans(), pos=st.integers(0, 200),
+          bit=st.integers(0, 7))
+    def command_again(self, i, tamper, pos, bit):
+        """A command sent before, again: its original receipt while it is among the meter's
+        last 4, else COMMAND_REPLAYED; or a copy with one bit flipped, refused."""
+        raw = bytearray(self.sent[i % len(self.sent)])
+        if tamper:
+            raw[pos % len(raw)] ^= 1 << bit
+        got = self.h.submit_command(bytes(raw))
+        key = "command_again_" + (got[0] if got[0] != "rejected" else errors.name(got[1]).lower())
+        self.stats[key] = self.stats.get(key, 0) + 1
+        self._count()
+
+    def _cut_command(self, kind, n=0, delay=0.0):
+        """A new key's ADD_ISSUER_KEY in flight when the power goes: applied once (its
+        receipt rolled forward, or landed) or not at all, then delivered as usual, and the
+        old key revoked."""
+        old = self._new_issuer_key()
+        pending = self.h.pending_commands()
+        if not pending:
+            return
+        landed, res = self.h.power_cut(kind, n=n, action=("command", pending[0]), delay=delay,
+                                       linger=self.linger)
+        self.h.settle_commands()
+        self.stats["command_cut_" + ("landed" if landed else "lost")] = \
+            self.stats.get("command_cut_" + ("landed" if landed else "lost"), 0) + 1
+        self.stats["kill" if kind == "kill" else "flash_cut"] += 1 if kind == "kill" or res.cut else 0
+        self._delivered(self.h.deliver_commands())
+        self._cli("key", "revoke", old.hex(), "--yes")
+        self._delivered(self.h.deliver_commands())
+        self._count()
+
+    @precondition(lambda self: self.has("power_cut") or self.has("flash_cut"))
+    @rule(flash=st.booleans(), n=st.integers(0, 5), delay=st.floats(0, 0.08))
+    def cut_during_command(self, flash, n, delay):
+        if flash and self.has("flash_cut"):
+            self._cut_command("flash", n=n)
+        elif self.has("power_cut"):
+            self._cut_command("kill", delay=delay)
 
     # -- the meter's inputs ---------------------------------------------------------------------------
     @precondition(lambda self: self.has("pulses"))
@@ -390,6 +466,8 @@ def test_random_traffic_and_power_cuts_keep_the_books(board, han):
     # codes were exercised: applied, and refused as wrong (or locked out)
     assert stats.get("code_applied", 0), stats
     assert stats.get("code_code_wrong", 0) + stats.get("code_code_locked", 0), stats
+    # and signed commands: applied over the HAN (the issuer key rotated, the old one revoked)
+    assert stats.get("command_applied", 0), stats
     if board.has("power_cut"):
         assert stats["kill"] > 0, "no power cut was exercised"
 
