@@ -281,7 +281,17 @@ class VirtualBoard:
     def display(self, pixels=False):
         """The display as the firmware last drew it: {"gen": n, "text": lines joined by
         newlines, "pixels": the 128x64 MONO_VLSB framebuffer as hex (pixels=True), or None}."""
-        return self._request("display", pixels=bool(pixels))
+        # The board reads the display between two of the firmware's writes; on a loaded
+        # machine the firmware's thread can be paused mid-write for longer than that read
+        # spins ("being written"): ask again for up to 2 s.
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                return self._request("display", pixels=bool(pixels))
+            except VirtualBoardError as e:
+                if "being written" not in str(e) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.005)
 
     def display_wait(self, gen, timeout=1.0):
         """Wait until the display is redrawn after generation `gen` (or `timeout` s pass);
