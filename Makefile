@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 NODE   ?= node
 
-.PHONY: setup demo test test-cpython test-mpy test-mpy-unix check-firmware bench soak vectors clean
+.PHONY: setup postgres demo test test-cpython test-mpy test-mpy-unix check-firmware bench soak vectors clean
 
 setup: $(VENV)/.stamp-install node_modules/.stamp-install
 
@@ -20,13 +20,20 @@ node_modules/.stamp-install: package.json package-lock.json
 	npm ci --no-audit --no-fund --silent
 	touch $@
 
+# The PostgreSQL server the tests start in a temporary directory (tests/conftest.py):
+# Debian's package, installed only when no initdb is found (needs root; a no-op otherwise).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; }
+
 demo: setup
 	$(PY) tools/demo.py
 
 # pytest last, so its summary closes the run (it holds the heap budget on the unix port).
-test: setup check-firmware test-mpy test-mpy-unix test-cpython
+test: setup postgres check-firmware test-mpy test-mpy-unix test-cpython
 
-test-cpython: setup
+test-cpython: setup postgres
 	$(PY) -m pytest
 
 # The dual-VM suite (tests/protocol, tests/firmware) inside the wasm VM (the virtual
@@ -57,6 +64,7 @@ bench: setup
 	$(PY) tests/bench/bench_reconcile.py
 	$(PY) tests/bench/bench_rig.py
 	$(PY) tests/bench/bench_ppmid.py
+	$(PY) tests/bench/bench_serve.py
 
 # Long property runs with bounded defaults: SOAK=20 multiplies every example count.
 SOAK ?= 20

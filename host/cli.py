@@ -17,11 +17,13 @@
 #   topup receipts import FILE... | receipts export PATH [--device EUI64] [--format F]
 #   topup reconcile [--now UNIX] [--expired refund|void]
 #   topup report [--csv PATH] [--html PATH] [--force]
-#   topup headend --port PORT [--idle-exit SECONDS]
+#   topup headend --port PORT [--idle-exit SECONDS] [--to URL [--token-env NAME]]
 #   topup tariff set (--device EUI64 | --all) [--unit-rate P] [--standing P] [--ec-amount £]
 #                    [--ec-threshold £] [--max-voucher £] [--max-credit £] --effective WHEN
 #   topup supplier change EUI64 --to NEW_DB [--floor N] | supplier adopt EUI64 --from OLD_DB
 #   topup commands list|export [--device EUI64] [--pending] [--format text|qr|json]
+#   topup serve [--host H] [--port P] [--workers N] [--pool-size N]
+#   topup token new --scope S [--scope S...] [--label T] | token list | token revoke ID
 #
 # Global options (--db) work before or after the subcommand and fall back to environment
 # variables (TOPUP_DB, TOPUP_PASSPHRASE). A user's mistake is one line on stderr and exit
@@ -266,7 +268,9 @@ def init(state):
     """Create a new, empty supplier database."""
     conn = db.create(state.db_path)
     conn.close()
-    click.echo("created topup database %s (schema v%d, WAL)" % (state.db_path, db.SCHEMA_VERSION))
+    click.echo("created topup database %s (schema v%d, %s)" % (
+        db.pg.describe(state.db_path) if db.pg.is_url(state.db_path) else state.db_path,
+        db.SCHEMA_VERSION, "PostgreSQL" if db.pg.is_url(state.db_path) else "WAL"))
     click.echo("next: `topup key new` to make an issuer key (and the keypad-code key with "
                "the first one), `topup device add EUI64` to register a meter", err=True)
 
@@ -560,7 +564,8 @@ def device_show(state, eui64):
     conn = state.reader
     d = registry.get_device(conn, eui64)
     total, last, codes = conn.execute(
-        "SELECT coalesce(sum(amount), 0), max(issued), coalesce(sum(form = 2), 0) FROM vouchers "
+        "SELECT coalesce(sum(amount), 0), max(issued), "
+        "coalesce(sum(CASE WHEN form = 2 THEN 1 ELSE 0 END), 0) FROM vouchers "
         "WHERE device = ?", (eui64,)).fetchone()
     epochs = registry.device_keys(conn, eui64)
     rows = [
@@ -736,13 +741,26 @@ def issue(state, eui64, amount, count, expires_in, fmt, out, force, batch_size):
                                     expires_in=None if expires_in is None
                                     else expires_in * 86400, batch_size=batch_size,
                                     progress=progress, fmt=fmt,
-                                    destination=sink.destination, delivered=sink.delivered)
+                                    destination=sink.destination, delivered=sink.delivered,
+                                    also=_audited("voucher"))
     code, batch_id = _run_issue(state, conn, count, fmt, sink, batches, "voucher")
     if code is not None:
         return code
     _say_issued(conn, batch_id, count, pence, dev, "voucher", "key %s" % signer.kid.hex(),
                 sink)
     return 0
+
+
+def _audited(action):
+    """The issuer's `also` hook writing each transaction's audit row (token 'cli'), as the
+    HTTP service does with the token that asked (schema v7)."""
+    from .api.auth import audit
+
+    def also(conn, batch):
+        audit(conn, "cli", action, batch.device, batch.rows[0][0], batch.rows[-1][0],
+              batch.amount, "batch %s; %d %ss" % (batch.batch, len(batch.rows), action),
+              at=batch.issued)
+    return also
 
 
 def _run_issue(state, conn, count, fmt, sink, batches_of, noun):
@@ -868,7 +886,7 @@ def code(state, eui64, amount, count, fmt, out, force, batch_size):
         return issuer.issue_code_batches(conn, code_key, eui64, pence, count,
                                          batch_size=batch_size, progress=progress, fmt=fmt,
                                          destination=sink.destination,
-                                         delivered=sink.delivered)
+                                         delivered=sink.delivered, also=_audited("code"))
     rc, batch_id = _run_issue(state, conn, count, fmt, sink, batches, "code")
     if rc is not None:
         return rc
@@ -1292,8 +1310,14 @@ def required_port(env, what):
 @click.option("--idle-exit", type=click.FloatRange(0, min_open=True), metavar="SECONDS",
               help="Stop once this long has passed with no new receipt stored (traffic alone "
                    "does not keep it running; default: run until Ctrl-C).")
+@click.option("--to", "service", envvar="TOPUP_SERVICE_URL", metavar="URL",
+              help="Relay the pushes to the vending service at URL (`topup serve`: POST "
+                   "/v1/receipts) instead of a local database (env TOPUP_SERVICE_URL).")
+@click.option("--token-env", default="TOPUP_API_TOKEN", show_default=True, metavar="NAME",
+              help="With --to: the environment variable holding an API token with scope "
+                   "'ingest' (`topup token new --scope ingest`).")
 @click.pass_obj
-def headend_cmd(state, port, idle_exit):
+def headend_cmd(state, port, idle_exit, service, token_env):
     """Receive the receipts meters push when their WAN is back; store them and send a
     signed acknowledgement of those held with a verified signature. Each answer also
     carries that meter's pending signed commands (at most 4, in number order: `topup
@@ -1301,26 +1325,49 @@ def headend_cmd(state, port, idle_exit):
 
     Acknowledgements are signed with the active issuer key (the meters trust it), so the
     passphrase comes from $TOPUP_PASSPHRASE or a prompt.
+
+    With --to URL the head end needs no database and no passphrase: it relays each push to
+    the service, which stores it, signs the acknowledgement and adds the pending commands;
+    the answer goes back to the meter unchanged, so only what the service holds is
+    acknowledged. If the service cannot be reached the push is tried again for a few
+    seconds, then the meter is told BUSY: it keeps its receipts and pushes them again.
     """
     import serial
     from . import headend
-    conn = state.conn
-    if os.environ.get(PASSPHRASE_ENV) is None and not sys.stdin.isatty():
-        raise TopupError("no passphrase: the head end signs its acknowledgements with the "
-                         "active issuer key; set %s (or run it on a terminal to type it)"
-                         % PASSPHRASE_ENV)
-    signer = keystore.unlock_active(conn, _passphrase())
+    if service:
+        token = os.environ.get(token_env)
+        if not token:
+            raise TopupError("no API token: set %s to a token with scope 'ingest' (`topup "
+                             "token new --scope ingest` on the service's database)" % token_env)
+        if not service.startswith(("http://", "https://")):
+            raise TopupError("--to needs the service's http:// or https:// URL, not %r"
+                             % service)
+        conn = signer = None
+    else:
+        conn = state.conn
+        if os.environ.get(PASSPHRASE_ENV) is None and not sys.stdin.isatty():
+            raise TopupError("no passphrase: the head end signs its acknowledgements with the "
+                             "active issuer key; set %s (or run it on a terminal to type it)"
+                             % PASSPHRASE_ENV)
+        signer = keystore.unlock_active(conn, _passphrase())
     try:
         link = serial.serial_for_url(port, baudrate=115200, timeout=0.05)
     except (serial.SerialException, OSError) as e:
         raise TopupError("cannot open WAN port %s: %s" % (port, e)) from None
     from rich.markup import escape
     con = _console()
-    server = headend.HeadEnd(conn, link, "wan:%s" % port, signer,
-                             log=lambda message: con.print(escape(message)))
-    con.print("head end listening on %s, acknowledging with key %s (%s)" % (
-        port, signer.kid.hex(), "Ctrl-C stops" if idle_exit is None
-        else "stops after %g s with no new receipt" % idle_exit))
+    log = lambda message: con.print(escape(message))  # noqa: E731
+    until = ("Ctrl-C stops" if idle_exit is None
+             else "stops after %g s with no new receipt" % idle_exit)
+    if service:
+        uplink = headend.ServiceLink(service, token)
+        server = headend.RelayHeadEnd(link, "wan:%s" % port, uplink, log=log)
+        con.print("head end listening on %s, relaying to %s (%s)" % (port, uplink.url, until))
+    else:
+        uplink = None
+        server = headend.HeadEnd(conn, link, "wan:%s" % port, signer, log=log)
+        con.print("head end listening on %s, acknowledging with key %s (%s)" % (
+            port, signer.kid.hex(), until))
     try:
         server.serve(idle_exit=idle_exit)
         why = "no new receipt for %g s" % idle_exit
@@ -1330,6 +1377,15 @@ def headend_cmd(state, port, idle_exit):
         raise TopupError("WAN port %s failed: %s" % (port, e)) from None
     finally:
         link.close()
+        if uplink is not None:
+            uplink.close()
+    if uplink is not None:
+        con.print("head end stopped (%s): %d push(es) relayed, %d new receipt(s) stored by "
+                  "the service, %d acknowledgement(s) passed on, %d push(es) refused, %d "
+                  "while the service was unavailable, %d command(s) sent" % (
+                      why, server.pushes, server.stored, server.acks, server.refused,
+                      server.unavailable, server.commands))
+        return
     con.print("head end stopped (%s): %d push(es), %d new receipt(s) stored, %d "
               "acknowledgement(s) signed, %d push(es) refused, %d command(s) sent" % (
                   why, server.pushes, server.stored, server.acks, server.refused,
@@ -1833,6 +1889,106 @@ def commands_export(state, eui64, pending, fmt, out, force):
         click.echo("wrote %d command(s) to %s" % (len(rows), out), err=True)
     else:
         click.echo(data, nl=False)
+    return 0
+
+
+# --- the HTTP service ------------------------------------------------------------------------
+
+@cli.command("serve", short_help="Run the HTTP API for payment channels.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (TLS is the reverse proxy's job: docs/deploy/).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes (each with its own database pool).")
+@click.option("--pool-size", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Idle database connections kept per process.")
+@click.pass_obj
+def serve(state, host, port, workers, pool_size):
+    """Serve the HTTP API (FastAPI on uvicorn; OpenAPI at /docs): issue vouchers and codes
+    (Idempotency-Key), look them up, void them, register devices, ingest receipts,
+    reconciliation, /healthz and /metrics. Requests carry `Authorization: Bearer TOKEN`
+    (`topup token new`). The issuer key is unsealed once at start-up with the passphrase
+    ($TOPUP_PASSPHRASE). Several processes, on one host or several, may share one database.
+    """
+    import uvicorn
+    from .api import app as api_app
+    target = state.db_path
+    if "://" not in target:
+        target = os.path.abspath(target)
+    passphrase = _passphrase()
+    application = api_app.create_app(target, passphrase, pool_size)  # refuse early
+    click.echo("topup: serving %s on http://%s:%d (API docs at /docs)%s"
+               % (target if "://" not in target else target.split("@")[-1], host, port,
+                  "" if workers == 1 else " with %d workers" % workers), err=True)
+    if workers == 1:
+        uvicorn.run(application, host=host, port=port, log_level="warning",
+                    timeout_graceful_shutdown=10)
+        return 0
+    from .api import metrics
+    cleanup = metrics.setup_multiprocess()
+    os.environ[DB_ENV] = target
+    os.environ[PASSPHRASE_ENV] = passphrase
+    os.environ["TOPUP_POOL_SIZE"] = str(pool_size)
+    try:
+        api_app.run_workers(host, port, workers, log_level="warning",  # TCP_NODELAY
+                            timeout_graceful_shutdown=10)
+    finally:
+        cleanup()
+    return 0
+
+
+@cli.group()
+def token():
+    """API tokens for `topup serve`: new, list, revoke."""
+
+
+@token.command("new")
+@click.option("--scope", "scopes", multiple=True, required=True,
+              type=click.Choice(("issue", "read", "ingest", "admin")),
+              help="What the token may do (repeat): issue (vouchers, codes, void), read "
+                   "(look up), ingest (receipts), admin (register devices).")
+@click.option("--label", metavar="TEXT", help="Who holds it (e.g. the payment channel).")
+@click.pass_obj
+def token_new(state, scopes, label):
+    """Make an API token. Its secret is printed once, on standard output, and stored only
+    as a hash: hand it to the channel now."""
+    from .api import auth
+    token_id, secret = auth.new_token(state.conn, scopes, label)
+    click.echo(secret)
+    click.echo("made API token %s (scopes: %s); its secret above is shown only this once"
+               % (token_id, " ".join(s for s in auth.SCOPES if s in scopes)), err=True)
+    return 0
+
+
+@token.command("list")
+@click.pass_obj
+def token_list(state):
+    """Every API token: id, scopes, label, created, revoked (never the secret)."""
+    from .api import auth
+    rows = auth.list_tokens(state.reader)
+    if not rows:
+        click.echo("no API tokens (make one with `topup token new --scope issue`)", err=True)
+        return 0
+
+    def when(t):
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) if t is not None else "-"
+    click.echo("%-19s  %-24s  %-16s  %-16s  %s" % ("ID", "SCOPES", "CREATED", "REVOKED",
+                                                   "LABEL"))
+    for t in rows:
+        click.echo("%-19s  %-24s  %-16s  %-16s  %s" % (t.id, " ".join(t.scopes),
+                                                       when(t.created), when(t.revoked),
+                                                       t.label or ""))
+    return 0
+
+
+@token.command("revoke")
+@click.argument("token_id", metavar="ID")
+@click.pass_obj
+def token_revoke(state, token_id):
+    """Revoke API token ID: requests carrying it are refused (401) from now on."""
+    from .api import auth
+    auth.revoke_token(state.conn, token_id)
+    click.echo("revoked API token %s" % token_id.split(".", 1)[0].strip())
     return 0
 
 

@@ -606,7 +606,7 @@ class Row:
 
 
 def list_commands(conn, device=None, status=None, epoch_current=False):
-    sql = ("SELECT %s FROM commands WHERE 1" % ", ".join(Row.__slots__))
+    sql = ("SELECT %s FROM commands WHERE 1 = 1" % ", ".join(Row.__slots__))
     args = []
     if device is not None:
         sql += " AND device = ?"
@@ -663,9 +663,9 @@ def exposure(conn):
                 "kid = ? AND voided IS NULL AND NOT EXISTS (SELECT 1 FROM voucher_status s "
                 "WHERE s.device = v.device AND s.sequence = v.sequence AND s.status IN "
                 "('redeemed', 'stale'))", (dev, kid)).fetchone()
-            pending = conn.execute(
-                "SELECT 1 FROM commands WHERE device = ? AND kind = 2 AND status = 'pending' "
-                "AND json_extract(args, '$.kid') = ?", (dev, kid.hex())).fetchone() is not None
+            pending = any(json.loads(args).get("kid") == kid.hex() for (args,) in conn.execute(
+                "SELECT args FROM commands WHERE device = ? AND kind = 2 AND "
+                "status = 'pending'", (dev,)))
             out.append(Exposure(dev, kid, n, pence, pending))
     return out
 
@@ -673,14 +673,18 @@ def exposure(conn):
 def applied_after_revocation(conn):
     """[(device, receipt index, receipt hash, sequence, kid, revoke receipt index)]: vouchers
     redeemed by a receipt after the receipt of their meter's revocation of their key."""
-    return conn.execute(
-        "SELECT s.device, s.receipt_index, s.receipt, s.sequence, v.kid, c.receipt_index "
-        "FROM commands c JOIN vouchers v ON v.device = c.device "
-        "AND lower(hex(v.kid)) = json_extract(c.args, '$.kid') "
-        "JOIN voucher_status s ON s.device = v.device AND s.sequence = v.sequence "
-        "AND s.status = 'redeemed' AND s.receipt_index > c.receipt_index "
-        "WHERE c.kind = 2 AND c.status = 'applied' "
-        "ORDER BY s.device, s.receipt_index").fetchall()
+    out = []
+    for dev, args, revoked_at in conn.execute(
+            "SELECT device, args, receipt_index FROM commands WHERE kind = 2 AND "
+            "status = 'applied'").fetchall():
+        kid = bytes.fromhex(json.loads(args)["kid"])
+        out.extend(tuple(r) + (revoked_at,) for r in conn.execute(
+            "SELECT s.device, s.receipt_index, s.receipt, s.sequence, v.kid FROM vouchers v "
+            "JOIN voucher_status s ON s.device = v.device AND s.sequence = v.sequence "
+            "AND s.status = 'redeemed' AND s.receipt_index > ? "
+            "WHERE v.device = ? AND v.kid = ?", (revoked_at, dev, kid)))
+    out.sort(key=lambda r: (bytes(r[0]), r[1]))
+    return out
 
 
 def _utc(ts):

@@ -6,16 +6,19 @@
 # and never writes to such a file. A database that cannot be written (a read-only mount,
 # no write permission) is said to be so: commands that only read open it read-only
 # (`open_db(path, write=False)`), and commands that must write refuse in one clear line.
+import contextlib
 import os
+import queue
 import sqlite3
 import urllib.parse
 
 from protocol.cose import kid_for
 
-from .errors import TopupError
+from . import pg
+from .errors import DatabaseUnavailable, TopupError
 
 APPLICATION_ID = 0x4F545531  # "OTU1"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 BUSY_TIMEOUT_S = 60.0  # a concurrent issuer waits this long for the write lock
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -354,8 +357,45 @@ def _v6(conn):
                  "(k.revoked IS NULL OR k.revoked > d.provisioned)")
 
 
+# Version 7: the HTTP service (`topup serve`, host/api/). API tokens (stored as the
+# SHA-256 of the secret token, shown once), the stored answers to Idempotency-Keys (written
+# in the same transaction as the vouchers they answer for: after a crash a retry finds the
+# answer or finds nothing issued) and an audit log of who asked for what. Portable SQL:
+# the same script runs on PostgreSQL (host/pg.py).
+SCHEMA_V7 = """
+CREATE TABLE api_tokens (
+    id      TEXT PRIMARY KEY,             -- public part: tk_ and 16 hex digits
+    hash    BLOB NOT NULL,                -- SHA-256 of the whole secret token
+    scopes  TEXT NOT NULL,                -- space-separated: issue read ingest admin
+    label   TEXT,
+    created INTEGER NOT NULL,
+    revoked INTEGER                       -- Unix time, NULL while valid
+);
+CREATE TABLE idempotency (
+    key      TEXT PRIMARY KEY,            -- the Idempotency-Key header (one namespace)
+    token    TEXT NOT NULL,               -- the token whose request stored the answer
+    request  BLOB NOT NULL,               -- SHA-256 of method, path and the request's values
+    status   INTEGER NOT NULL,            -- HTTP status of the stored answer
+    response BLOB NOT NULL,               -- the JSON answer, byte for byte
+    created  INTEGER NOT NULL
+);
+CREATE TABLE audit (
+    at        INTEGER NOT NULL,
+    token     TEXT NOT NULL,              -- api_tokens.id, or 'cli'
+    action    TEXT NOT NULL,              -- issue, code, void, device, ingest, token
+    device    BLOB,
+    first_seq INTEGER,
+    last_seq  INTEGER,
+    amount    INTEGER,
+    detail    TEXT
+);
+CREATE INDEX audit_by_time ON audit (at);
+CREATE INDEX vouchers_by_ref ON vouchers (ref);
+"""
+
+
 # From version n to n + 1: an SQL script, or a function of the connection.
-MIGRATIONS = {1: SCHEMA_V2, 2: _v3, 3: SCHEMA_V4, 4: SCHEMA_V5, 5: _v6}
+MIGRATIONS = {1: SCHEMA_V2, 2: _v3, 3: SCHEMA_V4, 4: SCHEMA_V5, 5: _v6, 6: SCHEMA_V7}
 
 
 def _run_migration(conn, version):
@@ -379,12 +419,19 @@ def _configure(conn):
 
 def _connect(path, mode):
     # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+    # check_same_thread=False: a service's pool hands one connection to one thread at a
+    # time (ConnectionPool), never to two at once.
     return sqlite3.connect(_uri(path, mode), uri=True, timeout=BUSY_TIMEOUT_S,
-                           isolation_level=None)
+                           isolation_level=None, check_same_thread=False)
 
 
 def create(path):
-    """Create a new, empty database at `path`. Refuses to touch an existing file."""
+    """Create a new, empty database at `path`. Refuses to touch an existing file.
+
+    `path` may be a postgresql:// URL: the schema is created in that database, which
+    must be empty."""
+    if pg.is_url(path):
+        return _create_pg(path)
     if os.path.lexists(path):
         raise TopupError("%s already exists; refusing to overwrite it" % path)
     parent = os.path.dirname(os.path.abspath(path))
@@ -429,11 +476,26 @@ def _statements(script):
     return stmts
 
 
+# Files this process has seen to be SQLite, by (device, inode). Closing ANY descriptor of a
+# file drops every POSIX lock this process holds on it — SQLite's locks of connections
+# already open included ("How To Corrupt An SQLite Database File", §2.2) — after which
+# another process may checkpoint and delete the WAL under them (stale reads, "disk I/O
+# error", lost commits). So the header is read by open/close only the first time; a
+# service's pool opening more connections to a file it holds never does it again.
+_VERIFIED = set()
+
+
 def _check_file(path):
     if not os.path.lexists(path):
         raise TopupError("no database at %s (run `topup init`)" % path)
     if os.path.isdir(path):
         raise TopupError("%s is a directory, not a topup database" % path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise TopupError("cannot read %s: %s" % (path, e.strerror or e)) from None
+    if (st.st_dev, st.st_ino) in _VERIFIED:
+        return
     try:
         with open(path, "rb") as f:
             head = f.read(len(_SQLITE_MAGIC))
@@ -441,10 +503,13 @@ def _check_file(path):
         raise TopupError("cannot read %s: %s" % (path, e.strerror or e)) from None
     if head != _SQLITE_MAGIC:
         raise TopupError("%s is not a topup database (not an SQLite file)" % path)
+    _VERIFIED.add((st.st_dev, st.st_ino))
 
 
 def _read_only_why(path):
     """Why `path` (an existing database) cannot be written, or None if it can."""
+    if pg.is_url(path):
+        return None
     parent = os.path.dirname(os.path.abspath(path))
     try:
         if os.statvfs(parent).f_flag & os.ST_RDONLY:
@@ -489,8 +554,10 @@ def open_db(path, write=True):
 
     write=False: the caller only reads; a database that cannot be written (read-only
     mount, permissions) is opened read-only. write=True: such a database is refused, in
-    words that say why.
+    words that say why. `path` may be a postgresql:// URL.
     """
+    if pg.is_url(path):
+        return _open_pg(path)
     _check_file(path)
     why = _read_only_why(path)
     if why is not None and write:
@@ -566,6 +633,14 @@ def _migrate(conn):
             raise
 
 
+def has_table(conn, name):
+    """Whether the database has table `name` (an older schema being upgraded may not)."""
+    if isinstance(conn, pg.Connection):
+        return conn.execute("SELECT to_regclass(?)", (name,)).fetchone()[0] is not None
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                        (name,)).fetchone() is not None
+
+
 class transaction:
     """`with transaction(conn):` BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception.
 
@@ -589,3 +664,134 @@ class transaction:
         else:
             self.conn.execute("ROLLBACK")
         return False
+
+
+class ConnectionPool:
+    """Connections for a long-running service (`topup serve`): `with pool.connection() as
+    conn:` lends one open, migrated connection to one thread at a time and takes it back.
+
+    A connection that raised while lent is closed rather than reused, so a broken one
+    (a half-finished transaction, a server gone away) never reaches the next request.
+    """
+
+    def __init__(self, target, size=8):
+        self.target = target
+        self.size = size
+        open_db(target).close()  # refuse a missing or foreign database now, not per request
+        self._idle = queue.LifoQueue()
+        self._pg = _pg_pool(target, size) if pg.is_url(target) else None
+
+    @contextlib.contextmanager
+    def connection(self):
+        if self._pg is not None:
+            with _pg_lend(self._pg, self.target) as conn:
+                yield conn
+            return
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = open_db(self.target)
+        try:
+            yield conn
+        except BaseException:
+            conn.close()
+            raise
+        if self._idle.qsize() < self.size:
+            self._idle.put(conn)
+        else:
+            conn.close()
+
+    def close(self):
+        if self._pg is not None:
+            self._pg.close()
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+# --- PostgreSQL (host/pg.py translates the SQL) ---------------------------------------
+
+def _create_pg(url):
+    conn = pg.connect(url)
+    try:
+        pg.check_empty(conn, url)
+        with transaction(conn):  # DDL is transactional: all of it, or nothing
+            pg.check_empty(conn, url)
+            for stmt in _statements(SCHEMA):
+                conn.execute(stmt)
+            for version in sorted(MIGRATIONS):
+                _run_migration(conn, version)
+            pg.init_meta(conn, APPLICATION_ID, SCHEMA_VERSION)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _open_pg(url):
+    where = pg.describe(url)
+    conn = pg.connect(url)
+    try:
+        meta = pg.read_meta(conn)
+        if meta is None:
+            if pg.user_tables(conn):
+                raise TopupError("%s is not a topup database (no topup_meta table)" % where)
+            raise TopupError("%s is an empty database (run `topup init`)" % where)
+        app_id, version = meta
+        if app_id != APPLICATION_ID:
+            raise TopupError("%s is not a topup database (application id %r)" % (where, app_id))
+        if version > SCHEMA_VERSION:
+            raise TopupError("%s has schema version %d; this topup understands up to %d"
+                             % (where, version, SCHEMA_VERSION))
+        if version < 1:
+            raise TopupError("%s is an unfinished topup database (schema version %d)"
+                             % (where, version))
+        if version < SCHEMA_VERSION:
+            _migrate_pg(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate_pg(conn):
+    """As _migrate: one transaction per step, the version read again under the write lock."""
+    while True:
+        with transaction(conn):
+            version = pg.read_meta(conn)[1]
+            if version >= SCHEMA_VERSION:
+                return
+            _run_migration(conn, version)
+            pg.set_version(conn, version + 1)
+
+
+def _pg_pool(url, size):
+    from psycopg_pool import ConnectionPool as Pool
+    p = Pool(url, min_size=1, max_size=size, open=False, configure=pg.configure,
+             check=Pool.check_connection, timeout=pg.CONNECT_TIMEOUT_S,
+             kwargs={"autocommit": True, "connect_timeout": pg.CONNECT_TIMEOUT_S,
+                     "options": "-c lock_timeout=%d" % pg.LOCK_TIMEOUT_MS})
+    p.open(wait=False)
+    return p
+
+
+@contextlib.contextmanager
+def _pg_lend(pool, url):
+    """One pooled connection, wrapped; the pool discards it if it broke, and rolls back
+    a transaction left open."""
+    import psycopg
+    from psycopg_pool import PoolTimeout
+    cm = pool.connection()
+    try:
+        raw = cm.__enter__()
+    except (PoolTimeout, psycopg.Error) as e:
+        raise DatabaseUnavailable("database server %s is not reachable (%s)"
+                                  % (pg.describe(url), pg.first_line(e))) from None
+    try:
+        yield pg.Connection(raw, url, owned=False)
+    except BaseException as e:
+        cm.__exit__(type(e), e, e.__traceback__)
+        raise
+    cm.__exit__(None, None, None)

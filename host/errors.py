@@ -13,3 +13,10 @@ class TopupError(Exception):
 
     def __str__(self):
         return self.message
+
+
+class DatabaseUnavailable(TopupError):
+    """The database server cannot be reached, or went away mid-command (PostgreSQL): the
+    transaction was not committed. The service answers 503."""
+
+    exit_code = 1

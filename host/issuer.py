@@ -258,7 +258,7 @@ def _check_request(dev, amount, count, expires_in):
 
 def issue_batches(conn, signer, device, amount, count=1, expires_in=None, now=None,
                   batch_size=DEFAULT_BATCH, progress=None, fmt=None, destination=None,
-                  delivered=None):
+                  delivered=None, also=None):
     """Issue `count` vouchers of `amount` pence to `device`; yield Batches of Issued.
 
     Each list is yielded only after its transaction has committed. `expires_in` is in
@@ -272,10 +272,96 @@ def issue_batches(conn, signer, device, amount, count=1, expires_in=None, now=No
     removed from the list once it commits (the caller records what is left with
     `record_deliveries`). Without a destination the vouchers are recorded as handed to
     the calling program when they are committed.
+
+    `also(conn, batch)`: called inside each transaction once its batch is stored, to write
+    more in the same commit (the HTTP service's idempotency answer and audit row); what it
+    raises rolls the batch back.
     """
     device = bytes(device)
     dev = get_device(conn, device)
     _check_request(dev, amount, count, expires_in)
+    store = _voucher_store(signer, device, amount, expires_in)
+    yield from _issue(conn, device, amount, count, now, batch_size, progress, fmt,
+                      destination, delivered, store, "vouchers", also)
+
+
+def issue_group(conn, signer, requests, now=None):
+    """Group commit (the HTTP service): issue several requests inside the caller's write
+    transaction with a handful of statements in all, whatever their number.
+
+    `requests`: [(device, amount, count, expires_in)]. Returns one item per request, in
+    order: the Batch stored for it (its own issue batch and sequence reservation, as
+    `issue_batches` would make in one transaction), or the TopupError refusing it (device
+    removed, limits changed meanwhile, sequences run out, key no longer active), which
+    stored nothing for it. Everything is checked under the write lock before anything is
+    written. The caller commits, and must not release a Batch before COMMIT has returned.
+    """
+    out = [None] * len(requests)
+    kid = signer.kid
+    key = conn.execute("SELECT active FROM keys WHERE kid = ?", (kid,)).fetchone()
+    if key is None or not key[0]:
+        e = TopupError("key %s is no longer the active key; stopped after 0 vouchers"
+                       % kid.hex())
+        return [e] * len(requests)
+    wanted = sorted({bytes(r[0]) for r in requests})
+    state = {bytes(d): [first, top] for d, first, top in conn.execute(
+        "SELECT device, next_sequence, max_voucher FROM devices WHERE device IN (%s)"
+        % ",".join("?" * len(wanted)), wanted)}
+    start = {d: st[0] for d, st in state.items()}
+    issued = int(time.time()) if now is None else int(now)
+    plan = []
+    for i, (device, amount, count, expires_in) in enumerate(requests):
+        device = bytes(device)
+        st = state.get(device)
+        if st is None:
+            out[i] = TopupError("device %s was removed" % format_eui64(device))
+            continue
+        first, top = st
+        if not 1 <= amount <= min(top, MAX_AMOUNT) or first + count - 1 > MAX_SEQUENCE \
+                or count < 1 or (expires_in is not None and expires_in <= 0):
+            out[i] = TopupError("device %s limits changed; stopped after 0 vouchers"
+                                % format_eui64(device))
+            continue
+        expires = None if expires_in is None else issued + int(expires_in)
+        check_fields(device, first, amount, issued, expires)
+        st[0] = first + count
+        plan.append((i, device, amount, count, first, expires))
+    if not plan:
+        return out
+    # One issue batch per request. Rows alike in (device, amount, requested) are alike in
+    # every column, so matching the returned ids by those values is exact in any order.
+    ids = {}
+    for b, d, a, n in conn.execute(
+            "INSERT INTO issue_batches (device, amount, requested, created, format, "
+            "destination) VALUES %s RETURNING batch, device, amount, requested"
+            % ",".join(["(?, ?, ?, ?, NULL, NULL)"] * len(plan)),
+            [v for _, d, a, n, _, _ in plan for v in (d, a, n, issued)]).fetchall():
+        ids.setdefault((bytes(d), a, n), []).append(b)
+    enc = VoucherEncoder(kid, signer.secret64)
+    vouchers, delivered = [], []
+    for i, device, amount, count, first, expires in plan:
+        batch_id = ids[(device, amount, count)].pop()
+        rows = [(seq, reference(raw), raw)
+                for seq, raw in enc.encode_run(device, first, count, amount, issued, expires)]
+        vouchers.extend((device, seq, amount, issued, expires, kid, ref, raw, batch_id)
+                        for seq, ref, raw in rows)
+        delivered.append((device, first, first + count - 1, issued, batch_id))
+        out[i] = Batch(device, amount, issued, expires, kid, rows, batch_id)
+    conn.executemany("INSERT INTO vouchers (device, sequence, amount, issued, expires, kid, "
+                     "ref, cose, batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", vouchers)
+    moved = [(d, st[0]) for d, st in state.items() if st[0] != start[d]]
+    cur = conn.execute(
+        "UPDATE devices SET next_sequence = CASE device %s END WHERE device IN (%s)"
+        % (" ".join(["WHEN ? THEN ?"] * len(moved)), ",".join("?" * len(moved))),
+        [v for d, n in moved for v in (d, n)] + [d for d, _ in moved])
+    if cur.rowcount != len(moved):  # cannot happen under the write lock; refuse loudly
+        raise RuntimeError("devices changed inside a write transaction")
+    conn.executemany("INSERT INTO deliveries (device, first, last, at, batch) "
+                     "VALUES (?, ?, ?, ?, ?)", delivered)
+    return out
+
+
+def _voucher_store(signer, device, amount, expires_in):
     enc = VoucherEncoder(signer.kid, signer.secret64)
     kid = signer.kid
 
@@ -296,9 +382,7 @@ def issue_batches(conn, signer, device, amount, count=1, expires_in=None, now=No
             % (device.hex(), amount, issued, "NULL" if expires is None else "%d" % expires,
                kid.hex(), batch_id), rows)
         return Batch(device, amount, issued, expires, kid, rows, batch_id)
-
-    yield from _issue(conn, device, amount, count, now, batch_size, progress, fmt,
-                      destination, delivered, store, "vouchers")
+    return store
 
 
 def code_epoch(conn, device):
@@ -340,7 +424,7 @@ def _too_far(name, last, highest, count):
 
 def issue_code_batches(conn, code_key, device, amount, count=1, now=None,
                        batch_size=DEFAULT_BATCH, progress=None, fmt=None, destination=None,
-                       delivered=None):
+                       delivered=None, also=None):
     """Issue `count` keypad codes (SPEC.md §8) of `amount` pence to `device`; yield
     Batches of Issued (form 2). As `issue_batches`: the sequences are reserved in the same
     transaction that stores the codes, committed before any code is yielded; the same
@@ -378,11 +462,11 @@ def issue_code_batches(conn, code_key, device, amount, count=1, now=None,
         return Batch(device, amount, issued, None, kid, rows, batch_id, FORM_CODE)
 
     yield from _issue(conn, device, amount, count, now, batch_size, progress, fmt,
-                      destination, delivered, store, "codes")
+                      destination, delivered, store, "codes", also)
 
 
 def _issue(conn, device, amount, count, now, batch_size, progress, fmt, destination,
-           delivered, store, what):
+           delivered, store, what, also=None):
     """The reservation loop both forms share: per batch one BEGIN IMMEDIATE transaction
     that reads next_sequence, records the issue batch and the deliveries reported so far,
     stores the batch (`store(conn, first, n, issued, batch id, done) -> Batch`), moves
@@ -396,36 +480,50 @@ def _issue(conn, device, amount, count, now, batch_size, progress, fmt, destinat
         pending = delivered() if delivered is not None and batch_id is not None else []
         written = list(pending)
         with transaction(conn):
-            row = conn.execute("SELECT next_sequence, max_voucher FROM devices WHERE device = ?",
-                               (device,)).fetchone()
-            if row is None:
-                raise TopupError("device %s was removed" % format_eui64(device))
-            first, max_voucher = row
-            if amount > max_voucher or first + n - 1 > MAX_SEQUENCE:
-                raise TopupError("device %s limits changed; stopped after %d %s"
-                                 % (format_eui64(device), done, what))
-            issued = int(time.time()) if now is None else int(now)
-            if batch_id is None:
-                batch_id = conn.execute(
-                    "INSERT INTO issue_batches (device, amount, requested, created, format, "
-                    "destination) VALUES (?, ?, ?, ?, ?, ?)",
-                    (device, amount, count, issued, fmt if destination else None,
-                     destination)).lastrowid
-            _insert_deliveries(conn, written, batch_id, fmt, destination)
-            batch = store(conn, first, n, issued, batch_id, done)
-            cur = conn.execute("UPDATE devices SET next_sequence = ? WHERE device = ? AND "
-                               "next_sequence = ?", (first + n, device, first))
-            if cur.rowcount != 1:  # cannot happen under BEGIN IMMEDIATE; refuse loudly
-                raise RuntimeError("next_sequence moved inside a write transaction")
-            if destination is None:  # handed to the calling program as this commits
-                _insert_deliveries(conn, [(device, first, first + n - 1)], batch_id, None,
-                                   None, issued)
+            batch = _reserve_and_store(conn, device, amount, count, n, now, batch_id, done,
+                                       fmt, destination, written, store, what, also)
+            batch_id = batch.batch
         del pending[:len(written)]
         # COMMIT has returned: the reservation is durable. Now they may leave.
         done += n
         if progress:
             progress(done, count)
         yield batch
+
+
+def _reserve_and_store(conn, device, amount, count, n, now, batch_id, done, fmt, destination,
+                       written, store, what, also):
+    """One transaction's work, inside the caller's write transaction: read next_sequence,
+    record the issue batch (when `batch_id` is None) and the deliveries reported so far,
+    store `n` vouchers or codes, move next_sequence, call `also`. Returns the Batch."""
+    row = conn.execute("SELECT next_sequence, max_voucher FROM devices WHERE device = ?",
+                       (device,)).fetchone()
+    if row is None:
+        raise TopupError("device %s was removed" % format_eui64(device))
+    first, max_voucher = row
+    if amount > max_voucher or first + n - 1 > MAX_SEQUENCE:
+        raise TopupError("device %s limits changed; stopped after %d %s"
+                         % (format_eui64(device), done, what))
+    issued = int(time.time()) if now is None else int(now)
+    if batch_id is None:
+        batch_id = conn.execute(
+            "INSERT INTO issue_batches (device, amount, requested, created, format, "
+            "destination) VALUES (?, ?, ?, ?, ?, ?) RETURNING batch",
+            (device, amount, count, issued, fmt if destination else None,
+             destination)).fetchone()[0]
+    if written:
+        _insert_deliveries(conn, written, batch_id, fmt, destination)
+    batch = store(conn, first, n, issued, batch_id, done)
+    cur = conn.execute("UPDATE devices SET next_sequence = ? WHERE device = ? AND "
+                       "next_sequence = ?", (first + n, device, first))
+    if cur.rowcount != 1:  # cannot happen under BEGIN IMMEDIATE; refuse loudly
+        raise RuntimeError("next_sequence moved inside a write transaction")
+    if destination is None:  # handed to the calling program as this commits
+        _insert_deliveries(conn, [(device, first, first + n - 1)], batch_id, None,
+                           None, issued)
+    if also is not None:
+        also(conn, batch)
+    return batch
 
 
 def _insert_deliveries(conn, ranges, batch, fmt, destination, at=None):

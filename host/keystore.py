@@ -34,7 +34,7 @@ import nacl.utils
 
 from protocol.cose import kid_for
 
-from .db import transaction
+from .db import has_table, transaction
 from .errors import TopupError
 
 OPSLIMIT = nacl.pwhash.argon2id.OPSLIMIT_MODERATE
@@ -99,14 +99,12 @@ def _weaker(opslimit, memlimit, target):
 def _has_code_keys(conn):
     """Whether the database has the code_keys table (schema 5; an older database being
     set up by a test or a migration step may not)."""
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                        "name = 'code_keys'").fetchone() is not None
+    return has_table(conn, "code_keys")
 
 
 def _has_command_keys(conn):
     """Whether the database has the command_keys table (schema 6)."""
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                        "name = 'command_keys'").fetchone() is not None
+    return has_table(conn, "command_keys")
 
 
 def rewrap(conn, passphrase, seeds=None):

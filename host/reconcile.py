@@ -288,7 +288,8 @@ def import_rows(conn, batches, now=None, progress=None):
                 if not groups:
                     continue
                 batch = conn.execute("INSERT INTO imports (at, source, receipts, new) "
-                                     "VALUES (?, ?, ?, 0)", (now, source, count)).lastrowid
+                                     "VALUES (?, ?, ?, 0) RETURNING batch",
+                                     (now, source, count)).fetchone()[0]
                 before = conn.total_changes
                 for (device, kid, ok, counts), values in groups.items():
                     conn.executemany(_INSERT % (
@@ -564,10 +565,10 @@ def reconcile(conn, now=None, expired_policy="refund", at=None):
                          [a.row() for a in res.anomalies])
         last = conn.execute("SELECT coalesce(max(batch), 0) FROM imports").fetchone()[0]
         cur = conn.execute("INSERT INTO reconciliations (at, as_of, expired_policy, receipts, "
-                           "last_batch, vouchers, anomalies) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           "last_batch, vouchers, anomalies) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING run",
                            (at, now, expired_policy, res.receipts, last, res.vouchers,
                             len(res.anomalies)))
-        res.run = cur.lastrowid
+        res.run = cur.fetchone()[0]
     return res
 
 
@@ -599,14 +600,17 @@ _SPANS = """spans AS (
 _STATS = """
 WITH %s
 SELECT r.device, count(*), min(r.idx), max(r.idx), count(s.kid),
-       sum(s.kid IS NOT NULL AND r.checked_kid IS s.kid),
-       sum(r.sig_ok IS 1 AND r.checked_kid IS s.kid AND s.kid IS NOT NULL),
-       sum(r.kind = 1 AND r.sig_ok IS 1 AND r.checked_kid IS s.kid AND s.kid IS NOT NULL),
-       sum(r.kind = 4),
-       sum((r.idx = s.lo AND r.prev != coalesce(s.first_prev, :genesis))
+       sum(CASE WHEN s.kid IS NOT NULL AND r.checked_kid = s.kid THEN 1 ELSE 0 END),
+       sum(CASE WHEN r.sig_ok = 1 AND r.checked_kid = s.kid AND s.kid IS NOT NULL
+           THEN 1 ELSE 0 END),
+       sum(CASE WHEN r.kind = 1 AND r.sig_ok = 1 AND r.checked_kid = s.kid
+           AND s.kid IS NOT NULL THEN 1 ELSE 0 END),
+       sum(CASE WHEN r.kind = 4 THEN 1 ELSE 0 END),
+       sum(CASE WHEN (r.idx = s.lo AND r.prev != coalesce(s.first_prev, :genesis))
            OR (r.idx > s.lo AND (p.idx IS NULL OR r.balance_before > p.balance_after))
            OR r.balance_after != r.balance_before
-                                 + CASE WHEN r.kind = 1 THEN 1000 * r.amount ELSE 0 END)
+                                 + CASE WHEN r.kind = 1 THEN 1000 * r.amount ELSE 0 END
+           THEN 1 ELSE 0 END)
 FROM receipts r
 LEFT JOIN spans s ON s.device = r.device AND r.idx >= s.lo AND r.idx < s.hi
 LEFT JOIN receipts p ON p.device = r.device AND p.idx = r.idx - 1 AND p.hash = r.prev
@@ -654,7 +658,9 @@ SELECT v.device, v.sequence,
             ELSE 'outstanding' END,
        v.amount,
        CASE WHEN k.revoked IS NOT NULL OR v.voided IS NOT NULL
-                 THEN min(coalesce(k.revoked, v.voided), coalesce(v.voided, k.revoked))
+                 THEN CASE WHEN k.revoked IS NULL THEN v.voided
+                           WHEN v.voided IS NULL OR k.revoked < v.voided THEN k.revoked
+                           ELSE v.voided END
             WHEN v.sequence < h.h - %d OR v.sequence <= f.f THEN NULL
             WHEN v.expires <= :now THEN v.expires END
 FROM vouchers v LEFT JOIN keys k ON k.kid = v.kid

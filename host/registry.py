@@ -272,8 +272,9 @@ def _insert_epoch(conn, device, epoch, public_key, first_index, floor, now, ka_p
     conn.execute("UPDATE commands SET status = 'superseded', settled = ? WHERE device = ? AND "
                  "epoch < ? AND status = 'pending'", (now, device, epoch))
     # Vouchers issued from now on must be above the meter's floor, or it refuses them.
-    conn.execute("UPDATE devices SET public_key = ?, next_sequence = max(next_sequence, ?) "
-                 "WHERE device = ?", (public_key, floor + 1, device))
+    conn.execute("UPDATE devices SET public_key = ?, next_sequence = CASE WHEN next_sequence "
+                 "> ? THEN next_sequence ELSE ? END WHERE device = ?",
+                 (public_key, floor + 1, floor + 1, device))
 
 
 def set_public_key(conn, device, public_key, first_index=None, floor=None, now=None,

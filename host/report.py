@@ -173,7 +173,7 @@ class Summary:
                 "SELECT s.device, d.label, s.status, count(*), sum(s.amount) FROM "
                 "voucher_status s LEFT JOIN devices d ON d.device = s.device "
                 "WHERE s.status IN ('outstanding', 'stale', 'expired') "
-                "GROUP BY s.device, s.status"):
+                "GROUP BY s.device, d.label, s.status"):
             e = out.setdefault(bytes(dev), [label, [0, 0], [0, 0]])
             if status == "outstanding":
                 e[1] = [n, total]

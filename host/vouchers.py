@@ -207,9 +207,10 @@ def find(conn, ref=None, device=None, sequence=None):
         if not re.fullmatch(r"[0-9a-f]{8,32}", t):
             raise TopupError("voucher reference %r: give at least 8 of its 32 hex digits "
                              "(`topup vouchers list` shows them), or --device and --seq" % ref)
+        # A prefix of the hex digits is a range of the 16-byte references.
         found = [(bytes(d), n) for d, n in conn.execute(
-            "SELECT device, sequence FROM vouchers WHERE substr(hex(ref), 1, ?) = ?",
-            (len(t), t.upper()))]
+            "SELECT device, sequence FROM vouchers WHERE ref BETWEEN ? AND ?",
+            (bytes.fromhex(t.ljust(32, "0")), bytes.fromhex(t.ljust(32, "f"))))]
         if not found:
             raise TopupError("no voucher or code with reference %s in this database" % t)
         if len(found) > 1:
@@ -231,10 +232,11 @@ def redeemed_by(conn, row):
         (row.device, row.sequence, row.ref)).fetchone()
 
 
-def void(conn, row, note=None, now=None):
+def void(conn, row, note=None, now=None, also=None):
     """Cancel one stored voucher or code: from now on reconciliation counts it void (not a
     liability, no refund) unless a meter applies it, which it then names
-    (`void_redeemed`). Refused for one already void or already redeemed."""
+    (`void_redeemed`). Refused for one already void or already redeemed. `also(conn)`: more
+    to write in the same transaction (the HTTP service's audit row)."""
     when = int(time.time()) if now is None else int(now)
     what = FORM_NAMES[getattr(row, "form", FORM_VOUCHER) or FORM_VOUCHER]
     with transaction(conn):
@@ -259,4 +261,6 @@ def void(conn, row, note=None, now=None):
                                  time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(used[1]))))
         conn.execute("UPDATE vouchers SET voided = ?, void_note = ? WHERE device = ? AND "
                      "sequence = ?", (when, note, row.device, row.sequence))
+        if also is not None:
+            also(conn)
     return when

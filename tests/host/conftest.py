@@ -1,5 +1,10 @@
 # Shared fixtures for the host tests: a scratch database per test, driven through the
 # real CLI (click's CliRunner around host.cli.cli, whose main() maps errors to exit codes).
+#
+# The storage tests run on both backends: a test that uses `db_target` (directly, or through
+# `run`, `store`, ...) runs once on an SQLite file and once on a fresh PostgreSQL database
+# (tests/conftest.py's `postgres_url`), unless it is marked `sqlite_only` (it looks at the
+# file itself: bytes, WAL, permissions, damage).
 import hashlib
 import os
 import sqlite3
@@ -42,23 +47,67 @@ class Run:
         return r
 
 
-@pytest.fixture
-def run(tmp_path):
-    return Run(tmp_path / "topup.db")
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames:
+        backends = ["sqlite"]
+        if metafunc.definition.get_closest_marker("sqlite_only") is None:
+            backends.append("postgres")
+        metafunc.parametrize("backend", backends)
 
 
 @pytest.fixture
-def store(run):
-    """An initialised database with one active key and one registered device."""
+def backend():
+    return "sqlite"
+
+
+@pytest.fixture
+def db_target(backend, tmp_path, request):
+    """Where the test's database goes: an SQLite path (not yet created), or the URL of an
+    empty PostgreSQL database."""
+    if backend == "postgres":
+        return request.getfixturevalue("postgres_url")
+    return str(tmp_path / "topup.db")
+
+
+@pytest.fixture
+def run(db_target):
+    return Run(db_target)
+
+
+def _make_store(run):
     run.ok("init")
-    run.ok("key", "new")
+    run.ok("key", "new", env={"TOPUP_INSECURE_FAST_KDF": "1"})
     run.ok("device", "add", DEVICE, "--max-voucher", "100", "--max-credit", "500")
     return run
+
+
+@pytest.fixture(scope="session")
+def pg_store_template(postgres_server):
+    """On PostgreSQL, `store`'s content is made once and copied for each test."""
+    import psycopg
+    with psycopg.connect(postgres_server.url(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE store_template STRATEGY FILE_COPY")
+    _make_store(Run(postgres_server.url("store_template")))
+    return "store_template"
+
+
+@pytest.fixture
+def store(run, backend, request):
+    """An initialised database with one active key and one registered device."""
+    if backend == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        name = server.copy_of(request.getfixturevalue("pg_store_template"))
+        request.addfinalizer(lambda: server.drop(name))
+        run.db_path = run.env["TOPUP_DB"] = server.url(name)
+        return run
+    return _make_store(run)
 
 
 def snapshot(db_path):
     """The database as bytes (main file and WAL, if any) and as rows, for 'nothing changed'."""
     db_path = str(db_path)
+    if db_path.startswith("postgresql://"):
+        return None, pg_rows(db_path)
     files = {}
     for suffix in ("", "-wal"):
         p = db_path + suffix
@@ -86,3 +135,17 @@ def one_line_error(result, code=2):
     assert lines[0].startswith("topup: error: "), lines
     assert "Traceback" not in result.output
     return lines[0][len("topup: error: "):]
+
+
+def pg_rows(url):
+    """Every row of every table of a PostgreSQL database, sorted, for 'nothing changed'."""
+    import psycopg
+    out = []
+    with psycopg.connect(url) as conn:
+        tables = [t for (t,) in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' "
+            "AND table_type = 'BASE TABLE' ORDER BY 1")]
+        for t in tables:
+            rows = conn.execute('SELECT * FROM "%s"' % t).fetchall()
+            out.append((t, sorted(rows, key=repr)))
+    return out

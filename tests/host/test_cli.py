@@ -7,6 +7,7 @@ import sqlite3
 
 import pytest
 
+from host import db
 from host.cli import main
 from protocol import voucher as pv
 
@@ -20,6 +21,7 @@ def issue_one(run, amount="10.50", *extra):
 
 # --- init / key / device --------------------------------------------------------------------
 
+@pytest.mark.sqlite_only  # tests/pg/ has PostgreSQL's own
 def test_init_creates_and_refuses_to_overwrite(run):
     r = run.ok("init")
     assert "created topup database" in r.stdout
@@ -203,6 +205,7 @@ def test_no_key_yet(run):
     assert snapshot(run.db_path) == before
 
 
+@pytest.mark.sqlite_only  # tests/pg/ has PostgreSQL's own
 def test_missing_database(run, tmp_path):
     for args in (["issue", DEVICE, "1"], ["key", "list"], ["device", "list"],
                  ["verify", "OTU1:AAAA"]):
@@ -212,6 +215,7 @@ def test_missing_database(run, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.sqlite_only  # the file's bytes
 @pytest.mark.parametrize("content", [b"not a database at all\n", b"\x00" * 1000,
                                      b"SQLite format 3\x00" + os.urandom(2000)])
 def test_corrupt_database_is_left_untouched(run, tmp_path, content):
@@ -224,6 +228,7 @@ def test_corrupt_database_is_left_untouched(run, tmp_path, content):
     assert os.listdir(tmp_path) == ["topup.db"]
 
 
+@pytest.mark.sqlite_only  # tests/pg/ has PostgreSQL's own
 def test_foreign_sqlite_database_is_left_untouched(run, tmp_path):
     c = sqlite3.connect(run.db_path)
     c.execute("CREATE TABLE accounts (id)")
@@ -308,9 +313,9 @@ def test_verify_over_voucher_limit(store):
     raw = pv.from_text(text)
     # Same device id check passes only for DEVICE; over-limit shows against a cheaper meter
     # with the same id: lower DEVICE's limit and check again.
-    conn = sqlite3.connect(store.db_path)
-    conn.execute("UPDATE devices SET max_voucher = 100 WHERE device = ?", (DEVICE_BYTES,))
-    conn.commit()
+    conn = db.open_db(store.db_path)
+    with db.transaction(conn):
+        conn.execute("UPDATE devices SET max_voucher = 100 WHERE device = ?", (DEVICE_BYTES,))
     conn.close()
     assert _reason(store("verify", pv.to_text(raw))) == "OVER_VOUCHER_LIMIT"
 

@@ -63,8 +63,8 @@ class Meter:
 
 
 @pytest.fixture
-def conn(tmp_path):
-    c = db.create(str(tmp_path / "s.db"))
+def conn(db_target):
+    c = db.create(db_target)
     yield c
     c.close()
 
@@ -293,7 +293,7 @@ def test_v5_database_upgrades_to_v6_with_its_data(tmp_path):
     conn.close()
     conn = db.open_db(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
         assert conn.execute("SELECT kid FROM device_trust").fetchall() == [
             (kid(sk.verify_key),)]            # the revoked key was not installed
         assert conn.execute("SELECT command_kid FROM device_keys").fetchall() == [(None,)]
@@ -308,6 +308,7 @@ def test_v5_database_upgrades_to_v6_with_its_data(tmp_path):
         conn.close()
 
 
+@pytest.mark.sqlite_only  # the old supplier's database is found by PRAGMA database_list
 def test_change_of_supplier_old_suppliers_view(conn, tmp_path):
     """The old supplier makes CHANGE_SUPPLIER from the new supplier's database; once its
     receipt is back, our outstanding vouchers for the meter are refunds due (stale), the

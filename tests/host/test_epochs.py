@@ -21,8 +21,8 @@ RESET_AT = T0 + 9 * DAY
 
 
 @pytest.fixture
-def world(tmp_path):
-    w = World(tmp_path / "topup.db")
+def world(db_target):
+    w = World(db_target)
     yield w
     w.close()
 

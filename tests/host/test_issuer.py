@@ -39,8 +39,8 @@ def test_fast_encoder_is_byte_identical_to_the_protocol_encoder(device, seq, amo
 
 
 @pytest.fixture
-def conn(tmp_path):
-    c = db.create(str(tmp_path / "t.db"))
+def conn(db_target):
+    c = db.create(db_target)
     keystore.new_key(c, PASSPHRASE)
     registry.add_device(c, b"\x00\x11\x22\x33\x44\x55\x66\x77", max_voucher=10000,
                         max_credit=50000)
@@ -70,12 +70,12 @@ def test_bulk_issue_in_batches_with_progress(conn):
     assert registry.get_device(conn, DEV).next_sequence == 26
 
 
-def test_each_batch_is_committed_before_it_is_handed_out(conn, tmp_path):
+def test_each_batch_is_committed_before_it_is_handed_out(conn, db_target):
     signer = keystore.unlock_active(conn, PASSPHRASE)
     gen = issuer.issue_batches(conn, signer, DEV, 100, 30, batch_size=10)
     first = next(gen)
     # Another connection (another process, after a crash) already sees it on disk.
-    other = db.open_db(str(tmp_path / "t.db"))
+    other = db.open_db(db_target)
     seqs = [r[0] for r in other.execute("SELECT sequence FROM vouchers ORDER BY sequence")]
     assert seqs == [v.sequence for v in first]
     assert other.execute("SELECT next_sequence FROM devices").fetchone()[0] == 11
@@ -86,12 +86,12 @@ def test_each_batch_is_committed_before_it_is_handed_out(conn, tmp_path):
 
 @pytest.mark.parametrize("amount,count,words", [
     (10001, 1, "per-voucher maximum"), (0, 1, "1p"), (100, 0, "count")])
-def test_refused_requests_change_nothing(conn, tmp_path, amount, count, words):
+def test_refused_requests_change_nothing(conn, db_target, amount, count, words):
     signer = keystore.unlock_active(conn, PASSPHRASE)
-    before = snapshot(tmp_path / "t.db")[1]
+    before = snapshot(db_target)[1]
     with pytest.raises(TopupError, match=words):
         issuer.issue(conn, signer, DEV, amount, count)
-    assert snapshot(tmp_path / "t.db")[1] == before
+    assert snapshot(db_target)[1] == before
 
 
 def test_unknown_device(conn):

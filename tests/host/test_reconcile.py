@@ -17,8 +17,8 @@ NOW = T0 + 10 * DAY
 
 
 @pytest.fixture
-def world(tmp_path):
-    w = World(tmp_path / "topup.db")
+def world(db_target):
+    w = World(db_target)
     yield w
     w.close()
 
