@@ -158,26 +158,10 @@ class HeadEnd:
             try:
                 next_index, ack, result = handle_push(self.conn, payload, self.source,
                                                       self.signer)
-                reply_type, reply = han.PUSH | han.RESPONSE, {1: next_index}
-                self.pushes += 1
-                new = result.new if result else 0
-                bad = result.bad if result else 0
-                self.stored += new
-                first = payload[2]
-                if ack is not None:
-                    reply[2] = ack
-                    self.acks += 1
-                    held = "acknowledged #%d-#%d" % (first, next_index - 1)
-                else:
-                    held = "nothing acknowledged (#%d not held verified)" % first
-                sent = pending_commands(self.conn, payload[1])
-                if sent:
-                    reply[3] = sent
-                    self.commands += len(sent)
-                    held += "; %d pending command(s) sent" % len(sent)
-                self.log("meter %s: %d receipt(s) from #%d, %d new%s; %s" % (
-                    registry.format_eui64(payload[1]), len(payload[3]), first, new,
-                    ", %d with a bad signature" % bad if bad else "", held))
+                reply_type = han.PUSH | han.RESPONSE
+                reply = _answered(self, payload[1], payload[2], len(payload[3]), next_index,
+                                  ack, pending_commands(self.conn, payload[1]),
+                                  result.new if result else 0, result.bad if result else 0)
             except errors.Rejected as e:
                 reply_type, reply = han.ERROR, {1: e.reason}
                 self.refused += 1
@@ -383,21 +367,30 @@ class RelayHeadEnd(HeadEnd):
                 self.log("the service's answer could not be relayed (%s): nothing "
                          "acknowledged" % e)
             else:
-                reply_type, reply = han.PUSH | han.RESPONSE, {1: nxt}
-                self.pushes += 1
-                self.stored += new
-                if ack is not None:
-                    reply[2] = ack
-                    self.acks += 1
-                    held = "acknowledged #%d-#%d" % (first, nxt - 1)
-                else:
-                    held = "nothing acknowledged (#%d not held verified)" % first
-                if sent:
-                    reply[3] = sent
-                    self.commands += len(sent)
-                    held += "; %d pending command(s) sent" % len(sent)
-                self.log("meter %s: %d receipt(s) from #%d, %d new%s; %s" % (
-                    registry.format_eui64(device), len(raws), first, new,
-                    ", %d with a bad signature" % bad if bad else "", held))
+                reply_type = han.PUSH | han.RESPONSE
+                reply = _answered(self, device, first, len(raws), nxt, ack, sent, new, bad)
         self.stream.write(han.encode_message(reply_type, msg_id, reply))
         return 1
+
+
+def _answered(end, device, first, count, nxt, ack, sent, new, bad):
+    """The answer to a push that was stored (by a head end or, through a relay, by the
+    service): the next index wanted, the acknowledgement if any, the pending commands; the
+    head end's counters and its log line follow."""
+    reply = {1: nxt}
+    end.pushes += 1
+    end.stored += new
+    if ack is not None:
+        reply[2] = ack
+        end.acks += 1
+        held = "acknowledged #%d-#%d" % (first, nxt - 1)
+    else:
+        held = "nothing acknowledged (#%d not held verified)" % first
+    if sent:
+        reply[3] = sent
+        end.commands += len(sent)
+        held += "; %d pending command(s) sent" % len(sent)
+    end.log("meter %s: %d receipt(s) from #%d, %d new%s; %s" % (
+        registry.format_eui64(device), count, first, new,
+        ", %d with a bad signature" % bad if bad else "", held))
+    return reply

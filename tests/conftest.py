@@ -7,43 +7,21 @@
 # No binaries, or a server that will not start: the test is skipped on a developer's
 # machine, and FAILS when CI=true (the PostgreSQL tests never skip in CI).
 import atexit
-import glob
 import os
-import pwd
 import queue
 import secrets
-import shutil
-import socket
 import subprocess
-import tempfile
 import threading
 
 import pytest
 
-PG_USER = "topup"
+from tests import pg_server
+from tests.pg_server import PgServer
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "sqlite_only: a storage test about the SQLite file "
                             "itself; not repeated on PostgreSQL (tests/host/conftest.py)")
-
-
-def _pg_bin():
-    """The newest PostgreSQL server's bin directory, or None."""
-    found = []
-    for initdb in glob.glob("/usr/lib/postgresql/*/bin/initdb"):
-        version = os.path.basename(os.path.dirname(os.path.dirname(initdb)))
-        try:
-            found.append((float(version), os.path.dirname(initdb)))
-        except ValueError:
-            continue
-    return max(found)[1] if found else None
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _unavailable(why):
@@ -52,71 +30,19 @@ def _unavailable(why):
     pytest.skip("no PostgreSQL server: %s (run `make postgres`)" % why)
 
 
-class _Server:
-    def __init__(self, bindir):
-        self.bindir = bindir
-        self.root = tempfile.mkdtemp(prefix="topup-pg-")
-        self.data = os.path.join(self.root, "data")
-        self.log = os.path.join(self.root, "server.log")
-        self.port = None
-        self.started = False
-        # initdb and the server refuse to run as root: run them as the `postgres` system
-        # user (the package creates it) when we are root.
-        self.user = None
-        if os.geteuid() == 0:
-            try:
-                pw = pwd.getpwnam("postgres")
-            except KeyError:
-                pw = pwd.getpwnam("nobody")
-            self.user = pw.pw_uid, pw.pw_gid
-            os.chown(self.root, *self.user)
-        os.chmod(self.root, 0o755)
-
-    def _run(self, *args):
-        kw = {}
-        if self.user is not None:
-            kw = dict(user=self.user[0], group=self.user[1], extra_groups=[])
-        return subprocess.run([os.path.join(self.bindir, args[0]), *args[1:]],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=120, **kw)
+class _Server(PgServer):
+    """The session's server (tests/pg_server.py), with databases made ahead of the tests."""
 
     def start(self):
-        r = self._run("initdb", "-D", self.data, "-U", PG_USER, "--auth=trust",
-                      "--encoding=UTF8", "--locale=C", "--no-sync")
-        if r.returncode:
-            raise RuntimeError("initdb failed: %s" % r.stdout.strip()[-2000:])
-        for _ in range(5):
-            self.port = _free_port()
-            # Durability of the server's own files does not matter to a throw-away cluster
-            # (the tests kill clients, never the server): fsync off, minimal WAL and no
-            # autovacuum keep it fast on a small machine.
-            opts = ("-c listen_addresses=127.0.0.1 -c port=%d -c unix_socket_directories=%s "
-                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                    "-c wal_level=minimal -c max_wal_senders=0 -c autovacuum=off "
-                    "-c max_connections=200" % (self.port, self.root))
-            r = self._run("pg_ctl", "-D", self.data, "-l", self.log, "-o", opts, "-w",
-                          "-t", "60", "start")
-            if r.returncode == 0:
-                self.started = True
-                self._start_maker()
-                return
-        try:
-            with open(self.log) as f:
-                tail = f.read()[-2000:]
-        except OSError:
-            tail = ""
-        raise RuntimeError("pg_ctl start failed: %s %s" % (r.stdout.strip()[-1000:], tail))
+        super().start()
+        self._start_maker()
+        return self
 
     def stop(self):
         if self.started:
-            self.started = False
             self._jobs.put(("stop", None))
             self._thread.join(timeout=30)
-            self._run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def url(self, dbname="postgres"):
-        return "postgresql://%s@127.0.0.1:%d/%s" % (PG_USER, self.port, dbname)
+        super().stop()
 
     # Databases are made and dropped by one background thread, ahead of and after the
     # tests that use them: the server does that work while a test runs.
@@ -163,20 +89,16 @@ class _Server:
     def copy_of(self, template):
         """The name of a new database copied from database `template` (quicker than
         building the same content again; the template must have no connections)."""
-        import psycopg
-        name = "t_" + secrets.token_hex(6)
-        with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE %s TEMPLATE %s STRATEGY FILE_COPY" % (name, template))
-        return name
+        return self.create_database("t_" + secrets.token_hex(6), template)
 
 
 @pytest.fixture(scope="session")
 def postgres_server():
     """The session's PostgreSQL server (started on first use), or skip/fail."""
-    bindir = _pg_bin()
-    if bindir is None:
+    bin_dir = pg_server.bindir()
+    if bin_dir is None:
         _unavailable("no initdb under /usr/lib/postgresql/*/bin")
-    server = _Server(bindir)
+    server = _Server(bin_dir)
     atexit.register(server.stop)  # also when the session dies before the fixture ends
     try:
         server.start()

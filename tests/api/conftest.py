@@ -3,17 +3,13 @@
 # the postgres_url fixture of tests/conftest.py), an in-process client (FastAPI's
 # TestClient) and real `topup serve` processes on 127.0.0.1.
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
 from host import db, keystore, registry
 from host.api import auth
+from tests.serve_process import ServeProcess
 
 PASSPHRASE = "api test passphrase"
 DEVICE = "00-11-22-33-44-55-66-77"
@@ -101,56 +97,11 @@ def client(supplier):
         yield c
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A `topup serve` process on 127.0.0.1 (its output in `log`)."""
+class Server(ServeProcess):
+    """A `topup serve` process on the supplier's database (tests/serve_process.py)."""
 
     def __init__(self, supplier, log_path, *extra):
-        self.port = free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "topup_cli", "serve", "--port", str(self.port), *extra],
-            env=supplier.env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log,
-            stderr=subprocess.STDOUT)
-        self.log_path = log_path
-
-    def ready(self):
-        """Wait until it answers /healthz (30 s at most); returns self."""
-        log_path = self.log_path
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError("topup serve exited %s: %s" % (
-                    self.proc.returncode, open(log_path, "rb").read().decode()[-2000:]))
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError("topup serve did not come up in 30 s")
-            time.sleep(0.05)
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
+        super().__init__(supplier.env, log_path, *extra)
 
 
 @pytest.fixture

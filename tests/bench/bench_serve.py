@@ -50,6 +50,9 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+from tests import pg_server  # noqa: E402 - the same throw-away cluster as the tests'
+from tests.serve_process import ServeProcess  # noqa: E402
+
 PASS = "bench serve passphrase"
 N_DEVICES = 64
 TOPUP = os.path.join(os.path.dirname(sys.executable), "topup")
@@ -57,12 +60,6 @@ TOPUP = os.path.join(os.path.dirname(sys.executable), "topup")
 
 def _eui(i):
     return "70-b3-d5-f0-00-%02x-%02x-%02x" % (0xB0, i >> 8, i & 0xFF)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(sorted_values, p):
@@ -136,78 +133,14 @@ def loadgen(spec):
 
 # --- databases -------------------------------------------------------------------------------
 
-class PgServer:
-    """A throw-away PostgreSQL cluster in a temporary directory on 127.0.0.1 (initdb and
-    pg_ctl from Debian's package, run as the `postgres` user when we are root, as
-    tests/conftest.py does), durable unless durable=False: fsync and synchronous_commit on,
-    as a supplier would run it."""
-
-    def __init__(self, durable=True):
-        import glob
-        found = []
-        for initdb in glob.glob("/usr/lib/postgresql/*/bin/initdb"):
-            try:
-                found.append((float(initdb.split("/")[4]), os.path.dirname(initdb)))
-            except ValueError:
-                continue
-        if not found:
-            raise RuntimeError("no PostgreSQL binaries under /usr/lib/postgresql/*/bin "
-                               "(`make postgres`), and no --pg-url")
-        self.bindir = max(found)[1]
-        self.durable = durable
-        self.root = tempfile.mkdtemp(prefix="bench-pg-")
-        self.data = os.path.join(self.root, "data")
-        self.log = os.path.join(self.root, "server.log")
-        self.user = None
-        if os.geteuid() == 0:
-            import pwd
-            pw = pwd.getpwnam("postgres")
-            self.user = pw.pw_uid, pw.pw_gid
-            os.chown(self.root, *self.user)
-        os.chmod(self.root, 0o755)
-        self.port = None
-        self.started = False
-
-    def _run(self, *args):
-        kw = {}
-        if self.user is not None:
-            kw = dict(user=self.user[0], group=self.user[1], extra_groups=[])
-        return subprocess.run([os.path.join(self.bindir, args[0]), *args[1:]],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=120, **kw)
-
-    def start(self):
-        r = self._run("initdb", "-D", self.data, "-U", "topup", "--auth=trust",
-                      "--encoding=UTF8", "--locale=C", "--no-sync")
-        if r.returncode:
-            raise RuntimeError("initdb failed: %s" % r.stdout[-1000:])
-        self.port = _free_port()
-        opts = ("-c listen_addresses=127.0.0.1 -c port=%d -c unix_socket_directories=%s "
-                "-c max_connections=300 -c shared_buffers=128MB" % (self.port, self.root))
-        if not self.durable:
-            opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        r = self._run("pg_ctl", "-D", self.data, "-l", self.log, "-o", opts, "-w", "-t", "60",
-                      "start")
-        if r.returncode:
-            raise RuntimeError("pg_ctl start failed: %s" % r.stdout[-1000:])
-        self.started = True
-        return self
-
-    def url(self, dbname="postgres"):
-        return "postgresql://topup@127.0.0.1:%d/%s" % (self.port, dbname)
-
-    def new_database(self):
-        import psycopg
-        name = "bench_" + uuid.uuid4().hex[:8]
-        with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE %s" % name)
-        return self.url(name)
-
-    def stop(self):
-        if self.started:
-            self.started = False
-            self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
-        shutil.rmtree(self.root, ignore_errors=True)
+def start_postgres(durable):
+    """A throw-away cluster (tests/pg_server.py), durable unless asked: fsync and
+    synchronous_commit on, as a supplier would run it."""
+    bin_dir = pg_server.bindir()
+    if bin_dir is None:
+        raise RuntimeError("no PostgreSQL binaries under /usr/lib/postgresql/*/bin "
+                           "(`make postgres`), and no --pg-url")
+    return pg_server.PgServer(bin_dir, durable=durable, prefix="bench-pg-").start()
 
 
 def setup(target, devices=True, meter_public=None):
@@ -260,37 +193,22 @@ def in_process(target, seconds):
         conn.close()
 
 
-class Serve:
-    def __init__(self, target, workers, log, pool_size=16):
-        self.port = _free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
-        env = dict(os.environ, TOPUP_DB=target, TOPUP_PASSPHRASE=PASS)
-        self.proc = subprocess.Popen([TOPUP, "serve", "--port", str(self.port), "--workers",
-                                      str(workers), "--pool-size", str(pool_size)], env=env,
-                                     stdout=log, stderr=subprocess.STDOUT)
-        import httpx
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("topup serve did not start (see %s)" % log.name)
-            time.sleep(0.1)
+class Serve(ServeProcess):
+    """`topup serve --workers N` on `target` (tests/serve_process.py), its output in the
+    run's directory."""
+    count = 0
+
+    def __init__(self, target, workers, work, pool_size=16):
+        Serve.count += 1
+        super().__init__(dict(os.environ, TOPUP_DB=target, TOPUP_PASSPHRASE=PASS),
+                         os.path.join(work, "serve-%d.log" % Serve.count), "--workers",
+                         str(workers), "--pool-size", str(pool_size))
+        try:
+            self.ready(timeout=60)
+        except AssertionError as e:
+            raise RuntimeError(str(e)) from None
         if workers > 1:
             time.sleep(1.0)  # let every worker finish starting
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def run_load(port, token, clients, seconds):
@@ -306,7 +224,7 @@ def run_load(port, token, clients, seconds):
 
 # --- receipts ---------------------------------------------------------------------------------
 
-def receipts_bench(work, n, log):
+def receipts_bench(work, n):
     import httpx
     import nacl.signing
     from bench_reconcile import METER_SEED, T0, DEVICE, make_receipts
@@ -348,7 +266,7 @@ def receipts_bench(work, n, log):
     from host.api import auth
     _, token = auth.new_token(conn, ["ingest"])
     conn.close()
-    server = Serve(http_db, 1, log)
+    server = Serve(http_db, 1, work)
     try:
         chunk = 10000
         bodies = [receipts_io.encode_cbor(raws[i:i + chunk]) for i in range(0, len(raws), chunk)]
@@ -401,7 +319,6 @@ def main(argv=None):
     workers = [int(w) for w in args.workers.split(",")]
     backends = args.backends.split(",")
     work = tempfile.mkdtemp(prefix="bench-serve-")
-    log = open(os.path.join(work, "serve.log"), "ab")
     out = {"machine": "%s, %d cores, Python %s" % (platform.machine(), os.cpu_count(),
                                                     platform.python_version()),
            "seconds": args.seconds, "issue": [], "receipts": None}
@@ -425,8 +342,10 @@ def main(argv=None):
                         return urls.pop()
                 else:
                     if pg is None:
-                        pg = PgServer(durable=not args.pg_no_fsync).start()
-                    target_factory = pg.new_database
+                        pg = start_postgres(durable=not args.pg_no_fsync)
+
+                    def target_factory():
+                        return pg.url(pg.create_database("bench_" + uuid.uuid4().hex[:8]))
             else:
                 raise SystemExit("unknown backend %r" % backend)
             target = target_factory()
@@ -439,7 +358,7 @@ def main(argv=None):
             for w in workers:
                 target = target_factory()
                 token, _ = setup(target)
-                server = Serve(target, w, log, args.pool_size)
+                server = Serve(target, w, work, args.pool_size)
                 try:
                     for c in clients:
                         r = run_load(server.port, token, c, args.seconds)
@@ -454,7 +373,7 @@ def main(argv=None):
                 finally:
                     server.stop()
         if args.receipts:
-            rec = receipts_bench(work, args.receipts, log)
+            rec = receipts_bench(work, args.receipts)
             out["receipts"] = rec
             say("receipts   %d: `topup receipts import` %.2f s (%.0f /s), POST /v1/receipts "
                 "%.2f s (%.0f /s): ratio %.2f; import_files in-process %.2f s (%.0f /s): "
@@ -462,7 +381,6 @@ def main(argv=None):
                                 rec["http_rps"], rec["ratio"], rec["in_process_s"],
                                 rec["in_process_rps"], rec["ratio_in_process"]))
     finally:
-        log.close()
         if pg is not None:
             try:
                 pg.stop()

@@ -4,15 +4,14 @@ database, acknowledged to the meter with the service's signature, and reconciled
 GET /v1/reconciliation. And while the service is down: nothing acknowledged, the meter
 keeps its receipts and they arrive once the service is back."""
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 
 import httpx
 import pytest
 from click.testing import CliRunner
+
+from tests.pg_server import free_port
+from tests.serve_process import ServeProcess
 
 pytestmark = pytest.mark.hil
 
@@ -24,12 +23,6 @@ def _wan_port(board):
     return port
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _token(issuer, *scopes):
     args = ["token", "new"]
     for s in scopes:
@@ -39,37 +32,12 @@ def _token(issuer, *scopes):
     return r.stdout.strip().splitlines()[-1]
 
 
-class Service:
-    """`topup serve` on the issuer's database, in its own process."""
+class Service(ServeProcess):
+    """`topup serve` on the issuer's database, in its own process (tests/serve_process.py)."""
 
-    def __init__(self, issuer, port):
-        self.url = "http://127.0.0.1:%d" % port
-        self.proc = subprocess.Popen(
-            [os.path.join(os.path.dirname(sys.executable), "topup"), "serve", "--port",
-             str(port)],
-            env=dict(os.environ, **issuer.env), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                out = self.proc.stdout.read().decode(errors="replace")
-                self.stop()
-                raise AssertionError("topup serve did not start: %s" % out)
-            time.sleep(0.1)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def __init__(self, issuer, port, log_path):
+        super().__init__(dict(os.environ, **issuer.env), log_path, port=port)
+        self.ready(timeout=20)
 
 
 def _relay(issuer, wan_port, url, token, idle):
@@ -99,10 +67,10 @@ def _stored(issuer, first):
     return tuple(row)
 
 
-def test_the_wan_uplink_reaches_the_service_through_the_relay(board, han, issuer):
+def test_the_wan_uplink_reaches_the_service_through_the_relay(board, han, issuer, tmp_path):
     wan_port = _wan_port(board)
     first = board.public_key.first_index
-    service = Service(issuer, _free_port())
+    service = Service(issuer, free_port(), tmp_path / "serve.log")
     try:
         for v in issuer.issue(700, count=3):
             han.submit(v)
@@ -132,10 +100,11 @@ def test_the_wan_uplink_reaches_the_service_through_the_relay(board, han, issuer
         service.stop()
 
 
-def test_while_the_service_is_down_nothing_is_acknowledged_and_nothing_lost(board, han, issuer):
+def test_while_the_service_is_down_nothing_is_acknowledged_and_nothing_lost(board, han, issuer,
+                                                                             tmp_path):
     wan_port = _wan_port(board)
     first = board.public_key.first_index
-    port = _free_port()
+    port = free_port()
     for v in issuer.issue(500, count=2):
         han.submit(v)
     token = _token(issuer, "ingest")
@@ -149,7 +118,7 @@ def test_while_the_service_is_down_nothing_is_acknowledged_and_nothing_lost(boar
     assert _stored(issuer, first) == (0, 0)
     # The service comes up: the meter's next push (it resends after its retry interval)
     # brings both receipts.
-    service = Service(issuer, port)
+    service = Service(issuer, port, tmp_path / "serve.log")
     try:
         r = _relay(issuer, wan_port, url, token, 7)
         board.set_wan(False)
