@@ -4,10 +4,9 @@
 # external AAD "OTU1 command v1" so that no command signature passes for a voucher's, a
 # receipt's or an acknowledgement's, nor the other way round. Runs unchanged on CPython
 # and MicroPython; the host builds commands with encode() and its own signing function.
-from . import base45, cbor, cose
+from . import base45, cbor, cose, voucher
 from .errors import (Rejected, MALFORMED, UNKNOWN_KEY, BAD_SIGNATURE, WRONG_DEVICE,
                      COMMAND_REFUSED)
-from hashlib import sha256
 
 TEXT_PREFIX = "OTC1:"
 AAD = b"OTU1 command v1"
@@ -79,13 +78,9 @@ class Command:
         self.ref = reference(raw)
 
 
-def reference(raw):
-    """First 16 bytes of SHA-256 of the command bytes as received (like a voucher's)."""
-    return sha256(bytes(raw)).digest()[:REF_LEN]
-
-
-def _uint(v):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+# A command's reference is a voucher's (§10): the first 16 bytes of SHA-256 of its bytes.
+reference = voucher.reference
+_uint = voucher._uint  # a CBOR unsigned integer, never a bool
 
 
 def _key(v, n=KEY_LEN):
